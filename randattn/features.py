@@ -1,0 +1,149 @@
+"""Random projections and the feature maps built on them.
+
+The projection ``W`` of shape ``(m, d)`` is shared by queries and keys of every head of a layer.
+Orthogonal draws stack blocks of exactly Haar-distributed orthogonal ``d x d`` matrices whose rows are
+rescaled to chi(d)-distributed norms, so each row is marginally a standard Gaussian vector and every
+feature is an unbiased estimator of the kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "RELU_EPS",
+    "default_num_features",
+    "draw_projection",
+    "draw_projection_qr_biased",
+    "relu_features",
+    "softmax_logits",
+    "scale_inputs",
+]
+
+#: Added to every ReLU feature so that the denominator never vanishes for unmasked keys.
+RELU_EPS = 1e-3
+
+
+def default_num_features(head_dim: int) -> int:
+    """Default number of random features ``m = ceil(d ln d)`` for head dimension ``d`` (at least ``d``)."""
+    if head_dim < 1:
+        raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+    return max(head_dim, math.ceil(head_dim * math.log(head_dim))) if head_dim > 1 else 1
+
+
+def _haar_orthogonal(dim: int, generator: torch.Generator | None) -> torch.Tensor:
+    """A ``(dim, dim)`` orthogonal matrix drawn exactly from the Haar measure (float64 QR, signs fixed)."""
+    gauss = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gauss)
+    # LAPACK leaves the signs of diag(R) to its Householder convention, which biases Q. Making
+    # diag(R) positive gives the unique QR factorisation, whose Q is Haar-distributed.
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1.0
+    return q * signs.unsqueeze(0)
+
+
+def _check_sizes(num_features: int, dim: int) -> None:
+    if not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    if not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+
+
+def _draw(num_features, dim, orthogonal, generator, device, fix_signs):
+    _check_sizes(num_features, dim)
+    if not orthogonal:
+        w = torch.randn(num_features, dim, generator=generator, dtype=torch.float64)
+        return w.to(device=device, dtype=torch.float32)
+    blocks = []
+    for _ in range(math.ceil(num_features / dim)):
+        if fix_signs:
+            q = _haar_orthogonal(dim, generator)
+        else:
+            q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+        blocks.append(q.T)  # rows of the block are orthonormal
+    w = torch.cat(blocks, dim=0)[:num_features]
+    # chi(d) row norms: the norm of an independent standard Gaussian vector per row.
+    norms = torch.randn(num_features, dim, generator=generator, dtype=torch.float64).norm(dim=1)
+    return (w * norms.unsqueeze(1)).to(device=device, dtype=torch.float32)
+
+
+def draw_projection(
+    num_features: int,
+    dim: int,
+    *,
+    orthogonal: bool = True,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Draw a random projection for random-feature attention.
+
+    Args:
+        num_features: number of random features ``m``.
+        dim: head dimension ``d``.
+        orthogonal: stack ``ceil(m/d)`` independent Haar-orthogonal blocks with chi(d) row norms
+            (lower variance); ``False`` draws iid standard Gaussian rows.
+        generator: CPU ``torch.Generator`` to draw from (the global generator when ``None``).
+        device: where the result is placed (the draw itself always happens on the CPU in float64,
+            so the same generator state gives the same matrix on every device).
+
+    Returns:
+        ``(m, d)`` float32 tensor whose rows are each marginally ``N(0, I_d)``.
+    """
+    return _draw(num_features, dim, orthogonal, generator, device, fix_signs=True)
+
+
+def draw_projection_qr_biased(
+    num_features: int,
+    dim: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The plain-QR orthogonal draw (no sign correction), kept to measure its bias.
+
+    Several implementations take ``Q`` from ``torch.linalg.qr`` of a Gaussian matrix as is. LAPACK's
+    sign convention for ``diag(R)`` makes that ``Q`` non-Haar, so its rows are biased and the softmax
+    estimator built on it is biased. Do not use it for attention; :func:`draw_projection` is exact.
+
+    Returns:
+        ``(m, d)`` float32 tensor.
+    """
+    return _draw(num_features, dim, True, generator, device, fix_signs=False)
+
+
+def scale_inputs(x: torch.Tensor) -> torch.Tensor:
+    """Upcast to float32 and scale by ``d ** -0.25`` so that ``x . y = q . k / sqrt(d)``.
+
+    Shapes: ``(..., d) -> (..., d)`` float32.
+    """
+    return x.float() * (x.shape[-1] ** -0.25)
+
+
+def softmax_logits(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """Exponents of the FAVOR+ positive features, ``x W^T - |x|^2 / 2``.
+
+    Args:
+        x: scaled inputs ``(..., d)`` float32 (see :func:`scale_inputs`).
+        projection: ``(m, d)`` float32.
+
+    Returns:
+        ``(..., m)``; ``exp`` of it, up to a stabilising constant, is the feature map whose inner
+        products estimate ``exp(x . y)`` without bias.
+    """
+    return x @ projection.T - 0.5 * (x * x).sum(-1, keepdim=True)
+
+
+def relu_features(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """ReLU random features ``relu(x W^T) / sqrt(m) + eps``.
+
+    Args:
+        x: scaled inputs ``(..., d)`` float32.
+        projection: ``(m, d)`` float32.
+
+    Returns:
+        ``(..., m)`` strictly positive features.
+    """
+    m = projection.shape[0]
+    return torch.relu(x @ projection.T) * (m**-0.5) + RELU_EPS

@@ -1,0 +1,184 @@
+"""Functional interface: :func:`rand_attention` (validation and backend choice) and exact attention."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .ops.causal.reference import causal_attention as _causal_reference
+from .ops.noncausal.reference import noncausal_attention as _noncausal_reference
+
+__all__ = ["KERNEL_FNS", "BACKENDS", "rand_attention", "exact_attention", "key_padding_bias", "triton_available"]
+
+#: Supported kernels.
+KERNEL_FNS = ("softmax", "relu")
+#: Supported backends.
+BACKENDS = ("auto", "reference", "triton")
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels can be imported."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_kernel_fn(kernel_fn: str) -> None:
+    if kernel_fn not in KERNEL_FNS:
+        raise ValueError(f"kernel_fn must be one of {KERNEL_FNS}, got {kernel_fn!r}")
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def key_padding_bias(key_padding_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+    """Convert a key padding mask to an additive float32 key bias ``(N, S)``.
+
+    Args:
+        key_padding_mask: ``(N, S)`` bool (``True`` = ignore the key) or floating (added to the
+            attention logits, i.e. the key's features are multiplied by ``exp(mask)``), or ``None``.
+        batch, length: the expected ``N`` and ``S``.
+
+    Returns:
+        ``(N, S)`` float32 with ``-inf`` for ignored keys, or ``None``.
+    """
+    if key_padding_mask is None:
+        return None
+    if key_padding_mask.dtype != torch.bool and not key_padding_mask.is_floating_point():
+        raise TypeError(
+            f"key_padding_mask must be a bool or floating tensor, got dtype {key_padding_mask.dtype}"
+        )
+    if tuple(key_padding_mask.shape) != (batch, length):
+        raise ValueError(
+            f"key_padding_mask must have shape (N, S) = {(batch, length)}, got {tuple(key_padding_mask.shape)}"
+        )
+    if key_padding_mask.dtype == torch.bool:
+        zero = torch.zeros((), dtype=torch.float32, device=key_padding_mask.device)
+        return torch.where(key_padding_mask, float("-inf"), zero)
+    return key_padding_mask.float()
+
+
+def _use_triton(q: torch.Tensor, backend: str) -> bool:
+    if backend == "reference":
+        return False
+    if backend == "auto":
+        return q.is_cuda and triton_available()
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package, which is not importable")
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the CPU); "
+            f"got tensors on {q.device}"
+        )
+    return True
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, causal: bool) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (N, H, L, d), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"q, k, v and projection must be on one device; {name} is on {t.device}, q on {q.device}")
+    if q.shape[:2] != k.shape[:2] or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"q, k, v must agree in (N, H): got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k and v must have the same length S, got {k.shape[-2]} and {v.shape[-2]}")
+    if causal and q.shape[-2] != k.shape[-2]:
+        raise ValueError(f"causal attention needs L == S, got L={q.shape[-2]}, S={k.shape[-2]}")
+    if projection.dim() != 2 or projection.shape[1] != q.shape[-1]:
+        raise ValueError(f"projection must have shape (m, {q.shape[-1]}), got {tuple(projection.shape)}")
+    if projection.device != q.device:
+        raise ValueError(f"q, k, v and projection must be on one device; projection is on {projection.device}")
+
+
+def rand_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    *,
+    kernel_fn: str = "softmax",
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Random-feature attention on per-head tensors.
+
+    Computes, for each batch element and head,
+
+    .. math::
+        \mathrm{out}_i = \frac{\sum_j \phi(q_i)^\top \phi(k_j)\, v_j}{\sum_j \phi(q_i)^\top \phi(k_j)}
+
+    over all keys (``causal=False``) or over ``j <= i`` (``causal=True``), in ``O(L m d)`` time.
+    ``phi`` is the FAVOR+ positive feature map (``kernel_fn="softmax"``, an unbiased estimate of
+    ``exp(q.k / sqrt(d))``) or the ReLU feature map (``"relu"``); see the user guide.
+
+    Args:
+        q: queries ``(N, H, L, d)``.
+        k: keys ``(N, H, S, d)``.
+        v: values ``(N, H, S, d_v)``.
+        projection: random projection ``(m, d)`` (cast to float32), e.g. from
+            :func:`randattn.features.draw_projection`.
+        kernel_fn: ``"softmax"`` or ``"relu"``.
+        causal: attend only to keys at positions ``<= i`` (needs ``L == S``).
+        key_padding_mask: ``(N, S)``; bool (``True`` ignores the key) or float (added to the logits).
+        backend: ``"auto"`` (Triton kernels for CUDA tensors when Triton is installed, else the
+            reference), ``"reference"`` (plain PyTorch, any device) or ``"triton"`` (the kernels;
+            on CPU tensors only with ``TRITON_INTERPRET=1``).
+
+    Returns:
+        ``(N, H, L, d_v)`` in ``q.dtype``. Queries whose keys are all masked get zeros.
+    """
+    check_kernel_fn(kernel_fn)
+    check_backend(backend)
+    _check_qkv(q, k, v, projection, causal)
+    key_bias = key_padding_bias(key_padding_mask, k.shape[0], k.shape[-2])
+    projection = projection.float()
+    if _use_triton(q, backend):
+        if causal:
+            from .ops.causal.triton import causal_attention
+        else:
+            from .ops.noncausal.triton import noncausal_attention as causal_attention  # type: ignore[assignment]
+        return causal_attention(q, k, v, projection, kernel_fn, key_bias)
+    op = _causal_reference if causal else _noncausal_reference
+    return op(q, k, v, projection, kernel_fn, key_bias)
+
+
+def exact_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact softmax attention ``softmax(q k^T / sqrt(d)) v`` in the dtype of the inputs.
+
+    Args:
+        q: ``(N, H, L, d)``; k: ``(N, H, S, d)``; v: ``(N, H, S, d_v)``.
+        causal: mask keys after each query (needs ``L == S``).
+        key_padding_mask: ``(N, S)`` bool (``True`` ignores) or float additive.
+
+    Returns:
+        ``(N, H, L, d_v)``. Rows with every key masked are zero (not NaN).
+    """
+    _check_qkv(q, k, v, q.new_zeros(1, q.shape[-1]), causal)
+    logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    bias = key_padding_bias(key_padding_mask, k.shape[0], k.shape[-2])
+    if bias is not None:
+        logits = logits + bias[:, None, None, :].to(logits.dtype)
+    if causal:
+        length = q.shape[-2]
+        future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+        logits = logits.masked_fill(future, float("-inf"))
+    weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return weights @ v

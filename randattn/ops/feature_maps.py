@@ -1,0 +1,63 @@
+"""Stabilised query and key feature maps shared by the reference ops (plain PyTorch).
+
+Shapes: ``q (N, H, L, d)``, ``k (N, H, S, d)``, ``projection (m, d)`` float32,
+``key_bias (N, S)`` float32 additive (``0`` keep, ``-inf`` drop) or ``None``.
+All stabilisers are detached: they cancel exactly between numerator and denominator.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..features import relu_features, scale_inputs, softmax_logits
+
+
+def _bias(key_bias: torch.Tensor | None) -> torch.Tensor | float:
+    return 0.0 if key_bias is None else key_bias[:, None, :, None]
+
+
+def query_features(q: torch.Tensor, projection: torch.Tensor, kernel_fn: str) -> torch.Tensor:
+    """Query features ``(N, H, L, m)`` float32; softmax rows are scaled so their max is 1."""
+    x = scale_inputs(q)
+    if kernel_fn == "relu":
+        return relu_features(x, projection)
+    s = softmax_logits(x, projection)
+    return torch.exp(s - s.amax(-1, keepdim=True).detach())
+
+
+def key_features(
+    k: torch.Tensor, projection: torch.Tensor, kernel_fn: str, key_bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Key features ``(N, H, S, m)`` float32 with one stabiliser per ``(n, h)`` (non-causal)."""
+    y = scale_inputs(k)
+    if kernel_fn == "relu":
+        phi = relu_features(y, projection)
+        return phi if key_bias is None else phi * torch.exp(_bias(key_bias))
+    s = softmax_logits(y, projection)
+    c = s.amax(dim=(-2, -1), keepdim=True).detach()
+    return torch.exp(s - c + _bias(key_bias))
+
+
+def causal_key_features(
+    k: torch.Tensor, projection: torch.Tensor, kernel_fn: str, key_bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key features stabilised by a running maximum that never looks at later keys.
+
+    Returns:
+        ``phi (N, H, S, m)`` float32 with ``phi[j] = exp(s[j] - c[j] + b[j])`` and the stabiliser
+        ``c (N, H, S)``, the running max over positions ``<= j`` of ``max_m s[j]`` (zeros for relu).
+    """
+    y = scale_inputs(k)
+    if kernel_fn == "relu":
+        phi = relu_features(y, projection)
+        if key_bias is not None:
+            phi = phi * torch.exp(_bias(key_bias))
+        return phi, phi.new_zeros(phi.shape[:-1])
+    s = softmax_logits(y, projection)
+    c = torch.cummax(s.amax(-1).detach(), dim=-1).values
+    return torch.exp(s - c.unsqueeze(-1) + _bias(key_bias)), c
+
+
+def safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` with rows whose denominator is exactly zero (all keys masked) giving zero."""
+    return num / torch.where(den == 0, torch.ones_like(den), den)

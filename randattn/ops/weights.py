@@ -1,0 +1,32 @@
+"""The approximate attention matrix implied by random-feature attention (``O(L S)`` memory)."""
+
+from __future__ import annotations
+
+import torch
+
+from .feature_maps import causal_key_features, key_features, query_features, safe_divide
+
+
+def attention_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    projection: torch.Tensor,
+    kernel_fn: str,
+    causal: bool,
+    key_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Normalised approximate attention weights ``(N, H, L, S)`` float32.
+
+    Row ``i`` is ``phi(q_i) . phi(k_j) / sum_j' phi(q_i) . phi(k_j')`` with the same stabilisers and
+    masking as the attention itself, so ``weights @ v`` equals the attention output.
+    """
+    phi_q = query_features(q, projection, kernel_fn)
+    if causal:
+        phi_k, c = causal_key_features(k, projection, kernel_fn, key_bias)
+        length = q.shape[-2]
+        keep = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        rel = torch.where(keep, c.unsqueeze(-2) - c.unsqueeze(-1), float("-inf"))
+        scores = (phi_q @ phi_k.transpose(-2, -1)) * torch.exp(rel)
+    else:
+        scores = phi_q @ key_features(k, projection, kernel_fn, key_bias).transpose(-2, -1)
+    return safe_divide(scores, scores.sum(-1, keepdim=True))

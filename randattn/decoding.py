@@ -1,0 +1,371 @@
+"""Recurrent decoding: causal random-feature attention one token (or one chunk) at a time.
+
+Causal random-feature attention is a recurrence. Per batch element and head it carries
+
+- ``kv_sum``  ``S = sum_j phit_k[j] e^{c_j - c} v_j``   ``(m, d_v)``,
+- ``key_sum`` ``z = sum_j phit_k[j] e^{c_j - c}``       ``(m,)``,
+- ``stabiliser`` ``c``, the running maximum of the key logits seen so far,
+
+where ``phit_k[j] = exp(s_k[j] - c_j)`` are the stabilised key features of
+:func:`randattn.ops.feature_maps.causal_key_features`. A new query ``i`` reads
+``out_i = phi_q[i] S e^{c - c_i} / (phi_q[i] . z e^{c - c_i})`` plus the part of the keys of its own
+chunk, so the cost per token is ``O(m d)`` whatever the position, and the outputs are those of the
+parallel causal forward at every position.
+
+The same state algebra (:func:`block_state`, :func:`merge_states`) combines the states of blocks of
+a sequence held by different devices; see :mod:`randattn.distributed`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .features import relu_features, scale_inputs, softmax_logits
+from .functional import check_kernel_fn
+
+__all__ = [
+    "CHUNK_SIZE",
+    "DecodingState",
+    "block_state",
+    "empty_state",
+    "init_state",
+    "merge_states",
+    "rand_attention_step",
+    "step",
+]
+
+#: Positions per chunk of :func:`rand_attention_step`: bounds its ``(T, T)`` intra-chunk scores.
+CHUNK_SIZE = 128
+
+
+class DecodingState(NamedTuple):
+    """Carried state of causal random-feature attention (one layer).
+
+    Attributes:
+        kv_sum: ``(N, H, m, d_v)`` sum of key features times values, at scale ``stabiliser``.
+        key_sum: ``(N, H, m)`` sum of key features, at scale ``stabiliser``.
+        stabiliser: ``(N, H)`` running maximum ``c`` of the key logits seen so far (``-inf`` before
+            the first key for the softmax kernel; always ``0`` for the relu kernel).
+        position: number of positions consumed so far.
+
+    The tensors are float32 (or the dtype given to :func:`init_state`) whatever the model dtype.
+    A ``NamedTuple`` of tensors, so it can be returned from ``torch.compile``-d functions, moved with
+    ``DecodingState(*(t.to(device) for t in state[:3]), state.position)``, and indexed on the batch.
+    """
+
+    kv_sum: torch.Tensor
+    key_sum: torch.Tensor
+    stabiliser: torch.Tensor
+    position: int
+
+
+def empty_state(
+    batch_size: int,
+    num_heads: int,
+    num_features: int,
+    value_dim: int,
+    *,
+    kernel_fn: str = "softmax",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> DecodingState:
+    """The state before any token: zero sums and an empty stabiliser.
+
+    Args:
+        batch_size, num_heads, num_features, value_dim: ``N``, ``H``, ``m``, ``d_v``.
+        kernel_fn: ``"softmax"`` (stabiliser ``-inf``) or ``"relu"`` (stabiliser ``0``).
+        device, dtype: of the state tensors (float32 by default).
+
+    Returns:
+        :class:`DecodingState` with ``kv_sum (N, H, m, d_v)``, ``key_sum (N, H, m)``,
+        ``stabiliser (N, H)`` and ``position == 0``.
+    """
+    check_kernel_fn(kernel_fn)
+    for name, value in (
+        ("batch_size", batch_size),
+        ("num_heads", num_heads),
+        ("num_features", num_features),
+        ("value_dim", value_dim),
+    ):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    fill = float("-inf") if kernel_fn == "softmax" else 0.0
+    return DecodingState(
+        torch.zeros(batch_size, num_heads, num_features, value_dim, device=device, dtype=dtype),
+        torch.zeros(batch_size, num_heads, num_features, device=device, dtype=dtype),
+        torch.full((batch_size, num_heads), fill, device=device, dtype=dtype),
+        0,
+    )
+
+
+def _decay(c_from: torch.Tensor, c_to: torch.Tensor) -> torch.Tensor:
+    """``exp(c_from - c_to)`` with an empty ``c_from == -inf`` giving 0 (``c_to >= c_from``)."""
+    return torch.where(c_from == float("-inf"), torch.zeros_like(c_from), torch.exp(c_from - c_to))
+
+
+def _key_logits(k: torch.Tensor, projection: torch.Tensor, kernel_fn: str):
+    """Key features before stabilising: softmax logits ``s_k`` or relu features, ``(N, H, T, m)``."""
+    y = scale_inputs(k)
+    if kernel_fn == "relu":
+        return relu_features(y, projection)
+    return softmax_logits(y, projection)
+
+
+def _query_features(q: torch.Tensor, projection: torch.Tensor, kernel_fn: str) -> torch.Tensor:
+    x = scale_inputs(q)
+    if kernel_fn == "relu":
+        return relu_features(x, projection)
+    s = softmax_logits(x, projection)
+    return torch.exp(s - s.amax(-1, keepdim=True).detach())
+
+
+def _check_state(state: DecodingState, n: int, h: int, m: int, dv: int) -> None:
+    if not isinstance(state, DecodingState):
+        raise TypeError(f"state must be a DecodingState, got {type(state).__name__}")
+    expected = ((n, h, m, dv), (n, h, m), (n, h))
+    for name, t, shape in zip(("kv_sum", "key_sum", "stabiliser"), state[:3], expected):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"state.{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def rand_attention_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    state: DecodingState,
+    *,
+    kernel_fn: str = "softmax",
+    key_bias: torch.Tensor | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, DecodingState]:
+    """Causal random-feature attention of ``T`` new positions that follow ``state``.
+
+    Position ``i`` of the new block attends to every key already summarised in ``state`` and to the
+    new keys at positions ``<= i``, exactly as :func:`randattn.functional.rand_attention` with
+    ``causal=True`` over the whole sequence.
+
+    Args:
+        q, k: ``(N, H, T, d)``; v: ``(N, H, T, d_v)`` (the projected, head-split new positions).
+        projection: ``(m, d)``.
+        state: :class:`DecodingState` of the positions before the block.
+        kernel_fn: ``"softmax"`` or ``"relu"``.
+        key_bias: ``(N, T)`` float additive key bias (``-inf`` drops a key) or ``None``.
+        chunk_size: the block is processed in chunks of this many positions (bounds the
+            ``(chunk, chunk)`` intra-chunk scores; changes rounding only).
+
+    Returns:
+        ``(out, new_state)``: ``out (N, H, T, d_v)`` in ``q.dtype`` and the state after the block
+        (``position`` advanced by ``T``). Differentiable with respect to ``q``, ``k``, ``v`` and the
+        state's sums.
+    """
+    check_kernel_fn(kernel_fn)
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"q, k must be (N, H, T, d) and v (N, H, T, d_v) of one (N, H, T); got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if projection.dim() != 2 or projection.shape[1] != q.shape[-1]:
+        raise ValueError(f"projection must have shape (m, {q.shape[-1]}), got {tuple(projection.shape)}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    n, h, length, _ = q.shape
+    _check_state(state, n, h, projection.shape[0], v.shape[-1])
+    projection = projection.float()
+    dtype = state.kv_sum.dtype
+    phi_q = _query_features(q, projection, kernel_fn).to(dtype)
+    logits = _key_logits(k, projection, kernel_fn).to(dtype)
+    vf = v.to(dtype)
+    bias = 0.0 if key_bias is None else key_bias.to(dtype)[:, None, :, None]
+    kv_sum, key_sum, c_state = state.kv_sum, state.key_sum.unsqueeze(-1), state.stabiliser.unsqueeze(-1)
+    if kernel_fn == "softmax":
+        # running max over positions <= j, continuing from the state's stabiliser
+        row_max = torch.maximum(logits.amax(-1).detach(), c_state)
+        c = torch.cummax(row_max, dim=-1).values  # (N, H, T)
+        phi_k = torch.exp(logits - c.unsqueeze(-1) + bias)
+    else:
+        c = logits.new_zeros(logits.shape[:-1])
+        phi_k = logits * torch.exp(bias) if key_bias is not None else logits
+    outs = []
+    for start in range(0, length, chunk_size):
+        stop = min(start + chunk_size, length)
+        pq, pk, vc, cc = (
+            phi_q[..., start:stop, :],
+            phi_k[..., start:stop, :],
+            vf[..., start:stop, :],
+            c[..., start:stop],
+        )
+        to_query = _decay(c_state, cc).unsqueeze(-1)  # (N, H, C, 1)
+        num = (pq @ kv_sum) * to_query
+        den = (pq @ key_sum) * to_query
+        keep = torch.ones(stop - start, stop - start, dtype=torch.bool, device=pq.device).tril()
+        rel = torch.where(keep, cc.unsqueeze(-2) - cc.unsqueeze(-1), float("-inf"))
+        scores = (pq @ pk.transpose(-2, -1)) * torch.exp(rel)
+        num = num + scores @ vc
+        den = den + scores.sum(-1, keepdim=True)
+        outs.append(num / torch.where(den == 0, torch.ones_like(den), den))
+        c_new = cc[..., -1:]
+        to_state = torch.exp(cc - c_new).unsqueeze(-1)
+        decay = _decay(c_state, c_new).unsqueeze(-1)
+        kv_sum = kv_sum * decay + (pk * to_state).transpose(-2, -1) @ vc
+        key_sum = key_sum * decay + (pk * to_state).sum(-2).unsqueeze(-1)
+        c_state = c_new
+    out = torch.cat(outs, dim=-2) if outs else vf.new_zeros(vf.shape)
+    new_state = DecodingState(kv_sum, key_sum.squeeze(-1), c_state.squeeze(-1), state.position + length)
+    return out.to(q.dtype), new_state
+
+
+def block_state(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    *,
+    kernel_fn: str = "softmax",
+    key_bias: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> DecodingState:
+    """The state summarising a block of keys on its own (as if it started the sequence).
+
+    Cheaper than :func:`rand_attention_step` when only the state is needed: one ``(m, d_v)`` product
+    per head, stabilised by the block's maximum logit.
+
+    Args:
+        k: ``(N, H, T, d)``; v: ``(N, H, T, d_v)``; projection: ``(m, d)``.
+        kernel_fn: ``"softmax"`` or ``"relu"``.
+        key_bias: ``(N, T)`` float additive key bias or ``None``.
+        dtype: dtype of the state (float32 by default).
+
+    Returns:
+        :class:`DecodingState` with ``position == T``; equal (up to rounding) to the state returned by
+        :func:`rand_attention_step` from :func:`empty_state` on the same keys.
+    """
+    check_kernel_fn(kernel_fn)
+    logits = _key_logits(k, projection.float(), kernel_fn).to(dtype)
+    bias = 0.0 if key_bias is None else key_bias.to(dtype)[:, None, :, None]
+    if kernel_fn == "softmax":
+        if logits.shape[-2] == 0:
+            c = logits.new_full(logits.shape[:2], float("-inf"))
+            phi_k = logits
+        else:
+            c = logits.detach().amax(dim=(-2, -1))
+            phi_k = torch.exp(logits - c[..., None, None] + bias)
+    else:
+        c = logits.new_zeros(logits.shape[:2])
+        phi_k = logits * torch.exp(bias) if key_bias is not None else logits
+    return DecodingState(phi_k.transpose(-2, -1) @ v.to(dtype), phi_k.sum(-2), c, k.shape[-2])
+
+
+def merge_states(first: DecodingState, second: DecodingState) -> DecodingState:
+    """State of the concatenation of two consecutive blocks (``first`` before ``second``).
+
+    Rescales both to the larger stabiliser; associative, so any prefix of a sequence of block states
+    can be folded in any grouping.
+
+    Args:
+        first, second: :class:`DecodingState` of the same ``(N, H, m, d_v)``.
+
+    Returns:
+        :class:`DecodingState` with ``position = first.position + second.position``.
+    """
+    c = torch.maximum(first.stabiliser, second.stabiliser)
+    a = _decay(first.stabiliser, c)
+    b = _decay(second.stabiliser, c)
+    return DecodingState(
+        first.kv_sum * a[..., None, None] + second.kv_sum * b[..., None, None],
+        first.key_sum * a[..., None] + second.key_sum * b[..., None],
+        c,
+        first.position + second.position,
+    )
+
+
+# ------------------------------------------------------------------------------------- module level
+def check_decodable(layer: nn.Module) -> None:
+    """Raise unless ``layer`` is a causal self-attention :class:`~randattn.RandMultiHeadAttention`.
+
+    Raises:
+        TypeError: ``layer`` is not a ``RandMultiHeadAttention``.
+        ValueError: the layer is not causal, or has ``add_bias_kv`` / ``add_zero_attn`` (extra keys at the
+            end of the sequence have no place in a causal recurrence), or different key/value dims.
+    """
+    from .modules import RandMultiHeadAttention
+
+    if not isinstance(layer, RandMultiHeadAttention):
+        raise TypeError(f"layer must be a RandMultiHeadAttention, got {type(layer).__name__}")
+    if not layer.causal:
+        raise ValueError(
+            "layer: recurrent decoding needs a causal layer (built with causal=True); "
+            "a non-causal layer lets every position see later tokens"
+        )
+    if layer.bias_k is not None or layer.add_zero_attn:
+        raise ValueError("layer: recurrent decoding does not support add_bias_kv or add_zero_attn")
+    if not layer._qkv_same_embed_dim:
+        raise ValueError("layer: recurrent decoding is self-attention; kdim and vdim must equal embed_dim")
+
+
+def init_state(
+    layer: nn.Module,
+    batch_size: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> DecodingState:
+    """Empty decoding state of a causal :class:`~randattn.RandMultiHeadAttention`.
+
+    Args:
+        layer: causal layer without ``add_bias_kv`` / ``add_zero_attn``.
+        batch_size: ``N``.
+        device: defaults to the device of the layer's projection.
+        dtype: of the state; defaults to float32 (the states stay float32 for half-precision layers).
+
+    Returns:
+        :class:`DecodingState` with ``kv_sum (N, H, m, d)``, ``key_sum (N, H, m)``, ``stabiliser (N, H)``.
+    """
+    check_decodable(layer)
+    return empty_state(
+        batch_size,
+        layer.num_heads,
+        layer.num_random_features,
+        layer.head_dim,
+        kernel_fn=layer.kernel_fn,
+        device=layer.projection.device if device is None else device,
+        dtype=torch.float32 if dtype is None else dtype,
+    )
+
+
+def step(layer: nn.Module, x: torch.Tensor, state: DecodingState) -> tuple[torch.Tensor, DecodingState]:
+    """Run causal self-attention of ``layer`` on the next token(s) ``x``, continuing from ``state``.
+
+    Feeding a sequence through ``step`` in pieces of any sizes gives the same outputs as
+    ``layer(seq, seq, seq, need_weights=False)[0]`` on the whole sequence at once.
+
+    Args:
+        layer: causal :class:`~randattn.RandMultiHeadAttention` (see :func:`check_decodable`).
+        x: ``(N, T, E)`` if ``layer.batch_first`` else ``(T, N, E)``: one token (``T = 1``) or a chunk.
+        state: from :func:`init_state` or a previous :func:`step`.
+
+    Returns:
+        ``(out, new_state)`` with ``out`` in the layout and dtype of ``x``. Dropout is applied as in
+        ``forward`` when the layer is in training mode.
+    """
+    check_decodable(layer)
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be 3-D, (N, T, E) with batch_first else (T, N, E); got {shape}")
+    if x.shape[-1] != layer.embed_dim:
+        raise ValueError(f"x must have last dimension embed_dim={layer.embed_dim}, got shape {tuple(x.shape)}")
+    if not layer.batch_first:
+        x = x.transpose(0, 1)
+    q, k, v = layer._in_projection(x, x, x)
+    q, k, v = (t.unflatten(-1, (layer.num_heads, layer.head_dim)).transpose(1, 2) for t in (q, k, v))
+    if layer.training and layer.dropout > 0.0:
+        keep = torch.rand(v.shape[:3] + (1,), device=v.device) >= layer.dropout
+        v = v * keep.to(v.dtype) / (1.0 - layer.dropout)
+    out, state = rand_attention_step(q, k, v, layer.projection, state, kernel_fn=layer.kernel_fn)
+    out = layer.out_proj(out.transpose(1, 2).flatten(2))
+    if not layer.batch_first:
+        out = out.transpose(0, 1)
+    return out, state

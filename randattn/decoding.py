@@ -18,13 +18,15 @@ a sequence held by different devices; see :mod:`randattn.distributed`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
-from torch import nn
 
 from .features import relu_features, scale_inputs, softmax_logits
 from .functional import check_kernel_fn
+
+if TYPE_CHECKING:
+    from .modules import RandMultiHeadAttention
 
 __all__ = [
     "CHUNK_SIZE",
@@ -190,7 +192,7 @@ def rand_attention_step(
         phi_k = torch.exp(logits - c.unsqueeze(-1) + bias)
     else:
         c = logits.new_zeros(logits.shape[:-1])
-        phi_k = logits * torch.exp(bias) if key_bias is not None else logits
+        phi_k = logits if key_bias is None else logits * torch.exp(key_bias.to(dtype)[:, None, :, None])
     outs = []
     for start in range(0, length, chunk_size):
         stop = min(start + chunk_size, length)
@@ -256,7 +258,7 @@ def block_state(
             phi_k = torch.exp(logits - c[..., None, None] + bias)
     else:
         c = logits.new_zeros(logits.shape[:2])
-        phi_k = logits * torch.exp(bias) if key_bias is not None else logits
+        phi_k = logits if key_bias is None else logits * torch.exp(key_bias.to(dtype)[:, None, :, None])
     return DecodingState(phi_k.transpose(-2, -1) @ v.to(dtype), phi_k.sum(-2), c, k.shape[-2])
 
 
@@ -284,7 +286,7 @@ def merge_states(first: DecodingState, second: DecodingState) -> DecodingState:
 
 
 # ------------------------------------------------------------------------------------- module level
-def check_decodable(layer: nn.Module) -> None:
+def check_decodable(layer: RandMultiHeadAttention) -> None:
     """Raise unless ``layer`` is a causal self-attention :class:`~randattn.RandMultiHeadAttention`.
 
     Raises:
@@ -308,7 +310,7 @@ def check_decodable(layer: nn.Module) -> None:
 
 
 def init_state(
-    layer: nn.Module,
+    layer: RandMultiHeadAttention,
     batch_size: int,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
@@ -331,12 +333,12 @@ def init_state(
         layer.num_random_features,
         layer.head_dim,
         kernel_fn=layer.kernel_fn,
-        device=layer.projection.device if device is None else device,
+        device=cast(torch.Tensor, layer.projection).device if device is None else device,
         dtype=torch.float32 if dtype is None else dtype,
     )
 
 
-def step(layer: nn.Module, x: torch.Tensor, state: DecodingState) -> tuple[torch.Tensor, DecodingState]:
+def step(layer: RandMultiHeadAttention, x: torch.Tensor, state: DecodingState) -> tuple[torch.Tensor, DecodingState]:
     """Run causal self-attention of ``layer`` on the next token(s) ``x``, continuing from ``state``.
 
     Feeding a sequence through ``step`` in pieces of any sizes gives the same outputs as
@@ -364,7 +366,7 @@ def step(layer: nn.Module, x: torch.Tensor, state: DecodingState) -> tuple[torch
     if layer.training and layer.dropout > 0.0:
         keep = torch.rand(v.shape[:3] + (1,), device=v.device) >= layer.dropout
         v = v * keep.to(v.dtype) / (1.0 - layer.dropout)
-    out, state = rand_attention_step(q, k, v, layer.projection, state, kernel_fn=layer.kernel_fn)
+    out, state = rand_attention_step(q, k, v, cast(torch.Tensor, layer.projection), state, kernel_fn=layer.kernel_fn)
     out = layer.out_proj(out.transpose(1, 2).flatten(2))
     if not layer.batch_first:
         out = out.transpose(0, 1)

@@ -1,0 +1,172 @@
+"""Pieces shared by the Triton kernels of both attention ops.
+
+Precision scheme (fp32 accumulation everywhere):
+
+* float32 inputs: every ``tl.dot`` runs with :data:`FP32_DOT_PRECISION` (``"ieee"`` or ``"tf32x3"``),
+  whose error is close to float32 arithmetic; plain tf32 is not accurate enough.
+* bfloat16 / float16 inputs: tensor-core operands are in the input dtype. An operand that is already
+  exact in that dtype (the loaded ``q``, ``k``, ``v``, ``dout`` tiles) is used as is; a float32 operand
+  (projection, features, states) is split into ``hi + lo`` parts of the input dtype, and the number of
+  split products kept is set per kind of product (:class:`Precision`). The feature logits
+  ``x W^T`` always keep both parts: ``exp`` turns their absolute error into relative error of the
+  features.
+
+The projection is pre-scaled by ``d ** -0.25`` on the host, so ``q W'^T = x W^T`` with ``x = q d^{-1/4}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..features import RELU_EPS
+
+__all__ = ["Precision", "PRECISION", "KERNEL_CODES", "prepare_projection", "interpreting", "fixed_grid_size"]
+
+#: Kernel function codes passed to the kernels as a compile-time constant.
+KERNEL_CODES = {"softmax": 0, "relu": 1}
+
+#: Stand-in for ``-inf`` as the initial running maximum (keeps ``exp(old - new)`` finite).
+NEG_BIG = tl.constexpr(-1.0e30)
+
+
+@dataclasses.dataclass
+class Precision:
+    """Number of split products per kind of matrix product for bfloat16/float16 inputs.
+
+    Attributes:
+        state: products with a float32 operand and an exact one (features times ``v`` or ``dout``,
+            the states times ``v``): 1 rounds the float32 operand to the input dtype, 2 adds its
+            low part.
+        mixed: products of two float32 operands (features times states, gradients of the
+            features times the projection): 1 rounds both, 2 adds ``a_lo b_hi``, 3 adds ``a_hi b_lo``.
+        fp32_dot: ``input_precision`` of float32 dots (``"ieee"`` or ``"tf32x3"``).
+    """
+
+    state: int = 1
+    mixed: int = 1
+    fp32_dot: str = "ieee"
+
+
+#: The precision used by the kernels (module-level so that benchmarks can compare settings).
+PRECISION = Precision(
+    state=int(os.environ.get("RANDATTN_TRITON_STATE_PASSES", "1")),
+    mixed=int(os.environ.get("RANDATTN_TRITON_MIXED_PASSES", "1")),
+    fp32_dot=os.environ.get("RANDATTN_TRITON_FP32_DOT", "ieee"),
+)
+
+
+def interpreting() -> bool:
+    """Whether the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def prepare_projection(projection: torch.Tensor, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled projection ``W' = W d^{-1/4}`` as ``(hi, lo)`` of shape ``(m, d)`` in the operand dtype.
+
+    For float32 inputs ``hi`` is ``W'`` and ``lo`` is unused (a copy of ``hi``).
+    """
+    w = projection.float() * (head_dim**-0.25)
+    if dtype == torch.float32:
+        w = w.contiguous()
+        return w, w
+    hi = w.to(dtype)
+    lo = (w - hi.float()).to(dtype)
+    return hi.contiguous(), lo.contiguous()
+
+
+def fixed_grid_size(device: torch.device) -> int:
+    """Number of programs that fills the device (streaming multiprocessors; 8 in the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def relu_scale(num_features: int) -> float:
+    """Factor ``1 / sqrt(m)`` of the ReLU features."""
+    return 1.0 / math.sqrt(num_features)
+
+
+RELU_FEATURE_EPS = RELU_EPS
+
+
+# ----------------------------------------------------------------------------------------------
+# jit helpers
+
+
+@triton.jit
+def mm_exact_a(a, b_hi, b_lo, acc, PASSES: tl.constexpr, FP32_DOT: tl.constexpr):
+    """``acc + a @ b`` where ``a`` is exact in the operand dtype and ``b = b_hi + b_lo``."""
+    if a.dtype == tl.float32:
+        acc = tl.dot(a, b_hi, acc, input_precision=FP32_DOT)
+    else:
+        acc = tl.dot(a, b_hi, acc)
+        if PASSES >= 2:
+            acc = tl.dot(a, b_lo, acc)
+    return acc
+
+
+@triton.jit
+def mm_exact_b(a, b, acc, PASSES: tl.constexpr, FP32_DOT: tl.constexpr):
+    """``acc + a @ b`` where ``a`` is float32 and ``b`` is exact in the operand dtype."""
+    if b.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision=FP32_DOT)
+    else:
+        a_hi = a.to(b.dtype)
+        acc = tl.dot(a_hi, b, acc)
+        if PASSES >= 2:
+            a_lo = (a - a_hi.to(tl.float32)).to(b.dtype)
+            acc = tl.dot(a_lo, b, acc)
+    return acc
+
+
+@triton.jit
+def mm_mixed(a, b, acc, like, PASSES: tl.constexpr, FP32_DOT: tl.constexpr):
+    """``acc + a @ b`` of two float32 tiles; ``like`` is any tile in the operand dtype."""
+    if like.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision=FP32_DOT)
+    else:
+        a_hi = a.to(like.dtype)
+        b_hi = b.to(like.dtype)
+        acc = tl.dot(a_hi, b_hi, acc)
+        if PASSES >= 2:
+            acc = tl.dot((a - a_hi.to(tl.float32)).to(like.dtype), b_hi, acc)
+        if PASSES >= 3:
+            acc = tl.dot(a_hi, (b - b_hi.to(tl.float32)).to(like.dtype), acc)
+    return acc
+
+
+@triton.jit
+def mm_mixed_w(a, w_hi, w_lo, acc, PASSES: tl.constexpr, FP32_DOT: tl.constexpr):
+    """``acc + a @ w`` with ``a`` float32 and ``w = w_hi + w_lo`` given split in the operand dtype."""
+    if w_hi.dtype == tl.float32:
+        acc = tl.dot(a, w_hi, acc, input_precision=FP32_DOT)
+    else:
+        a_hi = a.to(w_hi.dtype)
+        acc = tl.dot(a_hi, w_hi, acc)
+        if PASSES >= 2:
+            acc = tl.dot((a - a_hi.to(tl.float32)).to(w_hi.dtype), w_hi, acc)
+        if PASSES >= 3:
+            acc = tl.dot(a_hi, w_lo, acc)
+    return acc
+
+
+@triton.jit
+def load_wt(w_hi_ptr, w_lo_ptr, offs_d, offs_m, D, M):
+    """Tiles ``(BLOCK_D, BLOCK_M)`` of ``W'^T`` (hi, lo) from row-major ``(m, d)`` storage."""
+    mask = (offs_d[:, None] < D) & (offs_m[None, :] < M)
+    ptrs = offs_m[None, :] * D + offs_d[:, None]
+    return tl.load(w_hi_ptr + ptrs, mask=mask, other=0.0), tl.load(w_lo_ptr + ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def load_w(w_hi_ptr, w_lo_ptr, offs_m, offs_d, D, M):
+    """Tiles ``(BLOCK_M, BLOCK_D)`` of ``W'`` (hi, lo)."""
+    mask = (offs_m[:, None] < M) & (offs_d[None, :] < D)
+    ptrs = offs_m[:, None] * D + offs_d[None, :]
+    return tl.load(w_hi_ptr + ptrs, mask=mask, other=0.0), tl.load(w_lo_ptr + ptrs, mask=mask, other=0.0)

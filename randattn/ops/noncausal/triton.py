@@ -1,0 +1,550 @@
+"""Non-causal random-feature attention as fused Triton kernels, wrapped as ``torch.library`` custom ops.
+
+Forward (the ``(N, H, L, m)`` features never reach device memory):
+
+1. ``_key_state_kernel``: per ``(n, h)``, key split and block of features, the key features are
+   computed on chip from ``k`` tiles and the projection and reduced into a partial state
+   ``A = phi_k^T v`` ``(m, d_v)`` and key sum ``(m)``, under a running maximum of the logits
+   (rescaling as it grows). The partials are merged on the host at the largest maximum ``c``, the
+   key stabiliser of the reference.
+2. ``_query_out_kernel``: per block of queries, query features on chip (online row maximum over the
+   feature blocks), ``out = phi_q S / phi_q z``; also keeps the row stabiliser and denominator
+   (``(N, H, L)`` float32 each) for the backward.
+
+Backward (features recomputed): ``_query_grad_kernel`` (``dq`` and the per-row scalar
+``t = dout . num / den^2``), ``_query_state_grad_kernel`` (``dS = phi_q^T (dout / den)``,
+``dz = -phi_q^T t``, reduced over query splits) and ``_key_grad_kernel`` (``dk``, ``dv``).
+The projection gets no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._triton_utils import (
+    KERNEL_CODES,
+    NEG_BIG,
+    PRECISION,
+    RELU_FEATURE_EPS,
+    fixed_grid_size,
+    load_w,
+    load_wt,
+    mm_exact_a,
+    mm_exact_b,
+    mm_mixed,
+    mm_mixed_w,
+    prepare_projection,
+    relu_scale,
+)
+
+__all__ = ["noncausal_attention"]
+
+BLOCK_ROWS = 64
+
+
+def _pow2(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+def _block_m(m: int) -> int:
+    return min(64, _pow2(m))
+
+
+@triton.jit
+def _features(x, sq, wt_hi, wt_lo, m_ok, stab, KERNEL: tl.constexpr, FP32_DOT: tl.constexpr, RELU_SCALE, EPS):
+    """Features of one tile: ``exp(x W'^T - sq - stab)`` (softmax) or ``relu(x W'^T)/sqrt(m) + eps``.
+
+    ``stab`` is a per-row ``(B, 1)`` or scalar stabiliser. Returns ``(phi, proj)``; padded features are 0.
+    """
+    proj = mm_exact_a(x, wt_hi, wt_lo, tl.zeros((x.shape[0], wt_hi.shape[1]), tl.float32), 2, FP32_DOT)
+    if KERNEL == 0:
+        phi = tl.exp(proj - sq[:, None] - stab)
+    else:
+        phi = tl.maximum(proj, 0.0) * RELU_SCALE + EPS
+    phi = tl.where(m_ok[None, :], phi, 0.0)
+    return phi, proj
+
+
+@triton.jit
+def _key_state_kernel(
+    K, V, W_HI, W_LO, BIAS, A, Z, MX,
+    sk_n, sk_h, sk_s, sv_n, sv_h, sv_s,
+    H, S, D, DV, M, KEYS_PER_SPLIT, NSPLIT, half_inv_sqrt_d, RELU_SCALE, EPS,
+    HAS_BIAS: tl.constexpr, KERNEL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, STATE_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    pid_nh = tl.program_id(2)
+    n = pid_nh // H
+    h = pid_nh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < M
+    wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    zacc = tl.zeros((BLOCK_M,), tl.float32)
+    mx = NEG_BIG
+    start = pid_split * KEYS_PER_SPLIT
+    end = tl.minimum(start + KEYS_PER_SPLIT, S)
+    k_base = K + n * sk_n + h * sk_h
+    v_base = V + n * sv_n + h * sv_h
+    for s0 in range(start, end, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = offs_s < end
+        y = tl.load(k_base + offs_s[:, None] * sk_s + offs_d[None, :],
+                    mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        vt = tl.load(v_base + offs_s[:, None] * sv_s + offs_dv[None, :],
+                     mask=s_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        if HAS_BIAS:
+            b = tl.load(BIAS + n * S + offs_s, mask=s_ok, other=0.0)
+        else:
+            b = tl.zeros((BLOCK_S,), tl.float32)
+        proj = mm_exact_a(y, wt_hi, wt_lo, tl.zeros((BLOCK_S, BLOCK_M), tl.float32), 2, FP32_DOT)
+        ok = s_ok[:, None] & m_ok[None, :]
+        if KERNEL == 0:
+            yf = y.to(tl.float32)
+            sq = tl.sum(yf * yf, 1) * half_inv_sqrt_d
+            s = tl.where(ok, proj - sq[:, None], float("-inf"))
+            new = tl.maximum(mx, tl.max(tl.max(s, 1), 0))
+            alpha = tl.exp(mx - new)
+            p = tl.exp(s - new + b[:, None])
+            acc = acc * alpha
+            zacc = zacc * alpha
+            mx = new
+        else:
+            p = tl.where(ok, (tl.maximum(proj, 0.0) * RELU_SCALE + EPS) * tl.exp(b)[:, None], 0.0)
+        acc = mm_exact_b(tl.trans(p), vt, acc, STATE_PASSES, FP32_DOT)
+        zacc += tl.sum(p, 0)
+    if KERNEL != 0:
+        mx = 0.0
+    part = pid_nh * NSPLIT + pid_split
+    tl.store(A + part * M * DV + offs_m[:, None] * DV + offs_dv[None, :], acc,
+             mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(Z + part * M + offs_m, zacc, mask=m_ok)
+    tl.store(MX + part * tl.num_programs(0) + pid_m, mx)
+
+
+@triton.jit
+def _query_out_kernel(
+    Q, W_HI, W_LO, ST, KS, OUT, CQ, DEN,
+    sq_n, sq_h, sq_l, so_n, so_h, so_l,
+    H, L, D, DV, M, half_inv_sqrt_d, RELU_SCALE, EPS,
+    KERNEL: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr, MIXED_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    pid_l = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    n = pid_nh // H
+    h = pid_nh % H
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    l_ok = offs_l < L
+    x = tl.load(Q + n * sq_n + h * sq_h + offs_l[:, None] * sq_l + offs_d[None, :],
+                mask=l_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    xf = x.to(tl.float32)
+    sq = tl.sum(xf * xf, 1) * half_inv_sqrt_d
+    num = tl.zeros((BLOCK_L, BLOCK_DV), tl.float32)
+    den = tl.zeros((BLOCK_L,), tl.float32)
+    cq = tl.full((BLOCK_L,), NEG_BIG, tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
+        proj = mm_exact_a(x, wt_hi, wt_lo, tl.zeros((BLOCK_L, BLOCK_M), tl.float32), 2, FP32_DOT)
+        if KERNEL == 0:
+            s = tl.where(m_ok[None, :], proj - sq[:, None], float("-inf"))
+            new = tl.maximum(cq, tl.max(s, 1))
+            alpha = tl.exp(cq - new)
+            phi = tl.exp(s - new[:, None])
+            num = num * alpha[:, None]
+            den = den * alpha
+            cq = new
+        else:
+            phi = tl.where(m_ok[None, :], tl.maximum(proj, 0.0) * RELU_SCALE + EPS, 0.0)
+        st = tl.load(ST + pid_nh * M * DV + offs_m[:, None] * DV + offs_dv[None, :],
+                     mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        z = tl.load(KS + pid_nh * M + offs_m, mask=m_ok, other=0.0)
+        num = mm_mixed(phi, st, num, x, MIXED_PASSES, FP32_DOT)
+        den += tl.sum(phi * z[None, :], 1)
+    out = num / tl.where(den == 0.0, 1.0, den)[:, None]
+    tl.store(OUT + n * so_n + h * so_h + offs_l[:, None] * so_l + offs_dv[None, :],
+             out.to(OUT.dtype.element_ty), mask=l_ok[:, None] & (offs_dv[None, :] < DV))
+    if KERNEL != 0:
+        cq = tl.zeros((BLOCK_L,), tl.float32)
+    tl.store(CQ + pid_nh * L + offs_l, cq, mask=l_ok)
+    tl.store(DEN + pid_nh * L + offs_l, den, mask=l_ok)
+
+
+@triton.jit
+def _query_grad_kernel(
+    Q, DO, W_HI, W_LO, ST, KS, CQ, DEN, DQ, TV,
+    sq_n, sq_h, sq_l, sd_n, sd_h, sd_l,
+    H, L, D, DV, M, half_inv_sqrt_d, RELU_SCALE, EPS,
+    KERNEL: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr, STATE_PASSES: tl.constexpr, MIXED_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    pid_l = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    n = pid_nh // H
+    h = pid_nh % H
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    l_ok = offs_l < L
+    x = tl.load(Q + n * sq_n + h * sq_h + offs_l[:, None] * sq_l + offs_d[None, :],
+                mask=l_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + n * sd_n + h * sd_h + offs_l[:, None] * sd_l + offs_dv[None, :],
+                 mask=l_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    xf = x.to(tl.float32)
+    sq = tl.sum(xf * xf, 1) * half_inv_sqrt_d
+    cq = tl.load(CQ + pid_nh * L + offs_l, mask=l_ok, other=0.0)
+    den = tl.load(DEN + pid_nh * L + offs_l, mask=l_ok, other=1.0)
+    inv_den = 1.0 / tl.where(den == 0.0, 1.0, den)
+    # pass 1: dot_i = phi_i . (S dout_i) = dout_i . num_i
+    dot = tl.zeros((BLOCK_L,), tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
+        phi, proj = _features(x, sq, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+        stt = tl.load(ST + pid_nh * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
+                      mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        st_hi = stt.to(do.dtype)
+        g = mm_exact_a(do, st_hi, (stt - st_hi.to(tl.float32)).to(do.dtype),
+                       tl.zeros((BLOCK_L, BLOCK_M), tl.float32), STATE_PASSES, FP32_DOT)
+        dot += tl.sum(phi * g, 1)
+    t = dot * inv_den * inv_den
+    # pass 2: dphi = g / den - z t ; ds = dphi * dphi/ds ; dx = ds W'
+    dx = tl.zeros((BLOCK_L, BLOCK_D), tl.float32)
+    rs = tl.zeros((BLOCK_L,), tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
+        phi, proj = _features(x, sq, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+        stt = tl.load(ST + pid_nh * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
+                      mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        st_hi = stt.to(do.dtype)
+        g = mm_exact_a(do, st_hi, (stt - st_hi.to(tl.float32)).to(do.dtype),
+                       tl.zeros((BLOCK_L, BLOCK_M), tl.float32), STATE_PASSES, FP32_DOT)
+        z = tl.load(KS + pid_nh * M + offs_m, mask=m_ok, other=0.0)
+        dphi = g * inv_den[:, None] - z[None, :] * t[:, None]
+        if KERNEL == 0:
+            ds = dphi * phi
+            rs += tl.sum(ds, 1)
+        else:
+            ds = tl.where((proj > 0.0) & m_ok[None, :], dphi * RELU_SCALE, 0.0)
+        w_hi, w_lo = load_w(W_HI, W_LO, offs_m, offs_d, D, M)
+        dx = mm_mixed_w(ds, w_hi, w_lo, dx, MIXED_PASSES, FP32_DOT)
+    if KERNEL == 0:
+        dx = dx - rs[:, None] * xf * (2.0 * half_inv_sqrt_d)
+    tl.store(DQ + pid_nh * L * D + offs_l[:, None] * D + offs_d[None, :], dx.to(DQ.dtype.element_ty),
+             mask=l_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(TV + pid_nh * L + offs_l, t, mask=l_ok)
+
+
+@triton.jit
+def _query_state_grad_kernel(
+    Q, DO, W_HI, W_LO, CQ, DEN, TV, DST, DKS,
+    sq_n, sq_h, sq_l, sd_n, sd_h, sd_l,
+    H, L, D, DV, M, ROWS_PER_SPLIT, NSPLIT, half_inv_sqrt_d, RELU_SCALE, EPS,
+    KERNEL: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr, STATE_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    pid_nh = tl.program_id(2)
+    n = pid_nh // H
+    h = pid_nh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < M
+    wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    zacc = tl.zeros((BLOCK_M,), tl.float32)
+    start = pid_split * ROWS_PER_SPLIT
+    end = tl.minimum(start + ROWS_PER_SPLIT, L)
+    for l0 in range(start, end, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        l_ok = offs_l < end
+        x = tl.load(Q + n * sq_n + h * sq_h + offs_l[:, None] * sq_l + offs_d[None, :],
+                    mask=l_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(DO + n * sd_n + h * sd_h + offs_l[:, None] * sd_l + offs_dv[None, :],
+                     mask=l_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        xf = x.to(tl.float32)
+        sq = tl.sum(xf * xf, 1) * half_inv_sqrt_d
+        cq = tl.load(CQ + pid_nh * L + offs_l, mask=l_ok, other=0.0)
+        den = tl.load(DEN + pid_nh * L + offs_l, mask=l_ok, other=1.0)
+        t = tl.load(TV + pid_nh * L + offs_l, mask=l_ok, other=0.0)
+        phi, proj = _features(x, sq, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+        phi = tl.where(l_ok[:, None], phi, 0.0)
+        p = phi / tl.where(den == 0.0, 1.0, den)[:, None]
+        acc = mm_exact_b(tl.trans(p), do, acc, STATE_PASSES, FP32_DOT)
+        zacc -= tl.sum(phi * t[:, None], 0)
+    part = pid_nh * NSPLIT + pid_split
+    tl.store(DST + part * M * DV + offs_m[:, None] * DV + offs_dv[None, :], acc,
+             mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(DKS + part * M + offs_m, zacc, mask=m_ok)
+
+
+@triton.jit
+def _key_grad_kernel(
+    K, V, W_HI, W_LO, BIAS, CK, DST, DKS, DK, DVO,
+    sk_n, sk_h, sk_s, sv_n, sv_h, sv_s,
+    H, S, D, DV, M, half_inv_sqrt_d, RELU_SCALE, EPS,
+    HAS_BIAS: tl.constexpr, KERNEL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, STATE_PASSES: tl.constexpr,
+    MIXED_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    n = pid_nh // H
+    h = pid_nh % H
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    s_ok = offs_s < S
+    y = tl.load(K + n * sk_n + h * sk_h + offs_s[:, None] * sk_s + offs_d[None, :],
+                mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    vt = tl.load(V + n * sv_n + h * sv_h + offs_s[:, None] * sv_s + offs_dv[None, :],
+                 mask=s_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if HAS_BIAS:
+        b = tl.load(BIAS + n * S + offs_s, mask=s_ok, other=0.0)
+    else:
+        b = tl.zeros((BLOCK_S,), tl.float32)
+    yf = y.to(tl.float32)
+    sq = tl.sum(yf * yf, 1) * half_inv_sqrt_d
+    ck = tl.load(CK + pid_nh)
+    dy = tl.zeros((BLOCK_S, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_S, BLOCK_DV), tl.float32)
+    rs = tl.zeros((BLOCK_S,), tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
+        if KERNEL == 0:
+            phi, proj = _features(y, sq, wt_hi, wt_lo, m_ok, ck - b[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+        else:
+            phi, proj = _features(y, sq, wt_hi, wt_lo, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
+            phi = phi * tl.exp(b)[:, None]
+        phi = tl.where(s_ok[:, None], phi, 0.0)
+        dstt = tl.load(DST + pid_nh * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
+                       mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        dst_hi = dstt.to(vt.dtype)
+        dz = tl.load(DKS + pid_nh * M + offs_m, mask=m_ok, other=0.0)
+        dphi = mm_exact_a(vt, dst_hi, (dstt - dst_hi.to(tl.float32)).to(vt.dtype),
+                          tl.zeros((BLOCK_S, BLOCK_M), tl.float32), STATE_PASSES, FP32_DOT) + dz[None, :]
+        dv = mm_mixed(phi, tl.trans(dstt), dv, vt, MIXED_PASSES, FP32_DOT)
+        if KERNEL == 0:
+            ds = dphi * phi
+            rs += tl.sum(ds, 1)
+        else:
+            ds = tl.where((proj > 0.0) & m_ok[None, :], dphi * RELU_SCALE * tl.exp(b)[:, None], 0.0)
+        w_hi, w_lo = load_w(W_HI, W_LO, offs_m, offs_d, D, M)
+        dy = mm_mixed_w(ds, w_hi, w_lo, dy, MIXED_PASSES, FP32_DOT)
+    if KERNEL == 0:
+        dy = dy - rs[:, None] * yf * (2.0 * half_inv_sqrt_d)
+    tl.store(DK + pid_nh * S * D + offs_s[:, None] * D + offs_d[None, :], dy.to(DK.dtype.element_ty),
+             mask=s_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(DVO + pid_nh * S * DV + offs_s[:, None] * DV + offs_dv[None, :], dv.to(DVO.dtype.element_ty),
+             mask=s_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _split(rows: int, blocks_per_row_group: int, device: torch.device) -> tuple[int, int]:
+    """Number of splits of ``rows`` (a multiple of ``BLOCK_ROWS`` each) that fills the device."""
+    want = max(1, -(-2 * fixed_grid_size(device) // max(1, blocks_per_row_group)))
+    nsplit = max(1, min(want, triton.cdiv(rows, BLOCK_ROWS)))
+    per = triton.cdiv(triton.cdiv(rows, nsplit), BLOCK_ROWS) * BLOCK_ROWS
+    return triton.cdiv(rows, per), per
+
+
+def _common(q, k, v, projection, kernel_fn):
+    d, dv, m = q.shape[-1], v.shape[-1], projection.shape[0]
+    return dict(
+        d=d, dv=dv, m=m, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_M=_block_m(m),
+        KERNEL=KERNEL_CODES[kernel_fn], half=0.5 * d**-0.5, rscale=relu_scale(m),
+    )
+
+
+def _forward(q, k, v, projection, kernel_fn, key_bias):
+    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    n, h, length, _ = q.shape
+    s_len = k.shape[2]
+    c = _common(q, k, v, projection, kernel_fn)
+    w_hi, w_lo = prepare_projection(projection, c["d"], q.dtype)
+    nmb = triton.cdiv(c["m"], c["BLOCK_M"])
+    nsplit, per = _split(s_len, nmb * n * h, q.device)
+    nh = n * h
+    f32 = dict(device=q.device, dtype=torch.float32)
+    a = torch.empty(nh, nsplit, c["m"], c["dv"], **f32)
+    z = torch.empty(nh, nsplit, c["m"], **f32)
+    mx = torch.empty(nh, nsplit, nmb, **f32)
+    bias = key_bias.contiguous() if key_bias is not None else a
+    _key_state_kernel[(nmb, nsplit, nh)](
+        k, v, w_hi, w_lo, bias, a, z, mx,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        h, s_len, c["d"], c["dv"], c["m"], per, nsplit, c["half"], c["rscale"], RELU_FEATURE_EPS,
+        HAS_BIAS=key_bias is not None, KERNEL=c["KERNEL"], BLOCK_S=BLOCK_ROWS, BLOCK_D=c["BLOCK_D"],
+        BLOCK_M=c["BLOCK_M"], BLOCK_DV=c["BLOCK_DV"], STATE_PASSES=PRECISION.state, FP32_DOT=PRECISION.fp32_dot,
+    )
+    ck = mx.amax(dim=(1, 2))
+    scale = torch.exp(mx - ck[:, None, None]).repeat_interleave(c["BLOCK_M"], dim=2)[:, :, : c["m"]]
+    state = (a * scale[..., None]).sum(1)
+    ksum = (z * scale).sum(1)
+    out = torch.empty(n, h, length, c["dv"], device=q.device, dtype=q.dtype)
+    cq = torch.empty(nh, length, **f32)
+    den = torch.empty(nh, length, **f32)
+    _query_out_kernel[(triton.cdiv(length, BLOCK_ROWS), nh)](
+        q, w_hi, w_lo, state, ksum, out, cq, den,
+        q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        h, length, c["d"], c["dv"], c["m"], c["half"], c["rscale"], RELU_FEATURE_EPS,
+        KERNEL=c["KERNEL"], BLOCK_L=BLOCK_ROWS, BLOCK_D=c["BLOCK_D"], BLOCK_M=c["BLOCK_M"],
+        BLOCK_DV=c["BLOCK_DV"], MIXED_PASSES=PRECISION.mixed, FP32_DOT=PRECISION.fp32_dot,
+    )
+    return out, state, ksum, ck, cq, den
+
+
+def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, cq, den):
+    q, k, v, dout = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v), _rows_contiguous(dout)
+    n, h, length, _ = q.shape
+    s_len = k.shape[2]
+    nh = n * h
+    c = _common(q, k, v, projection, kernel_fn)
+    w_hi, w_lo = prepare_projection(projection, c["d"], q.dtype)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    common_consts = (c["half"], c["rscale"], RELU_FEATURE_EPS)
+    dq = torch.empty(n, h, length, c["d"], device=q.device, dtype=q.dtype)
+    tv = torch.empty(nh, length, **f32)
+    _query_grad_kernel[(triton.cdiv(length, BLOCK_ROWS), nh)](
+        q, dout, w_hi, w_lo, state, ksum, cq, den, dq, tv,
+        q.stride(0), q.stride(1), q.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        h, length, c["d"], c["dv"], c["m"], *common_consts,
+        KERNEL=c["KERNEL"], BLOCK_L=BLOCK_ROWS, BLOCK_D=c["BLOCK_D"], BLOCK_M=c["BLOCK_M"],
+        BLOCK_DV=c["BLOCK_DV"], STATE_PASSES=PRECISION.state, MIXED_PASSES=PRECISION.mixed,
+        FP32_DOT=PRECISION.fp32_dot,
+    )
+    nmb = triton.cdiv(c["m"], c["BLOCK_M"])
+    nsplit, per = _split(length, nmb * nh, q.device)
+    dst = torch.empty(nh, nsplit, c["m"], c["dv"], **f32)
+    dks = torch.empty(nh, nsplit, c["m"], **f32)
+    _query_state_grad_kernel[(nmb, nsplit, nh)](
+        q, dout, w_hi, w_lo, cq, den, tv, dst, dks,
+        q.stride(0), q.stride(1), q.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        h, length, c["d"], c["dv"], c["m"], per, nsplit, *common_consts,
+        KERNEL=c["KERNEL"], BLOCK_L=BLOCK_ROWS, BLOCK_D=c["BLOCK_D"], BLOCK_M=c["BLOCK_M"],
+        BLOCK_DV=c["BLOCK_DV"], STATE_PASSES=PRECISION.state, FP32_DOT=PRECISION.fp32_dot,
+    )
+    dst = dst.sum(1)
+    dks = dks.sum(1)
+    dk = torch.empty(n, h, s_len, c["d"], device=q.device, dtype=k.dtype)
+    dv = torch.empty(n, h, s_len, c["dv"], device=q.device, dtype=v.dtype)
+    bias = key_bias.contiguous() if key_bias is not None else dst
+    _key_grad_kernel[(triton.cdiv(s_len, BLOCK_ROWS), nh)](
+        k, v, w_hi, w_lo, bias, ck, dst, dks, dk, dv,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        h, s_len, c["d"], c["dv"], c["m"], *common_consts,
+        HAS_BIAS=key_bias is not None, KERNEL=c["KERNEL"], BLOCK_S=BLOCK_ROWS, BLOCK_D=c["BLOCK_D"],
+        BLOCK_M=c["BLOCK_M"], BLOCK_DV=c["BLOCK_DV"], STATE_PASSES=PRECISION.state,
+        MIXED_PASSES=PRECISION.mixed, FP32_DOT=PRECISION.fp32_dot,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops
+
+
+@torch.library.custom_op("randattn::noncausal_fwd", mutates_args=())
+def _noncausal_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, kernel_fn: str,
+    key_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, projection, kernel_fn, key_bias)
+
+
+@_noncausal_fwd.register_fake
+def _(q, k, v, projection, kernel_fn, key_bias):
+    n, h, length, _ = q.shape
+    m, dv = projection.shape[0], v.shape[-1]
+    f32 = dict(device=q.device, dtype=torch.float32)
+    return (
+        q.new_empty(n, h, length, dv), q.new_empty(n * h, m, dv, dtype=torch.float32),
+        torch.empty(n * h, m, **f32), torch.empty(n * h, **f32), torch.empty(n * h, length, **f32),
+        torch.empty(n * h, length, **f32),
+    )
+
+
+@torch.library.custom_op("randattn::noncausal_bwd", mutates_args=())
+def _noncausal_bwd(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor,
+    kernel_fn: str, key_bias: torch.Tensor | None, state: torch.Tensor, ksum: torch.Tensor, ck: torch.Tensor,
+    cq: torch.Tensor, den: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, cq, den)
+
+
+@_noncausal_bwd.register_fake
+def _(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, cq, den):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
+        k, memory_format=torch.contiguous_format
+    ), torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, projection, kernel_fn, key_bias = inputs
+    _, state, ksum, ck, cq, den = output
+    ctx.kernel_fn = kernel_fn
+    ctx.save_for_backward(q, k, v, projection, key_bias, state, ksum, ck, cq, den)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward_rule(ctx, dout, *unused):
+    q, k, v, projection, key_bias, state, ksum, ck, cq, den = ctx.saved_tensors
+    dq, dk, dv = torch.ops.randattn.noncausal_bwd(
+        dout, q, k, v, projection, ctx.kernel_fn, key_bias, state, ksum, ck, cq, den
+    )
+    return dq, dk, dv, None, None, None
+
+
+_noncausal_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+def noncausal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    kernel_fn: str,
+    key_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Random-feature attention of every query over every key, with the Triton kernels.
+
+    Same contract as :func:`randattn.ops.noncausal.reference.noncausal_attention`; differentiable in
+    ``q``, ``k`` and ``v`` (not in ``projection`` or ``key_bias``).
+
+    Args:
+        q: ``(N, H, L, d)``; k: ``(N, H, S, d)``; v: ``(N, H, S, d_v)`` (one floating dtype).
+        projection: ``(m, d)`` float32.
+        kernel_fn: ``"softmax"`` or ``"relu"``.
+        key_bias: ``(N, S)`` float32 additive key bias or ``None``.
+
+    Returns:
+        ``(N, H, L, d_v)`` in ``q.dtype``; rows with every key masked are zero.
+    """
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
+    return torch.ops.randattn.noncausal_fwd(q, k, v, projection.float(), kernel_fn, key_bias)[0]

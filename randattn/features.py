@@ -14,6 +14,7 @@ import torch
 
 __all__ = [
     "RELU_EPS",
+    "compute_dtype",
     "default_num_features",
     "draw_projection",
     "draw_projection_qr_biased",
@@ -114,11 +115,16 @@ def draw_projection_qr_biased(
 
 
 def scale_inputs(x: torch.Tensor) -> torch.Tensor:
-    """Upcast to float32 and scale by ``d ** -0.25`` so that ``x . y = q . k / sqrt(d)``.
+    """Upcast to float32 (float64 stays) and scale by ``d ** -0.25`` so that ``x . y = q . k / sqrt(d)``.
 
-    Shapes: ``(..., d) -> (..., d)`` float32.
+    Shapes: ``(..., d) -> (..., d)``.
     """
-    return x.float() * (x.shape[-1] ** -0.25)
+    return x.to(compute_dtype(x.dtype)) * (x.shape[-1] ** -0.25)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Features and states are computed in float32 for half inputs, in float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def softmax_logits(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
@@ -132,7 +138,7 @@ def softmax_logits(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
         ``(..., m)``; ``exp`` of it, up to a stabilising constant, is the feature map whose inner
         products estimate ``exp(x . y)`` without bias.
     """
-    return x @ projection.T - 0.5 * (x * x).sum(-1, keepdim=True)
+    return x @ projection.to(x.dtype).T - 0.5 * (x * x).sum(-1, keepdim=True)
 
 
 def relu_features(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
@@ -146,4 +152,4 @@ def relu_features(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
         ``(..., m)`` strictly positive features.
     """
     m = projection.shape[0]
-    return torch.relu(x @ projection.T) * (m**-0.5) + RELU_EPS
+    return torch.relu(x @ projection.to(x.dtype).T) * (m**-0.5) + RELU_EPS

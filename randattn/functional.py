@@ -60,7 +60,7 @@ def key_padding_bias(key_padding_mask: torch.Tensor | None, batch: int, length: 
     if key_padding_mask.dtype == torch.bool:
         zero = torch.zeros((), dtype=torch.float32, device=key_padding_mask.device)
         return torch.where(key_padding_mask, float("-inf"), zero)
-    return key_padding_mask.float()
+    return key_padding_mask.to(torch.float64 if key_padding_mask.dtype == torch.float64 else torch.float32)
 
 
 def _use_triton(q: torch.Tensor, backend: str) -> bool:

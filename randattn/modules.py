@@ -321,18 +321,31 @@ def convert_mha(model: nn.Module, **options) -> nn.Module:
     Args:
         model: a module (modified in place); a bare ``nn.MultiheadAttention`` is returned converted.
         **options: keyword-only options of :class:`RandMultiHeadAttention`, e.g. ``num_random_features``.
-            Layers converted without ``seed`` each get their own draw.
+            Every layer gets its own draw; with ``seed=s`` the layers are seeded ``s, s + 1, ...`` in
+            module order.
 
     Returns:
         The converted model.
     """
+    seed = options.pop("seed", None)
+    converted = 0
+
+    def replace(mha: nn.MultiheadAttention) -> RandMultiHeadAttention:
+        nonlocal converted
+        layer_seed = None if seed is None else seed + converted
+        converted += 1
+        return RandMultiHeadAttention.from_mha(mha, seed=layer_seed, **options)
+
+    def walk(module: nn.Module) -> None:
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.MultiheadAttention):
+                setattr(module, name, replace(child))
+            else:
+                walk(child)
+        if isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False
+
     if isinstance(model, nn.MultiheadAttention):
-        return RandMultiHeadAttention.from_mha(model, **options)
-    for name, child in list(model.named_children()):
-        if isinstance(child, nn.MultiheadAttention):
-            setattr(model, name, RandMultiHeadAttention.from_mha(child, **options))
-        else:
-            convert_mha(child, **options)
-    if isinstance(model, nn.TransformerEncoder):
-        model.use_nested_tensor = False
+        return replace(model)
+    walk(model)
     return model

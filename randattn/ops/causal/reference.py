@@ -39,7 +39,7 @@ def causal_attention(
     """
     phi_q = query_features(q, projection, kernel_fn)
     phi_k, c = causal_key_features(k, projection, kernel_fn, key_bias)
-    vf = v.float()
+    vf = v.to(phi_q.dtype)
     n, h, length, m = phi_q.shape
     state = vf.new_zeros(n, h, m, vf.shape[-1])
     key_sum = vf.new_zeros(n, h, m, 1)

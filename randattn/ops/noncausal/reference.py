@@ -31,7 +31,7 @@ def noncausal_attention(
     """
     phi_q = query_features(q, projection, kernel_fn)
     phi_k = key_features(k, projection, kernel_fn, key_bias)
-    state = phi_k.transpose(-2, -1) @ v.float()  # (N, H, m, d_v)
+    state = phi_k.transpose(-2, -1) @ v.to(phi_q.dtype)  # (N, H, m, d_v)
     key_sum = phi_k.sum(-2)  # (N, H, m)
     num = phi_q @ state
     den = (phi_q @ key_sum.unsqueeze(-1))  # (N, H, L, 1)

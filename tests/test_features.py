@@ -1,0 +1,89 @@
+import math
+
+import pytest
+import torch
+
+from randattn.features import (
+    default_num_features,
+    draw_projection,
+    draw_projection_qr_biased,
+    relu_features,
+    scale_inputs,
+    softmax_logits,
+)
+from randattn.functional import exact_attention, rand_attention
+
+
+def test_default_num_features():
+    assert default_num_features(64) == math.ceil(64 * math.log(64))
+    assert default_num_features(2) == 2
+    with pytest.raises(ValueError, match="head_dim"):
+        default_num_features(0)
+
+
+def test_projection_shapes_and_reproducible():
+    a = draw_projection(100, 16, generator=torch.Generator().manual_seed(3))
+    b = draw_projection(100, 16, generator=torch.Generator().manual_seed(3))
+    assert a.shape == (100, 16) and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="num_features"):
+        draw_projection(0, 16)
+
+
+def test_orthogonal_blocks_are_orthogonal():
+    w = draw_projection(48, 16, generator=torch.Generator().manual_seed(0)).double()
+    for block in w.split(16):
+        unit = block / block.norm(dim=1, keepdim=True)
+        torch.testing.assert_close(unit @ unit.T, torch.eye(16, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def _feature_means(draw, dim=4, draws=20000):
+    """Mean over draws of exp(w_i . x - |x|^2/2) for each row i of one block, at a fixed x."""
+    x = torch.tensor([0.9, -0.4, 0.3, 0.7], dtype=torch.float64)[:dim]
+    gen = torch.Generator().manual_seed(1234)
+    total = torch.zeros(dim, dtype=torch.float64)
+    for _ in range(draws):
+        w = draw(dim, dim, generator=gen).double()
+        total += torch.exp(w @ x - 0.5 * x.dot(x))
+    return total / draws
+
+
+@pytest.mark.slow
+def test_haar_features_unbiased_and_plain_qr_biased():
+    haar = _feature_means(draw_projection)
+    plain = _feature_means(draw_projection_qr_biased)
+    # Haar: every row is N(0, I), so each feature has mean exactly 1 (std of the mean ~0.012 here).
+    assert (haar - 1).abs().max() < 0.06, haar
+    # plain QR: LAPACK's sign convention biases the rows; some feature is clearly off.
+    assert (plain - 1).abs().max() > 0.15, plain
+
+
+def test_feature_maps_estimate_kernel(gen):
+    # small norms keep the estimator's relative variance ~ exp(|x + y|^2) / m small
+    x = torch.randn(5, 8, generator=gen) * 0.3
+    y = torch.randn(7, 8, generator=gen) * 0.3
+    w = draw_projection(20000, 8, generator=gen)
+    fx, fy = torch.exp(softmax_logits(x, w)), torch.exp(softmax_logits(y, w))
+    est = fx @ fy.T / w.shape[0]
+    torch.testing.assert_close(est, torch.exp(x @ y.T), rtol=0.15, atol=0)
+    r = relu_features(scale_inputs(x), w)
+    assert (r > 0).all() and r.shape == (5, 20000)
+
+
+def test_error_keeps_falling_at_large_m():
+    """Exact Haar draws: the error keeps falling with m (no plateau)."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 1, 64, 8, generator=gen) * 0.8
+    k = torch.randn(1, 1, 64, 8, generator=gen) * 0.8
+    v = torch.randn(1, 1, 64, 8, generator=gen)
+    exact = exact_attention(q.double(), k.double(), v.double())
+    errs = []
+    for m in (256, 2048, 16384):
+        e = [
+            (rand_attention(q.double(), k.double(), v.double(), draw_projection(m, 8, generator=gen)) - exact).norm()
+            / exact.norm()
+            for _ in range(6)
+        ]
+        errs.append(torch.stack(e).mean().item())
+    assert errs[0] > errs[1] > errs[2], errs
+    assert errs[2] < errs[0] / 3, errs

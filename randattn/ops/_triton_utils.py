@@ -170,3 +170,18 @@ def load_w(w_hi_ptr, w_lo_ptr, offs_m, offs_d, D, M):
     mask = (offs_m[:, None] < M) & (offs_d[None, :] < D)
     ptrs = offs_m[:, None] * D + offs_d[None, :]
     return tl.load(w_hi_ptr + ptrs, mask=mask, other=0.0), tl.load(w_lo_ptr + ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def features_tile(x, sq, wt_hi, wt_lo, m_ok, stab, KERNEL: tl.constexpr, FP32_DOT: tl.constexpr, RELU_SCALE, EPS):
+    """Features of one tile: ``exp(x W'^T - sq - stab)`` (softmax) or ``relu(x W'^T)/sqrt(m) + eps``.
+
+    ``stab`` is a per-row ``(B, 1)`` or scalar stabiliser. Returns ``(phi, proj)``; padded features are 0.
+    """
+    proj = mm_exact_a(x, wt_hi, wt_lo, tl.zeros((x.shape[0], wt_hi.shape[1]), tl.float32), 2, FP32_DOT)
+    if KERNEL == 0:
+        phi = tl.exp(proj - sq[:, None] - stab)
+    else:
+        phi = tl.maximum(proj, 0.0) * RELU_SCALE + EPS
+    phi = tl.where(m_ok[None, :], phi, 0.0)
+    return phi, proj

@@ -28,6 +28,7 @@ from .._triton_utils import (
     NEG_BIG,
     PRECISION,
     RELU_FEATURE_EPS,
+    features_tile,
     fixed_grid_size,
     load_w,
     load_wt,
@@ -50,21 +51,6 @@ def _pow2(x: int) -> int:
 
 def _block_m(m: int) -> int:
     return min(64, _pow2(m))
-
-
-@triton.jit
-def _features(x, sq, wt_hi, wt_lo, m_ok, stab, KERNEL: tl.constexpr, FP32_DOT: tl.constexpr, RELU_SCALE, EPS):
-    """Features of one tile: ``exp(x W'^T - sq - stab)`` (softmax) or ``relu(x W'^T)/sqrt(m) + eps``.
-
-    ``stab`` is a per-row ``(B, 1)`` or scalar stabiliser. Returns ``(phi, proj)``; padded features are 0.
-    """
-    proj = mm_exact_a(x, wt_hi, wt_lo, tl.zeros((x.shape[0], wt_hi.shape[1]), tl.float32), 2, FP32_DOT)
-    if KERNEL == 0:
-        phi = tl.exp(proj - sq[:, None] - stab)
-    else:
-        phi = tl.maximum(proj, 0.0) * RELU_SCALE + EPS
-    phi = tl.where(m_ok[None, :], phi, 0.0)
-    return phi, proj
 
 
 @triton.jit
@@ -211,7 +197,7 @@ def _query_grad_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
-        phi, proj = _features(x, sq, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+        phi, proj = features_tile(x, sq, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
         stt = tl.load(ST + pid_nh * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
                       mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
         st_hi = stt.to(do.dtype)
@@ -226,7 +212,7 @@ def _query_grad_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
-        phi, proj = _features(x, sq, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+        phi, proj = features_tile(x, sq, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
         stt = tl.load(ST + pid_nh * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
                       mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
         st_hi = stt.to(do.dtype)
@@ -282,7 +268,7 @@ def _query_state_grad_kernel(
         cq = tl.load(CQ + pid_nh * L + offs_l, mask=l_ok, other=0.0)
         den = tl.load(DEN + pid_nh * L + offs_l, mask=l_ok, other=1.0)
         t = tl.load(TV + pid_nh * L + offs_l, mask=l_ok, other=0.0)
-        phi, proj = _features(x, sq, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+        phi, proj = features_tile(x, sq, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
         phi = tl.where(l_ok[:, None], phi, 0.0)
         p = phi / tl.where(den == 0.0, 1.0, den)[:, None]
         acc = mm_exact_b(tl.trans(p), do, acc, STATE_PASSES, FP32_DOT)
@@ -329,9 +315,9 @@ def _key_grad_kernel(
         m_ok = offs_m < M
         wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
         if KERNEL == 0:
-            phi, proj = _features(y, sq, wt_hi, wt_lo, m_ok, ck - b[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+            phi, proj = features_tile(y, sq, wt_hi, wt_lo, m_ok, ck - b[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
         else:
-            phi, proj = _features(y, sq, wt_hi, wt_lo, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
+            phi, proj = features_tile(y, sq, wt_hi, wt_lo, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
             phi = phi * tl.exp(b)[:, None]
         phi = tl.where(s_ok[:, None], phi, 0.0)
         dstt = tl.load(DST + pid_nh * M * DV + offs_m[None, :] * DV + offs_dv[:, None],

@@ -1,0 +1,600 @@
+"""Causal random-feature attention as chunk-parallel Triton kernels, wrapped as ``torch.library`` custom ops.
+
+Positions are cut into chunks of ``C`` (:data:`CHUNK`). The stabiliser of position ``j`` is the running
+maximum ``c_j`` of ``r_j = max_m s_k[j]`` (never a later key). The carried state of chunk ``t`` is
+``S_t = sum_{j < tC} exp(s_k[j] - c_prev) v_j`` at the scale ``c_prev`` of the last position of
+chunk ``t - 1`` (``c_j`` cancels inside the state).
+
+Forward:
+
+1. ``_chunk_state_kernel`` (chunk x feature block, parallel): per chunk the partial state
+   ``A_t = sum_j exp(s_k[j] - M_t) v_j`` at the chunk's own maximum ``M_t`` and the row maxima ``r``.
+2. host: ``c = cummax(r)``.
+3. ``_scan_kernel``: sequential over chunks, parallel over ``(n, h)`` and feature blocks, it turns the
+   partials into the carried states in place.
+4. ``_chunk_out_kernel`` (chunk-parallel): inter-chunk part ``phi_q S_t`` plus the intra-chunk
+   quadratic part ``(phi_q phit_k^T * exp(c_j - c_i))_{j<=i} v``, divided by the matching denominator.
+
+Backward: the same kernel recomputes the numerator to get ``t_i = dout_i . num_i / den_i^2``;
+``_chunk_rstate_kernel`` and a reverse ``_scan_kernel`` build the states of later queries
+``R_t = sum_{i after chunk t} exp(c_end - c_i) phi_q[i] g_i^T``; ``_chunk_grad_kernel`` gives
+``dq``, ``dk``, ``dv`` chunk by chunk. Features are always recomputed, never stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._triton_utils import (
+    KERNEL_CODES,
+    NEG_BIG,
+    PRECISION,
+    RELU_FEATURE_EPS,
+    features_tile,
+    load_w,
+    load_wt,
+    mm_exact_a,
+    mm_exact_b,
+    mm_mixed,
+    mm_mixed_w,
+    prepare_projection,
+    relu_scale,
+)
+
+__all__ = ["causal_attention", "CHUNK"]
+
+#: Positions per chunk of the kernels.
+CHUNK = 64
+
+
+def _pow2(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+def _block_m(m: int) -> int:
+    return min(64, _pow2(m))
+
+
+@triton.jit
+def _chunk_state_kernel(
+    K, V, W_HI, W_LO, BIAS, A, ZA, MB, RP,
+    sk_n, sk_h, sk_s, sv_n, sv_h, sv_s,
+    H, L, D, DV, M, NT, NMB, half_inv_sqrt_d, RELU_SCALE, EPS,
+    HAS_BIAS: tl.constexpr, KERNEL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, STATE_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_nh = tl.program_id(2)
+    n = pid_nh // H
+    h = pid_nh % H
+    offs_s = pid_t * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    s_ok = offs_s < L
+    m_ok = offs_m < M
+    wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
+    y = tl.load(K + n * sk_n + h * sk_h + offs_s[:, None] * sk_s + offs_d[None, :],
+                mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    vt = tl.load(V + n * sv_n + h * sv_h + offs_s[:, None] * sv_s + offs_dv[None, :],
+                 mask=s_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if HAS_BIAS:
+        b = tl.load(BIAS + n * L + offs_s, mask=s_ok, other=0.0)
+    else:
+        b = tl.zeros((BLOCK_C,), tl.float32)
+    proj = mm_exact_a(y, wt_hi, wt_lo, tl.zeros((BLOCK_C, BLOCK_M), tl.float32), 2, FP32_DOT)
+    ok = s_ok[:, None] & m_ok[None, :]
+    if KERNEL == 0:
+        yf = y.to(tl.float32)
+        sq = tl.sum(yf * yf, 1) * half_inv_sqrt_d
+        s = tl.where(ok, proj - sq[:, None], float("-inf"))
+        rmax = tl.max(s, 1)
+        mx = tl.maximum(tl.max(rmax, 0), NEG_BIG)
+        p = tl.exp(s - mx + b[:, None])
+    else:
+        rmax = tl.zeros((BLOCK_C,), tl.float32)
+        mx = 0.0
+        p = tl.where(ok, (tl.maximum(proj, 0.0) * RELU_SCALE + EPS) * tl.exp(b)[:, None], 0.0)
+    acc = mm_exact_b(tl.trans(p), vt, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), STATE_PASSES, FP32_DOT)
+    base = pid_nh * NT + pid_t
+    tl.store(A + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :], acc,
+             mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(ZA + base * M + offs_m, tl.sum(p, 0), mask=m_ok)
+    tl.store(MB + base * NMB + pid_m, mx)
+    tl.store(RP + (pid_nh * L + offs_s) * NMB + pid_m, rmax, mask=s_ok)
+
+
+@triton.jit
+def _scan_kernel(
+    X, XZ, DECAY, GAIN,
+    NT, M, DV, NMB,
+    REVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """In place: ``X[t] <- state before step t``; ``state <- state * DECAY[t] + X[t] * GAIN[t, block]``."""
+    pid_m = tl.program_id(0)
+    pid_dv = tl.program_id(1)
+    pid_nh = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    mask = (offs_m[:, None] < M) & (offs_dv[None, :] < DV)
+    m_ok = offs_m < M
+    do_z = (offs_m * 0 + pid_dv) == 0
+    st = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    sz = tl.zeros((BLOCK_M,), tl.float32)
+    for i in range(0, NT):
+        if REVERSE:
+            t = NT - 1 - i
+        else:
+            t = i
+        base = pid_nh * NT + t
+        ptrs = X + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :]
+        x = tl.load(ptrs, mask=mask, other=0.0)
+        xz = tl.load(XZ + base * M + offs_m, mask=m_ok & do_z, other=0.0)
+        decay = tl.load(DECAY + base)
+        gain = tl.load(GAIN + base * NMB + pid_m)
+        tl.store(ptrs, st, mask=mask)
+        tl.store(XZ + base * M + offs_m, sz, mask=m_ok & do_z)
+        st = st * decay + x * gain
+        sz = sz * decay + xz * gain
+
+
+@triton.jit
+def _chunk_out_kernel(
+    Q, K, V, W_HI, W_LO, BIAS, C, CPREV, ST, SZ, OUT, CQ, DEN, DO, TV,
+    sq_n, sq_h, sq_l, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, so_n, so_h, so_l,
+    H, L, D, DV, M, NT, half_inv_sqrt_d, RELU_SCALE, EPS,
+    HAS_BIAS: tl.constexpr, KERNEL: tl.constexpr, GRAD_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, STATE_PASSES: tl.constexpr,
+    MIXED_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """Forward output of one chunk; with ``GRAD_T`` it stores ``t = dout . num / den^2`` instead."""
+    pid_t = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    n = pid_nh // H
+    h = pid_nh % H
+    offs_c = pid_t * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    c_ok = offs_c < L
+    x = tl.load(Q + n * sq_n + h * sq_h + offs_c[:, None] * sq_l + offs_d[None, :],
+                mask=c_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    y = tl.load(K + n * sk_n + h * sk_h + offs_c[:, None] * sk_s + offs_d[None, :],
+                mask=c_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    vt = tl.load(V + n * sv_n + h * sv_h + offs_c[:, None] * sv_s + offs_dv[None, :],
+                 mask=c_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if HAS_BIAS:
+        b = tl.load(BIAS + n * L + offs_c, mask=c_ok, other=0.0)
+    else:
+        b = tl.zeros((BLOCK_C,), tl.float32)
+    xf = x.to(tl.float32)
+    sqx = tl.sum(xf * xf, 1) * half_inv_sqrt_d
+    yf = y.to(tl.float32)
+    sqy = tl.sum(yf * yf, 1) * half_inv_sqrt_d
+    cc = tl.load(C + pid_nh * L + offs_c, mask=c_ok, other=0.0)
+    cprev = tl.load(CPREV + pid_nh * NT + pid_t)
+    num = tl.zeros((BLOCK_C, BLOCK_DV), tl.float32)
+    den = tl.zeros((BLOCK_C,), tl.float32)
+    pp = tl.zeros((BLOCK_C, BLOCK_C), tl.float32)
+    cq = tl.full((BLOCK_C,), NEG_BIG, tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
+        proj = mm_exact_a(x, wt_hi, wt_lo, tl.zeros((BLOCK_C, BLOCK_M), tl.float32), 2, FP32_DOT)
+        if KERNEL == 0:
+            s = tl.where(m_ok[None, :], proj - sqx[:, None], float("-inf"))
+            new = tl.maximum(cq, tl.max(s, 1))
+            alpha = tl.exp(cq - new)
+            phiq = tl.exp(s - new[:, None])
+            num = num * alpha[:, None]
+            den = den * alpha
+            pp = pp * alpha[:, None]
+            cq = new
+            phik, projk = features_tile(y, sqy, wt_hi, wt_lo, m_ok, (cc - b)[:, None], KERNEL, FP32_DOT,
+                                        RELU_SCALE, EPS)
+        else:
+            phiq = tl.where(m_ok[None, :], tl.maximum(proj, 0.0) * RELU_SCALE + EPS, 0.0)
+            phik, projk = features_tile(y, sqy, wt_hi, wt_lo, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
+            phik = phik * tl.exp(b)[:, None]
+        phik = tl.where(c_ok[:, None], phik, 0.0)
+        pp = mm_mixed(phiq, tl.trans(phik), pp, x, MIXED_PASSES, FP32_DOT)
+        st = tl.load(ST + (pid_nh * NT + pid_t) * M * DV + offs_m[:, None] * DV + offs_dv[None, :],
+                     mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        z = tl.load(SZ + (pid_nh * NT + pid_t) * M + offs_m, mask=m_ok, other=0.0)
+        num = mm_mixed(phiq, st, num, x, MIXED_PASSES, FP32_DOT)
+        den += tl.sum(phiq * z[None, :], 1)
+    # inter-chunk part to each query's scale, intra-chunk part with exp(c_j - c_i), j <= i
+    e_q = tl.exp(cprev - cc)
+    num = num * e_q[:, None]
+    den = den * e_q
+    offs_j = pid_t * BLOCK_C + tl.arange(0, BLOCK_C)
+    keep = (offs_j[None, :] <= offs_c[:, None]) & (offs_j[None, :] < L)
+    pe = tl.where(keep, pp * tl.exp(cc[None, :] - cc[:, None]), 0.0)
+    num = mm_exact_b(pe, vt, num, STATE_PASSES, FP32_DOT)
+    den += tl.sum(pe, 1)
+    inv_den = 1.0 / tl.where(den == 0.0, 1.0, den)
+    if KERNEL != 0:
+        cq = tl.zeros((BLOCK_C,), tl.float32)
+    if GRAD_T:
+        do = tl.load(DO + n * so_n + h * so_h + offs_c[:, None] * so_l + offs_dv[None, :],
+                     mask=c_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        t = tl.sum(do.to(tl.float32) * num, 1) * inv_den * inv_den
+        tl.store(TV + pid_nh * L + offs_c, t, mask=c_ok)
+    else:
+        out = num * inv_den[:, None]
+        tl.store(OUT + n * so_n + h * so_h + offs_c[:, None] * so_l + offs_dv[None, :],
+                 out.to(OUT.dtype.element_ty), mask=c_ok[:, None] & (offs_dv[None, :] < DV))
+        tl.store(CQ + pid_nh * L + offs_c, cq, mask=c_ok)
+        tl.store(DEN + pid_nh * L + offs_c, den, mask=c_ok)
+
+
+@triton.jit
+def _chunk_rstate_kernel(
+    Q, DO, W_HI, W_LO, C, CPREV, CQ, DEN, TV, RB, RZ,
+    sq_n, sq_h, sq_l, sd_n, sd_h, sd_l,
+    H, L, D, DV, M, NT, half_inv_sqrt_d, RELU_SCALE, EPS,
+    KERNEL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr, STATE_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """Per chunk and feature block: ``B_t = sum_i exp(c_prev - c_i) phi_q[i] (dout_i / den_i)^T`` and
+    ``u_t = -sum_i exp(c_prev - c_i) phi_q[i] t_i``."""
+    pid_m = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_nh = tl.program_id(2)
+    n = pid_nh // H
+    h = pid_nh % H
+    offs_c = pid_t * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    c_ok = offs_c < L
+    m_ok = offs_m < M
+    wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
+    x = tl.load(Q + n * sq_n + h * sq_h + offs_c[:, None] * sq_l + offs_d[None, :],
+                mask=c_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + n * sd_n + h * sd_h + offs_c[:, None] * sd_l + offs_dv[None, :],
+                 mask=c_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    xf = x.to(tl.float32)
+    sqx = tl.sum(xf * xf, 1) * half_inv_sqrt_d
+    cq = tl.load(CQ + pid_nh * L + offs_c, mask=c_ok, other=0.0)
+    cc = tl.load(C + pid_nh * L + offs_c, mask=c_ok, other=0.0)
+    den = tl.load(DEN + pid_nh * L + offs_c, mask=c_ok, other=1.0)
+    t = tl.load(TV + pid_nh * L + offs_c, mask=c_ok, other=0.0)
+    cprev = tl.load(CPREV + pid_nh * NT + pid_t)
+    phiq, proj = features_tile(x, sqx, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+    w = tl.where(c_ok, tl.exp(cprev - cc), 0.0)
+    phiq = phiq * w[:, None]
+    p = phiq / tl.where(den == 0.0, 1.0, den)[:, None]
+    acc = mm_exact_b(tl.trans(p), do, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), STATE_PASSES, FP32_DOT)
+    base = pid_nh * NT + pid_t
+    tl.store(RB + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :], acc,
+             mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(RZ + base * M + offs_m, -tl.sum(phiq * t[:, None], 0), mask=m_ok)
+
+
+@triton.jit
+def _chunk_grad_kernel(
+    Q, K, V, DO, W_HI, W_LO, BIAS, C, CPREV, CEND, CQ, DEN, TV, ST, SZ, RS, RZ, DQ, DK, DVO,
+    sq_n, sq_h, sq_l, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, sd_n, sd_h, sd_l,
+    H, L, D, DV, M, NT, half_inv_sqrt_d, RELU_SCALE, EPS,
+    HAS_BIAS: tl.constexpr, KERNEL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, STATE_PASSES: tl.constexpr,
+    MIXED_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    n = pid_nh // H
+    h = pid_nh % H
+    offs_c = pid_t * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    c_ok = offs_c < L
+    x = tl.load(Q + n * sq_n + h * sq_h + offs_c[:, None] * sq_l + offs_d[None, :],
+                mask=c_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    y = tl.load(K + n * sk_n + h * sk_h + offs_c[:, None] * sk_s + offs_d[None, :],
+                mask=c_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    vt = tl.load(V + n * sv_n + h * sv_h + offs_c[:, None] * sv_s + offs_dv[None, :],
+                 mask=c_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    do = tl.load(DO + n * sd_n + h * sd_h + offs_c[:, None] * sd_l + offs_dv[None, :],
+                 mask=c_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if HAS_BIAS:
+        b = tl.load(BIAS + n * L + offs_c, mask=c_ok, other=0.0)
+    else:
+        b = tl.zeros((BLOCK_C,), tl.float32)
+    xf = x.to(tl.float32)
+    sqx = tl.sum(xf * xf, 1) * half_inv_sqrt_d
+    yf = y.to(tl.float32)
+    sqy = tl.sum(yf * yf, 1) * half_inv_sqrt_d
+    cc = tl.load(C + pid_nh * L + offs_c, mask=c_ok, other=0.0)
+    cq = tl.load(CQ + pid_nh * L + offs_c, mask=c_ok, other=0.0)
+    den = tl.load(DEN + pid_nh * L + offs_c, mask=c_ok, other=1.0)
+    inv_den = 1.0 / tl.where(den == 0.0, 1.0, den)
+    t = tl.load(TV + pid_nh * L + offs_c, mask=c_ok, other=0.0)
+    cprev = tl.load(CPREV + pid_nh * NT + pid_t)
+    cend = tl.load(CEND + pid_nh * NT + pid_t)
+    e_q = tl.exp(cprev - cc)  # inter-chunk factor of each query
+    e_k = tl.where(c_ok, tl.exp(cc - cend), 0.0)  # factor of each key towards later queries
+    offs_j = pid_t * BLOCK_C + tl.arange(0, BLOCK_C)
+    keep = (offs_j[None, :] <= offs_c[:, None]) & (offs_j[None, :] < L) & c_ok[:, None]
+    ee = tl.where(keep, tl.exp(cc[None, :] - cc[:, None]), 0.0)
+    # dA_ij = (dout_i . v_j) / den_i - t_i, times exp(c_j - c_i), for j <= i
+    vtt = tl.trans(vt)
+    gv = mm_exact_a(do, vtt, vtt, tl.zeros((BLOCK_C, BLOCK_C), tl.float32), 1, FP32_DOT)
+    dae = (gv * inv_den[:, None] - t[:, None]) * ee
+    pp = tl.zeros((BLOCK_C, BLOCK_C), tl.float32)
+    dx = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+    dy = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+    dv_inter = tl.zeros((BLOCK_C, BLOCK_DV), tl.float32)
+    rsq = tl.zeros((BLOCK_C,), tl.float32)
+    rsk = tl.zeros((BLOCK_C,), tl.float32)
+    base = pid_nh * NT + pid_t
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
+        phiq, projq = features_tile(x, sqx, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+        if KERNEL == 0:
+            phik, projk = features_tile(y, sqy, wt_hi, wt_lo, m_ok, (cc - b)[:, None], KERNEL, FP32_DOT,
+                                        RELU_SCALE, EPS)
+        else:
+            phik, projk = features_tile(y, sqy, wt_hi, wt_lo, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
+            phik = phik * tl.exp(b)[:, None]
+        phik = tl.where(c_ok[:, None], phik, 0.0)
+        pp = mm_mixed(phiq, tl.trans(phik), pp, x, MIXED_PASSES, FP32_DOT)
+        # query side: dphi_q = dAE phit_k + e_q (S_t dout / den - t z_t)
+        stt = tl.load(ST + base * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
+                      mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        st_hi = stt.to(do.dtype)
+        g = mm_exact_a(do, st_hi, (stt - st_hi.to(tl.float32)).to(do.dtype),
+                       tl.zeros((BLOCK_C, BLOCK_M), tl.float32), STATE_PASSES, FP32_DOT)
+        z = tl.load(SZ + base * M + offs_m, mask=m_ok, other=0.0)
+        dphiq = (g * inv_den[:, None] - t[:, None] * z[None, :]) * e_q[:, None]
+        dphiq = mm_mixed(dae, phik, dphiq, x, MIXED_PASSES, FP32_DOT)
+        # key side: dphit_k = dAE^T phi_q + e_k (v R_t^T + u_t)
+        rtt = tl.load(RS + base * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
+                      mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        rt_hi = rtt.to(vt.dtype)
+        gk = mm_exact_a(vt, rt_hi, (rtt - rt_hi.to(tl.float32)).to(vt.dtype),
+                        tl.zeros((BLOCK_C, BLOCK_M), tl.float32), STATE_PASSES, FP32_DOT)
+        u = tl.load(RZ + base * M + offs_m, mask=m_ok, other=0.0)
+        dphik = (gk + u[None, :]) * e_k[:, None]
+        dphik = mm_mixed(tl.trans(dae), phiq, dphik, x, MIXED_PASSES, FP32_DOT)
+        dv_inter = mm_mixed(phik, tl.trans(rtt), dv_inter, x, MIXED_PASSES, FP32_DOT)
+        if KERNEL == 0:
+            dsq = dphiq * phiq
+            dsk = dphik * phik
+            rsq += tl.sum(dsq, 1)
+            rsk += tl.sum(dsk, 1)
+        else:
+            dsq = tl.where((projq > 0.0) & m_ok[None, :], dphiq * RELU_SCALE, 0.0)
+            dsk = tl.where((projk > 0.0) & m_ok[None, :], dphik * RELU_SCALE * tl.exp(b)[:, None], 0.0)
+        w_hi, w_lo = load_w(W_HI, W_LO, offs_m, offs_d, D, M)
+        dx = mm_mixed_w(dsq, w_hi, w_lo, dx, MIXED_PASSES, FP32_DOT)
+        dy = mm_mixed_w(dsk, w_hi, w_lo, dy, MIXED_PASSES, FP32_DOT)
+    pe = pp * ee * inv_den[:, None]
+    dv = mm_exact_b(tl.trans(pe), do, dv_inter * e_k[:, None], STATE_PASSES, FP32_DOT)
+    if KERNEL == 0:
+        dx = dx - rsq[:, None] * xf * (2.0 * half_inv_sqrt_d)
+        dy = dy - rsk[:, None] * yf * (2.0 * half_inv_sqrt_d)
+    rows = pid_nh * L + offs_c
+    tl.store(DQ + rows[:, None] * D + offs_d[None, :], dx.to(DQ.dtype.element_ty),
+             mask=c_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(DK + rows[:, None] * D + offs_d[None, :], dy.to(DK.dtype.element_ty),
+             mask=c_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(DVO + rows[:, None] * DV + offs_dv[None, :], dv.to(DVO.dtype.element_ty),
+             mask=c_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _sizes(q, v, projection, kernel_fn):
+    d, dv, m = q.shape[-1], v.shape[-1], projection.shape[0]
+    return dict(
+        d=d, dv=dv, m=m, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_M=_block_m(m),
+        KERNEL=KERNEL_CODES[kernel_fn], half=0.5 * d**-0.5, rscale=relu_scale(m),
+    )
+
+
+def _scan(x, xz, decay, gain, nmb, sz, reverse):
+    nh, nt = decay.shape
+    block_dv = min(sz["BLOCK_DV"], 32)
+    _scan_kernel[(nmb, triton.cdiv(sz["dv"], block_dv), nh)](
+        x, xz, decay, gain, nt, sz["m"], sz["dv"], nmb,
+        REVERSE=reverse, BLOCK_M=sz["BLOCK_M"], BLOCK_DV=block_dv,
+    )
+
+
+def _stabilisers(k, v, w_hi, w_lo, key_bias, sz):
+    """Chunk partial states and the stabilisers: returns ``(A, ZA, MB, c, cprev, cend)``."""
+    n, h, length, _ = k.shape
+    nh = n * h
+    nt = triton.cdiv(length, CHUNK)
+    nmb = triton.cdiv(sz["m"], sz["BLOCK_M"])
+    f32 = dict(device=k.device, dtype=torch.float32)
+    a = torch.empty(nh, nt, sz["m"], sz["dv"], **f32)
+    za = torch.empty(nh, nt, sz["m"], **f32)
+    mb = torch.empty(nh, nt, nmb, **f32)
+    rp = torch.empty(nh, length, nmb, **f32)
+    bias = key_bias.contiguous() if key_bias is not None else a
+    _chunk_state_kernel[(nmb, nt, nh)](
+        k, v, w_hi, w_lo, bias, a, za, mb, rp,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        h, length, sz["d"], sz["dv"], sz["m"], nt, nmb, sz["half"], sz["rscale"], RELU_FEATURE_EPS,
+        HAS_BIAS=key_bias is not None, KERNEL=sz["KERNEL"], BLOCK_C=CHUNK, BLOCK_D=sz["BLOCK_D"],
+        BLOCK_M=sz["BLOCK_M"], BLOCK_DV=sz["BLOCK_DV"], STATE_PASSES=PRECISION.state, FP32_DOT=PRECISION.fp32_dot,
+    )
+    c = torch.cummax(rp.amax(-1), dim=-1).values
+    last = torch.clamp(torch.arange(nt, device=k.device) * CHUNK + CHUNK - 1, max=length - 1)
+    cend = c[:, last].contiguous()
+    cprev = torch.cat([cend[:, :1], cend[:, :-1]], dim=1).contiguous()
+    return a, za, mb, c, cprev, cend
+
+
+def _forward(q, k, v, projection, kernel_fn, key_bias):
+    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    n, h, length, _ = q.shape
+    nh = n * h
+    nt = triton.cdiv(length, CHUNK)
+    sz = _sizes(q, v, projection, kernel_fn)
+    w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
+    nmb = triton.cdiv(sz["m"], sz["BLOCK_M"])
+    a, za, mb, c, cprev, cend = _stabilisers(k, v, w_hi, w_lo, key_bias, sz)
+    # states at the scale of the previous chunk's end
+    _scan(a, za, torch.exp(cprev - cend).contiguous(), torch.exp(mb - cend[..., None]).contiguous(), nmb, sz, False)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    out = torch.empty(n, h, length, sz["dv"], device=q.device, dtype=q.dtype)
+    cq = torch.empty(nh, length, **f32)
+    den = torch.empty(nh, length, **f32)
+    _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, a, za, out, cq, den, None, None, sz)
+    return out, a, za, c, cprev, cend, cq, den
+
+
+def _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, out, cq, den, dout, tv, sz):
+    n, h, length, _ = q.shape
+    nt = triton.cdiv(length, CHUNK)
+    grad_t = dout is not None
+    o = dout if grad_t else out
+    bias = key_bias.contiguous() if key_bias is not None else c
+    _chunk_out_kernel[(nt, n * h)](
+        q, k, v, w_hi, w_lo, bias, c, cprev, st, szs,
+        out if out is not None else c, cq if cq is not None else c, den if den is not None else c,
+        dout if grad_t else c, tv if tv is not None else c,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        h, length, sz["d"], sz["dv"], sz["m"], nt, sz["half"], sz["rscale"], RELU_FEATURE_EPS,
+        HAS_BIAS=key_bias is not None, KERNEL=sz["KERNEL"], GRAD_T=grad_t, BLOCK_C=CHUNK,
+        BLOCK_D=sz["BLOCK_D"], BLOCK_M=sz["BLOCK_M"], BLOCK_DV=sz["BLOCK_DV"],
+        STATE_PASSES=PRECISION.state, MIXED_PASSES=PRECISION.mixed, FP32_DOT=PRECISION.fp32_dot,
+    )
+
+
+def _backward(dout, q, k, v, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den):
+    q, k, v, dout = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v), _rows_contiguous(dout)
+    n, h, length, _ = q.shape
+    nh = n * h
+    nt = triton.cdiv(length, CHUNK)
+    sz = _sizes(q, v, projection, kernel_fn)
+    w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
+    nmb = triton.cdiv(sz["m"], sz["BLOCK_M"])
+    f32 = dict(device=q.device, dtype=torch.float32)
+    consts = (sz["half"], sz["rscale"], RELU_FEATURE_EPS)
+    tv = torch.empty(nh, length, **f32)
+    _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, None, None, None, dout, tv, sz)
+    rb = torch.empty(nh, nt, sz["m"], sz["dv"], **f32)
+    rz = torch.empty(nh, nt, sz["m"], **f32)
+    _chunk_rstate_kernel[(nmb, nt, nh)](
+        q, dout, w_hi, w_lo, c, cprev, cq, den, tv, rb, rz,
+        q.stride(0), q.stride(1), q.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        h, length, sz["d"], sz["dv"], sz["m"], nt, *consts,
+        KERNEL=sz["KERNEL"], BLOCK_C=CHUNK, BLOCK_D=sz["BLOCK_D"], BLOCK_M=sz["BLOCK_M"],
+        BLOCK_DV=sz["BLOCK_DV"], STATE_PASSES=PRECISION.state, FP32_DOT=PRECISION.fp32_dot,
+    )
+    _scan(rb, rz, torch.exp(cprev - cend).contiguous(), torch.ones(nh, nt, nmb, **f32), nmb, sz, True)
+    dq = torch.empty(n, h, length, sz["d"], device=q.device, dtype=q.dtype)
+    dk = torch.empty(n, h, length, sz["d"], device=q.device, dtype=k.dtype)
+    dv = torch.empty(n, h, length, sz["dv"], device=q.device, dtype=v.dtype)
+    bias = key_bias.contiguous() if key_bias is not None else c
+    _chunk_grad_kernel[(nt, nh)](
+        q, k, v, dout, w_hi, w_lo, bias, c, cprev, cend, cq, den, tv, st, szs, rb, rz, dq, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        h, length, sz["d"], sz["dv"], sz["m"], nt, *consts,
+        HAS_BIAS=key_bias is not None, KERNEL=sz["KERNEL"], BLOCK_C=CHUNK, BLOCK_D=sz["BLOCK_D"],
+        BLOCK_M=sz["BLOCK_M"], BLOCK_DV=sz["BLOCK_DV"], STATE_PASSES=PRECISION.state,
+        MIXED_PASSES=PRECISION.mixed, FP32_DOT=PRECISION.fp32_dot,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops
+
+
+@torch.library.custom_op("randattn::causal_fwd", mutates_args=())
+def _causal_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, kernel_fn: str,
+    key_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    return _forward(q, k, v, projection, kernel_fn, key_bias)
+
+
+@_causal_fwd.register_fake
+def _(q, k, v, projection, kernel_fn, key_bias):
+    n, h, length, _ = q.shape
+    m, dv = projection.shape[0], v.shape[-1]
+    nt = -(-length // CHUNK)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    return (
+        q.new_empty(n, h, length, dv), torch.empty(n * h, nt, m, dv, **f32), torch.empty(n * h, nt, m, **f32),
+        torch.empty(n * h, length, **f32), torch.empty(n * h, nt, **f32), torch.empty(n * h, nt, **f32),
+        torch.empty(n * h, length, **f32), torch.empty(n * h, length, **f32),
+    )
+
+
+@torch.library.custom_op("randattn::causal_bwd", mutates_args=())
+def _causal_bwd(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor,
+    kernel_fn: str, key_bias: torch.Tensor | None, st: torch.Tensor, szs: torch.Tensor, c: torch.Tensor,
+    cprev: torch.Tensor, cend: torch.Tensor, cq: torch.Tensor, den: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(dout, q, k, v, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den)
+
+
+@_causal_bwd.register_fake
+def _(dout, q, k, v, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den):
+    fmt = torch.contiguous_format
+    return (torch.empty_like(q, memory_format=fmt), torch.empty_like(k, memory_format=fmt),
+            torch.empty_like(v, memory_format=fmt))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, projection, kernel_fn, key_bias = inputs
+    ctx.kernel_fn = kernel_fn
+    ctx.save_for_backward(q, k, v, projection, key_bias, *output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward_rule(ctx, dout, *unused):
+    q, k, v, projection, key_bias, *saved = ctx.saved_tensors
+    dq, dk, dv = torch.ops.randattn.causal_bwd(dout, q, k, v, projection, ctx.kernel_fn, key_bias, *saved)
+    return dq, dk, dv, None, None, None
+
+
+_causal_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    kernel_fn: str,
+    key_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Causal random-feature attention with the chunk-parallel Triton kernels.
+
+    Same contract as :func:`randattn.ops.causal.reference.causal_attention`; differentiable in
+    ``q``, ``k`` and ``v`` (not in ``projection`` or ``key_bias``).
+
+    Args:
+        q, k: ``(N, H, L, d)``; v: ``(N, H, L, d_v)`` (one floating dtype).
+        projection: ``(m, d)`` float32.
+        kernel_fn: ``"softmax"`` or ``"relu"``.
+        key_bias: ``(N, L)`` float32 additive key bias or ``None``.
+
+    Returns:
+        ``(N, H, L, d_v)`` in ``q.dtype``; a query whose keys up to it are all masked gets zeros.
+    """
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
+    return torch.ops.randattn.causal_fwd(q, k, v, projection.float(), kernel_fn, key_bias)[0]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
 
-from .features import relu_features, scale_inputs, softmax_logits
+from .features import compute_dtype, relu_features, scale_inputs, softmax_logits
 from .functional import check_kernel_fn
 
 if TYPE_CHECKING:
@@ -229,7 +229,7 @@ def block_state(
     *,
     kernel_fn: str = "softmax",
     key_bias: torch.Tensor | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> DecodingState:
     """The state summarising a block of keys on its own (as if it started the sequence).
 
@@ -240,13 +240,14 @@ def block_state(
         k: ``(N, H, T, d)``; v: ``(N, H, T, d_v)``; projection: ``(m, d)``.
         kernel_fn: ``"softmax"`` or ``"relu"``.
         key_bias: ``(N, T)`` float additive key bias or ``None``.
-        dtype: dtype of the state (float32 by default).
+        dtype: dtype of the state (default: float32, float64 for float64 keys).
 
     Returns:
         :class:`DecodingState` with ``position == T``; equal (up to rounding) to the state returned by
         :func:`rand_attention_step` from :func:`empty_state` on the same keys.
     """
     check_kernel_fn(kernel_fn)
+    dtype = compute_dtype(k.dtype) if dtype is None else dtype
     logits = _key_logits(k, projection.float(), kernel_fn).to(dtype)
     bias = 0.0 if key_bias is None else key_bias.to(dtype)[:, None, :, None]
     if kernel_fn == "softmax":
@@ -321,7 +322,7 @@ def init_state(
         layer: causal layer without ``add_bias_kv`` / ``add_zero_attn``.
         batch_size: ``N``.
         device: defaults to the device of the layer's projection.
-        dtype: of the state; defaults to float32 (the states stay float32 for half-precision layers).
+        dtype: of the state; defaults to float32 (also for half-precision layers), float64 for a float64 layer.
 
     Returns:
         :class:`DecodingState` with ``kv_sum (N, H, m, d)``, ``key_sum (N, H, m)``, ``stabiliser (N, H)``.
@@ -334,7 +335,7 @@ def init_state(
         layer.head_dim,
         kernel_fn=layer.kernel_fn,
         device=cast(torch.Tensor, layer.projection).device if device is None else device,
-        dtype=torch.float32 if dtype is None else dtype,
+        dtype=compute_dtype(layer.out_proj.weight.dtype) if dtype is None else dtype,
     )
 
 

@@ -164,3 +164,13 @@ def test_rejects_bad_inputs():
         step(layer, torch.randn(3, 1, 32), state)
     with pytest.raises(ValueError, match="batch_size"):
         init_state(layer, 0)
+
+
+def test_float64_layer_decodes_in_float64():
+    layer = _layer().double().eval()
+    torch.manual_seed(6)
+    x = torch.randn(2, 12, 32, dtype=torch.float64)
+    expected, _ = layer(x, x, x, need_weights=False)
+    got, state = _feed(layer, x, [1, 4, 7])
+    assert state.kv_sum.dtype == torch.float64
+    assert _rel_err(got, expected) <= 1e-12

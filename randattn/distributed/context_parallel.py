@@ -55,7 +55,7 @@ def _noncausal(q, k, v, projection, kernel_fn, key_bias, group):
         s = softmax_logits(y, projection)
         c = all_reduce_max(s.detach().amax(dim=(-2, -1)), group)  # global key stabiliser (N, H)
         phi_k = torch.exp(s - c[..., None, None] + bias)
-    vf = v.float()
+    vf = v.to(phi_k.dtype)
     # one collective for both sums: (N, H, m, d_v + 1)
     local = torch.cat([phi_k.transpose(-2, -1) @ vf, phi_k.sum(-2).unsqueeze(-1)], dim=-1)
     total = all_reduce_sum(local, group)

@@ -1,0 +1,70 @@
+"""Comparisons drawn from benchmark results: speedup, memory ratio and crossover length."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+from .grid import KERNEL_LABELS, MHA, RAND, Point
+from .store import Results
+
+#: Metrics of the overview: a training step's time, and its peak memory.
+TIME = ("fwd_ms", "bwd_ms")
+MEMORY = ("bwd_mib",)
+
+
+def ratio(results: Results, embed_dim: int, num_heads: int, kernel: str, num_features: int,
+          metrics: tuple[str, ...]) -> tuple[list[int], list[float]]:
+    """``nn.MultiheadAttention`` over ``RandMultiHeadAttention`` for the sum of ``metrics``, per length.
+
+    A ratio above 1 means ``RandMultiHeadAttention`` is faster (times) or smaller (memory). Lengths
+    where either model lacks a value (failure, not measured) are left out.
+    """
+    lengths, ratios = [], []
+    for n in results.grid.seq_lens:
+        records = (results.record(Point(MHA, embed_dim, num_heads, n)),
+                   results.record(Point(RAND, embed_dim, num_heads, n, kernel, num_features)))
+        if all(r is not None and all(r[q] is not None for q in metrics) for r in records):
+            mha, rand = (sum(r[q] for q in metrics) for r in records)
+            lengths.append(n)
+            ratios.append(mha / rand)
+    return lengths, ratios
+
+
+def crossover(lengths: list[int], ratios: list[float]) -> int | None:
+    """Smallest length from which the ratio stays above 1 for every longer length, or ``None``."""
+    result = None
+    for n, r in zip(reversed(lengths), reversed(ratios)):
+        if r <= 1.0:
+            break
+        result = n
+    return result
+
+
+def plot_overview(results: Results, num_heads: int, num_features: int) -> Figure:
+    """Speedup (forward + backward time) and backward peak-memory ratio vs length.
+
+    One line per (embed_dim, kernel) at the given ``num_heads`` and ``num_features``.
+    """
+    grid = results.grid
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.6), dpi=100)
+    for i, e in enumerate(grid.embed_dims):
+        for kernel, style in zip(grid.kernels, ("--", "-")):
+            label = f"E={e} {KERNEL_LABELS[kernel]}"
+            lengths, times = ratio(results, e, num_heads, kernel, num_features, TIME)
+            ax_time.plot(lengths, times, style, color=f"C{i}", marker="o", markersize=4, label=label)
+            lengths, mem = ratio(results, e, num_heads, kernel, num_features, MEMORY)
+            ax_mem.plot(lengths, mem, style, color=f"C{i}", marker="o", markersize=4, label=label)
+    for ax, title in ((ax_time, "speedup: (fwd + bwd time) MHA / Rand"),
+                      (ax_mem, "backward peak-memory ratio MHA / Rand")):
+        ax.axhline(1.0, color="0.3", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.set_title(title, fontsize=11)
+        ax.grid(True, alpha=0.3)
+    ax_time.legend(fontsize=8, ncol=2)
+    fig.suptitle(f"{num_heads} heads, m = {num_features}; above 1: RandMultiHeadAttention wins",
+                 fontsize=12)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,182 @@
+"""Timing and peak-memory measurement of one attention module on one input.
+
+Forward and backward are measured separately. Times are medians over repeated runs after warm-up
+(CUDA events on a GPU, a wall clock on the CPU). Peak memory of a pass is the largest amount of GPU
+memory allocated during it minus what was allocated just before the forward pass (module weights,
+input and output gradient); the backward figure therefore includes what the forward pass saved for
+it. Running out of GPU memory is recorded as a failure, never raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+MIB = 2.0**20
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many runs a measurement makes.
+
+    ``warmup`` untimed forward+backward runs first; then each pass is repeated until its runs add
+    up to ``target_ms`` or ``max_repeats`` runs were made, but at least ``min_repeats`` times.
+    """
+
+    warmup: int = 2
+    min_repeats: int = 3
+    max_repeats: int = 10
+    target_ms: float = 100.0
+
+
+#: Budget of the recorded (GPU) benchmark.
+DEFAULT_BUDGET = Budget()
+#: Budget of quick CPU runs.
+QUICK_BUDGET = Budget(warmup=1, min_repeats=1, max_repeats=3, target_ms=5.0)
+
+
+class _Clock:
+    """Times a callable in ms: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def time(self, fn: Callable[[], object]) -> tuple[float, object]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end), result
+        t0 = time.perf_counter()
+        result = fn()
+        return (time.perf_counter() - t0) * 1e3, result
+
+
+def _repeat(timed: Callable[[], float], budget: Budget) -> tuple[float, int]:
+    """Median of ``timed()`` over a time-budgeted number of runs; returns (median ms, runs)."""
+    samples: list[float] = []
+    while len(samples) < budget.min_repeats or (
+            len(samples) < budget.max_repeats and sum(samples) < budget.target_ms):
+        samples.append(timed())
+    return statistics.median(samples), len(samples)
+
+
+def empty_record(failure: str | None = None) -> dict:
+    """A record of :func:`measure` with nothing measured (and an optional failure message)."""
+    return {"fwd_ms": None, "bwd_ms": None, "fwd_mib": None, "bwd_mib": None,
+            "fwd_runs": 0, "bwd_runs": 0, "failure": failure}
+
+
+def measure(model: nn.Module, x: torch.Tensor, *, dtype: str = "bfloat16",
+            budget: Budget = DEFAULT_BUDGET) -> dict:
+    """Measure forward and backward of self-attention ``model(x, x, x, need_weights=False)``.
+
+    Args:
+        model: an attention module with the ``nn.MultiheadAttention`` call signature and
+            ``batch_first=True``.
+        x: input ``(N, L, E)`` on the model's device, ``requires_grad`` set.
+        dtype: ``"bfloat16"`` runs under bf16 autocast, ``"float32"`` without autocast.
+        budget: warm-up and repeat counts.
+
+    Returns:
+        dict with ``fwd_ms``, ``bwd_ms`` (medians), ``fwd_mib``, ``bwd_mib`` (peak memory above
+        the memory resident before the forward pass; ``None`` off CUDA), ``fwd_runs``, ``bwd_runs``
+        and ``failure`` (``None``, or a message when the GPU ran out of memory, in which case the
+        metrics not measured are ``None``).
+    """
+    result = empty_record()
+    try:
+        _measure_into(result, model, x, dtype, budget)
+    except torch.OutOfMemoryError:
+        stage = "backward" if result["fwd_ms"] is not None else "forward"
+        result["failure"] = f"out of memory ({stage})"
+    finally:
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        gc.collect()
+        if x.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def _measure_into(result: dict, model: nn.Module, x: torch.Tensor, dtype: str,
+                  budget: Budget) -> None:
+    """Fill ``result``: all forward metrics first, then all backward metrics."""
+    device = x.device
+    cuda = device.type == "cuda"
+    clock = _Clock(device)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
+                else contextlib.nullcontext())
+
+    def forward() -> torch.Tensor:
+        with autocast:
+            return model(x, x, x, need_weights=False)[0]
+
+    def clear_grads() -> None:
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+
+    def peak_above(base: int) -> float:
+        clock.sync()
+        return (torch.cuda.max_memory_allocated(device) - base) / MIB
+
+    # Forward: warm-up, peak memory, time.
+    with torch.no_grad():
+        grad = torch.randn_like(forward())
+    for _ in range(budget.warmup):
+        forward()
+    clock.sync()
+    if cuda:
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = forward()
+        result["fwd_mib"] = peak_above(base)
+        del out
+
+    def timed_forward() -> float:
+        ms, out = clock.time(forward)
+        del out
+        return ms
+
+    fwd_ms, result["fwd_runs"] = _repeat(timed_forward, budget)
+    result["fwd_ms"] = fwd_ms  # set last: marks the forward as fully measured
+
+    # Backward: warm-up, peak memory (above what was resident before the forward), time.
+    for _ in range(budget.warmup):
+        clear_grads()
+        forward().backward(grad)
+    clear_grads()
+    clock.sync()
+    if cuda:
+        base = torch.cuda.memory_allocated(device)
+        out = forward()
+        clock.sync()
+        torch.cuda.reset_peak_memory_stats(device)
+        out.backward(grad)
+        bwd_mib = peak_above(base)
+        del out
+        clear_grads()
+
+    def timed_backward() -> float:
+        clear_grads()
+        out = forward()
+        clock.sync()
+        ms, _ = clock.time(lambda: out.backward(grad))
+        return ms
+
+    result["bwd_ms"], result["bwd_runs"] = _repeat(timed_backward, budget)
+    if cuda:
+        result["bwd_mib"] = bwd_mib

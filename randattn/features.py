@@ -34,15 +34,15 @@ def default_num_features(head_dim: int) -> int:
     return max(head_dim, math.ceil(head_dim * math.log(head_dim))) if head_dim > 1 else 1
 
 
-def _haar_orthogonal(dim: int, generator: torch.Generator | None) -> torch.Tensor:
-    """A ``(dim, dim)`` orthogonal matrix drawn exactly from the Haar measure (float64 QR, signs fixed)."""
-    gauss = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(gauss)
-    # LAPACK leaves the signs of diag(R) to its Householder convention, which biases Q. Making
-    # diag(R) positive gives the unique QR factorisation, whose Q is Haar-distributed.
-    signs = torch.sign(torch.diagonal(r))
-    signs[signs == 0] = 1.0
-    return q * signs.unsqueeze(0)
+def _positive_diagonal_signs(r: torch.Tensor) -> torch.Tensor:
+    """Signs that make ``diag(R)`` positive.
+
+    LAPACK leaves the signs of ``diag(R)`` to its Householder convention, which biases ``Q``. Flipping
+    the columns of ``Q`` so that ``diag(R) > 0`` gives the unique QR factorisation, whose ``Q`` is
+    exactly Haar-distributed for a Gaussian input.
+    """
+    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+    return torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
 def _check_sizes(num_features: int, dim: int) -> None:
@@ -57,14 +57,11 @@ def _draw(num_features, dim, orthogonal, generator, device, fix_signs):
     if not orthogonal:
         w = torch.randn(num_features, dim, generator=generator, dtype=torch.float64)
         return w.to(device=device, dtype=torch.float32)
-    blocks = []
-    for _ in range(math.ceil(num_features / dim)):
-        if fix_signs:
-            q = _haar_orthogonal(dim, generator)
-        else:
-            q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
-        blocks.append(q.T)  # rows of the block are orthonormal
-    w = torch.cat(blocks, dim=0)[:num_features]
+    gauss = torch.randn(math.ceil(num_features / dim), dim, dim, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gauss)  # batched: one independent block per leading index
+    if fix_signs:
+        q = q * _positive_diagonal_signs(r).unsqueeze(-2)
+    w = q.transpose(-2, -1).reshape(-1, dim)[:num_features]  # rows of each block are orthonormal
     # chi(d) row norms: the norm of an independent standard Gaussian vector per row.
     norms = torch.randn(num_features, dim, generator=generator, dtype=torch.float64).norm(dim=1)
     return (w * norms.unsqueeze(1)).to(device=device, dtype=torch.float32)

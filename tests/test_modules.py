@@ -217,8 +217,8 @@ def test_dropout_in_training_only(gen):
     torch.testing.assert_close(c, layer(x, x, x, need_weights=False)[0])
     # inverted dropout keeps the expectation
     layer.train()
-    mean = torch.stack([layer(x, x, x, need_weights=False)[0] for _ in range(300)]).mean(0)
-    assert (mean - c).norm() / c.norm() < 0.15
+    mean = torch.stack([layer(x, x, x, need_weights=False)[0] for _ in range(200)]).mean(0)
+    assert (mean - c).norm() / c.norm() < 0.2
 
 
 @pytest.fixture

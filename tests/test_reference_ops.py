@@ -111,11 +111,11 @@ def test_gradcheck_float64(gen, kernel_fn, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_half_precision_long_sequence_finite(gen, causal):
     """bf16/fp16 with realistic large logits (|q.k|/sqrt(d) up to ~30) stays finite."""
-    n, h, length, d = 1, 1, 65536, 16
-    q = torch.randn(n, h, length, d, generator=gen) * 2.6
-    k = torch.randn(n, h, length, d, generator=gen) * 2.6
+    n, h, length, d = 1, 1, 65536, 8
+    q = torch.randn(n, h, length, d, generator=gen) * 3.2
+    k = torch.randn(n, h, length, d, generator=gen) * 3.2
     v = torch.randn(n, h, length, d, generator=gen)
-    w = draw_projection(16, d, generator=gen)
+    w = draw_projection(8, d, generator=gen)
     for dtype in (torch.bfloat16, torch.float16):
         qq, kk, vv = (t.to(dtype).requires_grad_(True) for t in (q, k, v))
         out = rand_attention(qq, kk, vv, w, causal=causal)

@@ -26,6 +26,7 @@ from .features import compute_dtype, relu_features, scale_inputs, softmax_logits
 from .functional import check_kernel_fn
 
 if TYPE_CHECKING:
+    from .charlm import CausalTransformer
     from .modules import RandMultiHeadAttention
 
 __all__ = [
@@ -33,8 +34,11 @@ __all__ = [
     "DecodingState",
     "block_state",
     "empty_state",
+    "generate",
+    "init_model_states",
     "init_state",
     "merge_states",
+    "model_step",
     "rand_attention_step",
     "step",
 ]
@@ -372,3 +376,96 @@ def step(layer: RandMultiHeadAttention, x: torch.Tensor, state: DecodingState) -
     if not layer.batch_first:
         out = out.transpose(0, 1)
     return out, state
+
+
+# --------------------------------------------------------------------- language models of randattn.charlm
+def init_model_states(model: CausalTransformer, batch_size: int) -> list[DecodingState]:
+    """One empty :class:`DecodingState` per attention layer of a :class:`randattn.charlm.CausalTransformer`.
+
+    Args:
+        model: a character model with random-feature attention (``attention.kind`` ``"softmax"`` or ``"relu"``).
+        batch_size: ``N``.
+    """
+    return [init_state(layer, batch_size) for layer in model.attention_layers()]
+
+
+def model_step(
+    model: CausalTransformer, tokens: torch.Tensor, states: list[DecodingState]
+) -> tuple[torch.Tensor, list[DecodingState]]:
+    """Next-token logits of a :class:`randattn.charlm.CausalTransformer` for new tokens, recurrently.
+
+    Runs the model's blocks on ``tokens`` only, continuing from ``states`` (one per layer), so the cost
+    per token does not grow with the number of tokens already consumed.
+
+    Args:
+        model: character model with random-feature attention.
+        tokens: ``(N, T)`` int64 ids of the next ``T`` positions.
+        states: from :func:`init_model_states` or a previous call.
+
+    Returns:
+        ``(logits (N, T, vocab), new_states)``; ``logits`` equal ``model(all_tokens)[:, -T:]``.
+
+    Raises:
+        ValueError: the positions would pass the model's learned context ``model.context``.
+    """
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be (N, T), got shape {tuple(tokens.shape)}")
+    start = states[0].position
+    if start + tokens.shape[1] > model.context:
+        raise ValueError(
+            f"tokens: positions up to {start + tokens.shape[1]} pass the model's context {model.context} "
+            "(its learned position embedding has no entry beyond it)"
+        )
+    pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+    x = model.tok(tokens) + model.pos(pos)
+    new_states = []
+    for block, state in zip(model.blocks, states):
+        a, state = step(block.attn, block.ln1(x), state)
+        new_states.append(state)
+        x = x + block.drop(a)
+        x = x + block.drop(block.mlp(block.ln2(x)))
+    return model.ln_f(x) @ model.tok.weight.T, new_states
+
+
+@torch.no_grad()
+def generate(
+    model: CausalTransformer,
+    prompt: torch.Tensor,
+    num_tokens: int,
+    *,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample ``num_tokens`` ids after ``prompt`` from a character model, one token per :func:`model_step`.
+
+    The prompt is consumed in one chunk, then every new token costs one recurrent step.
+
+    Args:
+        model: :class:`randattn.charlm.CausalTransformer` with random-feature attention.
+        prompt: ``(N, P)`` int64 ids (``P >= 1``).
+        num_tokens: how many ids to sample.
+        temperature: softmax temperature (``0`` picks the most likely id).
+        generator: for the sampling.
+
+    Returns:
+        ``(N, num_tokens)`` int64 sampled ids.
+    """
+    if prompt.dim() != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be (N, P) with P >= 1, got shape {tuple(prompt.shape)}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    model.eval()
+    states = init_model_states(model, prompt.shape[0])
+    logits, states = model_step(model, prompt, states)
+    out = []
+    for i in range(num_tokens):
+        last = logits[:, -1].float()
+        if temperature == 0:
+            ids = last.argmax(-1, keepdim=True)
+        else:
+            probs = torch.softmax(last / temperature, dim=-1)
+            ids = torch.multinomial(probs.cpu(), 1, generator=generator).to(prompt.device)
+        out.append(ids)
+        if i + 1 < num_tokens:
+            logits, states = model_step(model, ids, states)
+    return torch.cat(out, dim=1) if out else prompt.new_zeros(prompt.shape[0], 0)

@@ -174,3 +174,26 @@ def test_float64_layer_decodes_in_float64():
     got, state = _feed(layer, x, [1, 4, 7])
     assert state.kv_sum.dtype == torch.float64
     assert _rel_err(got, expected) <= 1e-12
+
+
+def test_character_model_recurrent_logits_and_generation():
+    from randattn.charlm import AttentionSpec, CausalTransformer
+    from randattn.decoding import generate, init_model_states, model_step
+
+    model = CausalTransformer(11, 24, d_model=32, n_layers=2, n_heads=4, attention=AttentionSpec("softmax", 16)).eval()
+    tokens = torch.randint(0, 11, (2, 24), generator=torch.Generator().manual_seed(0))
+    expected = model(tokens)
+    states = init_model_states(model, 2)
+    got = []
+    for a, b in ((0, 5), (5, 6), (6, 24)):
+        logits, states = model_step(model, tokens[:, a:b], states)
+        got.append(logits)
+    assert _rel_err(torch.cat(got, dim=1), expected) <= 1e-5
+    # greedy generation picks, token by token, the argmax of the parallel forward on the sequence so far
+    ids = generate(model, tokens[:, :4], 6, temperature=0.0)
+    seq = tokens[:, :4]
+    for _ in range(6):
+        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(ids, seq[:, 4:])
+    with pytest.raises(ValueError, match="context"):
+        generate(model, tokens[:, :20], 10)

@@ -18,7 +18,7 @@ a sequence held by different devices; see :mod:`randattn.distributed`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 
@@ -386,7 +386,7 @@ def init_model_states(model: CausalTransformer, batch_size: int) -> list[Decodin
         model: a character model with random-feature attention (``attention.kind`` ``"softmax"`` or ``"relu"``).
         batch_size: ``N``.
     """
-    return [init_state(layer, batch_size) for layer in model.attention_layers()]
+    return [init_state(cast("RandMultiHeadAttention", layer), batch_size) for layer in model.attention_layers()]
 
 
 def model_step(
@@ -419,7 +419,8 @@ def model_step(
     pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
     x = model.tok(tokens) + model.pos(pos)
     new_states = []
-    for block, state in zip(model.blocks, states):
+    for block_module, state in zip(model.blocks, states):
+        block: Any = block_module
         a, state = step(block.attn, block.ln1(x), state)
         new_states.append(state)
         x = x + block.drop(a)

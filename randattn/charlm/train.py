@@ -236,10 +236,14 @@ def train_model(
 
 
 def measure_step_seconds(config: TrainConfig, spec: AttentionSpec, corpus: CharCorpus, steps: int = 10) -> float:
-    """Seconds per training step of one variant (after two warm-up steps)."""
-    probe = replace(config, steps=steps + 2, eval_every=10**9, final_eval_batches=1, warmup=1)
-    record = train_model(probe, spec, corpus)
-    return record["seconds"] / (steps + 2)
+    """Seconds per training step of one variant, without start-up costs (kernel compilation, caches):
+    the difference between a run of ``steps + 3`` steps and one of ``3`` steps."""
+    def loop_seconds(n: int) -> float:
+        probe = replace(config, steps=n, eval_every=10**9, final_eval_batches=1, warmup=1)
+        return train_model(probe, spec, corpus)["seconds"]
+
+    short = loop_seconds(3)
+    return max(loop_seconds(steps + 3) - short, 1e-6) / steps
 
 
 def steps_for_budget(

@@ -1,0 +1,59 @@
+"""
+Associative recall
+==================
+
+Where is random-feature attention weak? In multi-query associative recall each sequence lists
+key-value pairs and then asks for some of the keys again; at each asked key the model must
+predict its value (:mod:`randattn.recall`). Exact attention looks the key up directly. A
+random-feature model summarises all pairs in a fixed ``m x d`` state per head, so its accuracy
+falls as the number of pairs grows, and a sharp lookup is exactly the regime where the softmax
+estimate is noisiest (see :doc:`plot_approximation_quality`).
+
+Every model has the same architecture, steps, seeds and sequences. The results below were
+recorded by ``scripts/train_parity.py --recall`` (``docs/_data/fidelity/recall.json``); the page
+states the device and date of the recording.
+"""
+
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+
+def data_dir() -> Path:
+    here = Path(globals().get("__file__", "plot_associative_recall.py")).resolve().parent
+    for base in [here, *here.parents, Path.cwd(), *Path.cwd().parents]:
+        if (base / "docs" / "_data" / "fidelity").is_dir():
+            return base / "docs" / "_data" / "fidelity"
+    raise FileNotFoundError("docs/_data/fidelity not found")
+
+
+study = json.loads((data_dir() / "recall.json").read_text())
+env, settings = study["environment"], study["settings"]
+print(f"Recorded on {env['device']} on {env['date']} (torch {env['torch']}).")
+print(
+    f"Model: d_model {settings['d_model']}, {settings['n_layers']} layers, {settings['n_heads']} heads; "
+    f"{settings['steps']} steps of batch {settings['batch_size']}; "
+    f"{settings['task']['num_keys']} keys, {settings['task']['num_values']} values."
+)
+
+# %%
+# Accuracy against the number of key-value pairs
+# ----------------------------------------------
+
+results = study["results"]
+labels = list(dict.fromkeys(r["attention"] for r in results))
+pairs = sorted({r["num_pairs"] for r in results})
+fig, ax = plt.subplots(figsize=(7, 4))
+width = 0.8 / len(labels)
+for i, label in enumerate(labels):
+    acc = [next((r["accuracy"] for r in results if r["attention"] == label and r["num_pairs"] == p), float("nan")) for p in pairs]
+    ax.bar([j + i * width for j in range(len(pairs))], acc, width, label=label, color="k" if label == "exact" else f"C{i}")
+ax.set_xticks([j + 0.4 - width / 2 for j in range(len(pairs))], [f"{p} pairs" for p in pairs])
+ax.set_ylabel("accuracy on the asked keys")
+ax.set_ylim(0, 1.05)
+ax.legend(fontsize=8)
+ax.set_title(f"multi-query associative recall ({env['device']})")
+fig.tight_layout()
+for r in results:
+    print(f"{r['num_pairs']:3d} pairs  {r['attention']:>16}: accuracy {r['accuracy']:.3f}")

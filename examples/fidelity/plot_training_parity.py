@@ -1,0 +1,113 @@
+"""
+Training parity
+===============
+
+Does a model trained with random-feature attention reach the quality of one trained with exact
+attention? A small causal transformer (a character-level language model) is trained on the
+source files of the CPython standard library, once with exact attention
+(``nn.MultiheadAttention`` with a causal mask) and once per random-feature variant
+(:class:`randattn.RandMultiHeadAttention` with ``causal=True``, softmax and ReLU kernels, several
+``m``). Architecture, initial weights, steps, data order, evaluation windows and seeds are the
+same for every model (:mod:`randattn.charlm`). The target: the softmax-kernel model ends within
+5% of exact attention's final validation loss.
+
+The full study runs on a GPU with ``scripts/train_parity.py`` (see ``scripts/gpu_fidelity.sh``)
+and its results are recorded in ``docs/_data/fidelity/parity.json``; this page plots the recorded
+results, and states where and when they were produced. Set ``RANDATTN_RUN_PARITY=1`` to re-run
+the study here instead (on a GPU when one is present; a few minutes on an H100).
+"""
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+
+from randattn.charlm.train import PARITY_TOLERANCE, TrainConfig, run_parity_study
+
+
+def data_dir() -> Path:
+    here = Path(globals().get("__file__", "plot_training_parity.py")).resolve().parent
+    for base in [here, *here.parents, Path.cwd(), *Path.cwd().parents]:
+        if (base / "docs" / "_data" / "fidelity").is_dir():
+            return base / "docs" / "_data" / "fidelity"
+    raise FileNotFoundError("docs/_data/fidelity not found")
+
+
+if os.environ.get("RANDATTN_RUN_PARITY") == "1":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    study = run_parity_study(TrainConfig(device=device, bf16=device == "cuda"), time_budget_s=240, progress=print)
+else:
+    study = json.loads((data_dir() / "parity.json").read_text())
+
+env, settings = study["environment"], study["settings"]
+print(f"Recorded on {env['device']} on {env['date']} (torch {env['torch']}, Python {env['python']}).")
+print(
+    f"Model: d_model {settings['d_model']}, {settings['n_layers']} layers, {settings['n_heads']} heads, "
+    f"context {settings['context']}; {settings['steps']} steps of batch {settings['batch_size']}, "
+    f"bf16 autocast {settings['bf16']}."
+)
+print(f"Corpus: {study['corpus']}")
+
+# %%
+# Validation loss during training
+# -------------------------------
+
+fig, ax = plt.subplots(figsize=(7, 4.5))
+for i, record in enumerate(study["results"]):
+    steps = [p["step"] for p in record["curve"]]
+    losses = [p["val_loss"] for p in record["curve"]]
+    style = dict(color="k", lw=2) if record["kind"] == "exact" else dict(color=f"C{i}", ls="-" if record["kind"] == "softmax" else "--")
+    ax.plot(steps, losses, label=record["attention"], **style)
+ax.set_xlabel("step")
+ax.set_ylabel("validation loss (nats per character)")
+ax.set_title(f"character LM on the standard library sources ({env['device']})")
+ax.grid(True, alpha=0.3)
+ax.legend()
+fig.tight_layout()
+
+# %%
+# Final validation loss against exact attention
+# ---------------------------------------------
+# The ratio of each model's final validation loss to the exact model's; the dashed line is the
+# 5% target.
+
+rows = study["parity"]
+fig, ax = plt.subplots(figsize=(7, 3.5))
+ax.bar([r["attention"] for r in rows], [r["ratio"] for r in rows], color=["k" if r["attention"] == "exact" else "C0" for r in rows])
+ax.axhline(1 + PARITY_TOLERANCE, color="C3", ls="--", label=f"exact + {PARITY_TOLERANCE:.0%}")
+ax.set_ylim(min(r["ratio"] for r in rows) * 0.98, max(max(r["ratio"] for r in rows), 1 + PARITY_TOLERANCE) * 1.01)
+ax.set_ylabel("final val loss / exact")
+ax.tick_params(axis="x", rotation=20)
+ax.legend()
+fig.tight_layout()
+for r in rows:
+    print(f"{r['attention']:>16}: {r['final_val_loss']:.4f}  ratio {r['ratio']:.4f}  {'within' if r['within'] else 'outside'} target")
+
+# %%
+# Approximation error on the trained model's own attention
+# --------------------------------------------------------
+# Each layer of the trained exact model, on validation text, compared with random-feature
+# attention using its weights (:func:`randattn.fidelity.layer_approximation_error`): row error
+# against ``m`` for each layer. These are the inputs attention sees in practice, rather than the
+# isotropic inputs of :doc:`plot_approximation_quality`.
+
+layer_rows = study.get("layer_errors", [])
+if layer_rows:
+    layers = sorted({r["layer"] for r in layer_rows})
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3.4), sharey=True, squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        for (kernel, draw), color in [(("softmax", "orthogonal"), "C0"), (("softmax", "iid"), "C1"), (("relu", "orthogonal"), "C3")]:
+            sel = [r for r in layer_rows if r["layer"] == layer and r["kernel_fn"] == kernel and r["draw"] == draw]
+            if sel:
+                ax.errorbar([r["num_features"] for r in sel], [r["rows_tv_mean"] for r in sel],
+                            yerr=[r["rows_tv_std"] for r in sel], marker="o", ms=3, color=color, label=f"{kernel}, {draw}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"layer {layer}")
+        ax.set_xlabel("m")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("attention-row total variation")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()

@@ -28,6 +28,7 @@ import copy
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -105,7 +106,9 @@ def relative_frobenius_error(approx: torch.Tensor, exact: torch.Tensor) -> torch
         0-dim float64 tensor.
     """
     if approx.shape != exact.shape:
-        raise ValueError(f"approx and exact must have the same shape, got {tuple(approx.shape)} and {tuple(exact.shape)}")
+        raise ValueError(
+            f"approx and exact must have the same shape, got {tuple(approx.shape)} and {tuple(exact.shape)}"
+        )
     exact64 = exact.double()
     norm = exact64.norm()
     if norm == 0:
@@ -314,7 +317,7 @@ def approximation_error(
     return ErrorStats.from_samples(out_errors, tvs, seed_list)
 
 
-def _exact_twin(layer: nn.Module) -> nn.MultiheadAttention:
+def _exact_twin(layer: Any) -> nn.MultiheadAttention:
     """An ``nn.MultiheadAttention`` holding the same weights as a ``RandMultiHeadAttention``."""
     mha = nn.MultiheadAttention(
         layer.embed_dim,
@@ -450,10 +453,10 @@ def layer_approximation_error(
                 proj = draw_features(
                     rand_layer.num_random_features, rand_layer.head_dim, draw, generator=gen, device=query.device
                 )
-                rand_layer.projection.copy_(proj)
+                cast(torch.Tensor, rand_layer.projection).copy_(proj)
                 out, _ = rand_layer(query, key, value, key_padding_mask=key_padding_mask, need_weights=False)
                 out_errors.append(relative_frobenius_error(out, exact_out).item())
-                if heads is not None:
+                if heads is not None and exact_rows is not None:
                     approx_rows = attention_rows(
                         *heads,
                         proj,
@@ -609,7 +612,15 @@ def error_sweep(
                 for draw in draws:
                     for m in num_features:
                         stats = approximation_error(
-                            q, k, v, num_features=m, kernel_fn=kernel_fn, draw=draw, causal=causal, seeds=seeds, rows=rows
+                            q,
+                            k,
+                            v,
+                            num_features=m,
+                            kernel_fn=kernel_fn,
+                            draw=draw,
+                            causal=causal,
+                            seeds=seeds,
+                            rows=rows,
                         )
                         out.append(
                             {

@@ -270,15 +270,13 @@ def run_recall_study(
     Returns:
         ``{"settings", "environment", "results"}``; each result also has ``num_pairs``.
     """
-    specs = [AttentionSpec.parse(s) if isinstance(s, str) else s for s in specs]
+    parsed = [AttentionSpec.parse(s) if isinstance(s, str) else s for s in specs]
     base = config.task
     tasks = (
-        [base]
-        if num_pairs is None
-        else [RecallTask(max(base.num_keys, p), base.num_values, p, p) for p in num_pairs]
+        [base] if num_pairs is None else [RecallTask(max(base.num_keys, p), base.num_values, p, p) for p in num_pairs]
     )
     if time_budget_s is not None:
-        per_step = sum(_recall_step_seconds(replace(config, task=t), s) for t in tasks for s in specs)
+        per_step = sum(_recall_step_seconds(replace(config, task=t), s) for t in tasks for s in parsed)
         steps = max(100, min(config.steps, int(time_budget_s / per_step) // 100 * 100))
         config = replace(config, steps=steps)
         if progress:
@@ -286,7 +284,7 @@ def run_recall_study(
     study: dict = {"settings": asdict(config), "environment": environment(config.device), "results": []}
     for task in tasks:
         run_config = replace(config, task=task)
-        for spec in specs:
+        for spec in parsed:
             record = train_recall(run_config, spec, progress=progress)
             record["num_pairs"] = task.num_pairs
             study["results"].append(record)

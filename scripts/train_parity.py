@@ -37,10 +37,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
     parser.add_argument("--steps", type=int, help="training steps per model (upper bound with --time-budget)")
     parser.add_argument("--time-budget", type=float, help="seconds for all models; lowers --steps to fit")
-    parser.add_argument("--specs", nargs="+", help='attention variants, e.g. exact softmax:128 relu:64')
+    parser.add_argument("--specs", nargs="+", help="attention variants, e.g. exact softmax:128 relu:64")
     parser.add_argument("--pairs", type=int, nargs="+", help="recall: numbers of key-value pairs to sweep")
     parser.add_argument(
-        "--set", dest="overrides", nargs="+", default=[], metavar="FIELD=VALUE",
+        "--set",
+        dest="overrides",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
         help="override settings, e.g. --set d_model=64 n_layers=2 (TrainConfig / RecallConfig fields)",
     )
     parser.add_argument("--no-layer-errors", action="store_true", help="parity: skip the trained-layer errors")
@@ -101,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     for row in study["parity"]:
         flag = "within" if row["within"] else "outside"
-        print(f"{row['attention']:>16}  final val loss {row['final_val_loss']:.4f}  x{row['ratio']:.4f}  ({flag} tolerance)")
+        print(
+            f"{row['attention']:>16}  final val loss {row['final_val_loss']:.4f}  x{row['ratio']:.4f}  ({flag} tolerance)"
+        )
     print(json.dumps({"out": str(args.out), "steps": study["settings"]["steps"]}))
     return 0
 

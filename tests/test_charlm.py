@@ -54,7 +54,10 @@ def test_batches_are_seeded_windows(corpus):
 
 
 def test_models_share_initial_weights_across_attention_kinds(corpus):
-    models = {kind: build_model(TINY_STUDY, AttentionSpec.parse(kind), corpus.vocab_size) for kind in ("exact", "softmax:8", "relu:8")}
+    models = {
+        kind: build_model(TINY_STUDY, AttentionSpec.parse(kind), corpus.vocab_size)
+        for kind in ("exact", "softmax:8", "relu:8")
+    }
     ref = models["exact"].state_dict()
     for kind, model in models.items():
         state = {k: v for k, v in model.state_dict().items() if not k.endswith("projection")}
@@ -69,7 +72,9 @@ def test_models_share_initial_weights_across_attention_kinds(corpus):
 
 @pytest.mark.parametrize("kind", ["exact", "softmax:8"])
 def test_model_is_causal(corpus, kind):
-    model = CausalTransformer(corpus.vocab_size, 16, d_model=16, n_layers=2, n_heads=2, attention=AttentionSpec.parse(kind)).eval()
+    model = CausalTransformer(
+        corpus.vocab_size, 16, d_model=16, n_layers=2, n_heads=2, attention=AttentionSpec.parse(kind)
+    ).eval()
     x = torch.randint(0, corpus.vocab_size, (2, 16))
     x2 = x.clone()
     x2[:, 10:] = (x2[:, 10:] + 1) % corpus.vocab_size
@@ -119,7 +124,11 @@ def test_tiny_script_runs_end_to_end(tmp_path):
     out = tmp_path / "parity.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "train_parity.py"), "--tiny", "--device", "cpu", "--out", str(out)],
-        capture_output=True, text=True, timeout=120, cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 0, proc.stderr
     study = json.loads(out.read_text())

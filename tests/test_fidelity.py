@@ -134,7 +134,9 @@ def test_orthogonal_features_beat_iid_for_softmax(input_seed):
 def test_haar_draws_are_unbiased_and_plain_qr_draws_are_biased():
     d = 8
     x = torch.full((d,), 1.0 / math.sqrt(d))  # |x| = 1 along the coordinate diagonal
-    haar = feature_bias(x, num_features=d, draw="orthogonal", num_draws=4000, generator=torch.Generator().manual_seed(0))
+    haar = feature_bias(
+        x, num_features=d, draw="orthogonal", num_draws=4000, generator=torch.Generator().manual_seed(0)
+    )
     iid = feature_bias(x, num_features=d, draw="iid", num_draws=4000, generator=torch.Generator().manual_seed(1))
     qr = feature_bias(x, num_features=d, draw="qr", num_draws=4000, generator=torch.Generator().manual_seed(2))
     # Unbiased: within 4 standard errors of 1 (stderr about 0.006 here); biased: far below 1.
@@ -152,7 +154,9 @@ def test_kernel_estimate_error_bias_plateau_for_plain_qr():
     x = torch.full((d,), 0.5 / math.sqrt(d))
     results = {
         draw: [
-            kernel_estimate_error(x, x, num_features=m, draw=draw, num_draws=300, generator=torch.Generator().manual_seed(0))
+            kernel_estimate_error(
+                x, x, num_features=m, draw=draw, num_draws=300, generator=torch.Generator().manual_seed(0)
+            )
             for m in (8, 512)
         ]
         for draw in ("orthogonal", "qr")

@@ -49,7 +49,10 @@ def test_tiny_study_runs(tmp_path):
     out = tmp_path / "recall.json"
     study = run_recall_study(TINY_RECALL, ["exact", "softmax:8"], num_pairs=[2, 4], out_path=out)
     assert [(r["num_pairs"], r["attention"]) for r in study["results"]] == [
-        (2, "exact"), (2, "softmax m=8"), (4, "exact"), (4, "softmax m=8")
+        (2, "exact"),
+        (2, "softmax m=8"),
+        (4, "exact"),
+        (4, "softmax m=8"),
     ]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in study["results"])
     assert out.exists()
@@ -59,7 +62,14 @@ def test_exact_attention_learns_a_small_recall_task():
     """A one-layer-deep lookup with 2 pairs is learned well above chance (1/8) within 150 steps."""
     config = TINY_RECALL.__class__(
         task=RecallTask(num_keys=8, num_values=8, num_pairs=2, num_queries=2),
-        d_model=32, n_layers=2, n_heads=2, batch_size=32, steps=150, lr=3e-3, warmup=10, eval_batches=4,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        batch_size=32,
+        steps=150,
+        lr=3e-3,
+        warmup=10,
+        eval_batches=4,
     )
     result = run_recall_study(config, ["exact"])["results"][0]
     assert result["accuracy"] > 0.5

@@ -42,7 +42,9 @@ def plot_rows(ax, rows, x_key, metric, style):
     mean = [r[f"{metric}_mean"] for r in rows]
     std = [r[f"{metric}_std"] for r in rows]
     ax.plot(xs, mean, marker="o", ms=3, **style)
-    ax.fill_between(xs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)], alpha=0.2, color=style["color"])
+    ax.fill_between(
+        xs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)], alpha=0.2, color=style["color"]
+    )
 
 
 # %%
@@ -92,7 +94,11 @@ by_scale = error_sweep(
     draws=["orthogonal", "iid"],
     seeds=SEEDS,
 ) + error_sweep(
-    num_features=[256], logit_stds=[0.0625, 0.125, 0.25, 0.5, 1.0, 2.0], kernels=["relu"], draws=["orthogonal"], seeds=SEEDS
+    num_features=[256],
+    logit_stds=[0.0625, 0.125, 0.25, 0.5, 1.0, 2.0],
+    kernels=["relu"],
+    draws=["orthogonal"],
+    seeds=SEEDS,
 )
 fig, ax = plt.subplots(figsize=(6, 4))
 for key, style in STYLE.items():
@@ -155,8 +161,15 @@ x_diag = torch.full((d,), 1.0 / math.sqrt(d))
 fig, axes = plt.subplots(1, 2, figsize=(10, 4))
 for draw, color in [("orthogonal", "C0"), ("qr", "C2")]:
     est = feature_bias(x_diag, num_features=d, draw=draw, num_draws=2000, generator=torch.Generator().manual_seed(0))
-    axes[0].errorbar(range(d), est.per_feature, yerr=2 * est.per_feature_stderr, fmt="o", ms=3, color=color,
-                     label=f"{draw}: mean over rows {est.mean:.3f}")
+    axes[0].errorbar(
+        range(d),
+        est.per_feature,
+        yerr=2 * est.per_feature_stderr,
+        fmt="o",
+        ms=3,
+        color=color,
+        label=f"{draw}: mean over rows {est.mean:.3f}",
+    )
 axes[0].axhline(1.0, color="k", lw=0.8)
 axes[0].set_xlabel("row index within a block")
 axes[0].set_ylabel("E[exp(w.x - |x|^2/2)]  (unbiased = 1)")
@@ -166,8 +179,9 @@ m_bias = [16, 64, 256, 1024, 2048]
 x_half = 0.5 * x_diag
 for draw, color in [("orthogonal", "C0"), ("iid", "C1"), ("qr", "C2")]:
     rmse = [
-        kernel_estimate_error(x_half, x_half, num_features=m, draw=draw, num_draws=100,
-                              generator=torch.Generator().manual_seed(1))["rel_rmse"]
+        kernel_estimate_error(
+            x_half, x_half, num_features=m, draw=draw, num_draws=100, generator=torch.Generator().manual_seed(1)
+        )["rel_rmse"]
         for m in m_bias
     ]
     axes[1].plot(m_bias, rmse, marker="o", ms=3, color=color, label=draw)
@@ -188,10 +202,14 @@ fig.tight_layout()
 # :doc:`plot_training_parity` and the advice in
 # :doc:`/user_guide/choosing_m`.
 
-extra = error_sweep(num_features=M_GRID, logit_stds=[0.125, 0.5], kernels=["softmax"], draws=["orthogonal"], seeds=SEEDS)
+extra = error_sweep(
+    num_features=M_GRID, logit_stds=[0.125, 0.5], kernels=["softmax"], draws=["orthogonal"], seeds=SEEDS
+)
 table = {}
 for scale in [0.125, 0.25, 0.5]:
-    rows = [r for r in by_m + extra if r["kernel_fn"] == "softmax" and r["draw"] == "orthogonal" and r["logit_std"] == scale]
+    rows = [
+        r for r in by_m + extra if r["kernel_fn"] == "softmax" and r["draw"] == "orthogonal" and r["logit_std"] == scale
+    ]
     table[scale] = {target: smallest_num_features(rows, target) for target in (0.2, 0.1, 0.05)}
 for scale, needed in table.items():
     print(f"logit std {scale}: " + ", ".join(f"TV <= {t}: m = {m}" for t, m in needed.items()))

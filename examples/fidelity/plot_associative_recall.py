@@ -47,8 +47,13 @@ pairs = sorted({r["num_pairs"] for r in results})
 fig, ax = plt.subplots(figsize=(7, 4))
 width = 0.8 / len(labels)
 for i, label in enumerate(labels):
-    acc = [next((r["accuracy"] for r in results if r["attention"] == label and r["num_pairs"] == p), float("nan")) for p in pairs]
-    ax.bar([j + i * width for j in range(len(pairs))], acc, width, label=label, color="k" if label == "exact" else f"C{i}")
+    acc = [
+        next((r["accuracy"] for r in results if r["attention"] == label and r["num_pairs"] == p), float("nan"))
+        for p in pairs
+    ]
+    ax.bar(
+        [j + i * width for j in range(len(pairs))], acc, width, label=label, color="k" if label == "exact" else f"C{i}"
+    )
 ax.set_xticks([j + 0.4 - width / 2 for j in range(len(pairs))], [f"{p} pairs" for p in pairs])
 ax.set_ylabel("accuracy on the asked keys")
 ax.set_ylim(0, 1.05)

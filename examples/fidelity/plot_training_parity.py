@@ -58,7 +58,11 @@ fig, ax = plt.subplots(figsize=(7, 4.5))
 for i, record in enumerate(study["results"]):
     steps = [p["step"] for p in record["curve"]]
     losses = [p["val_loss"] for p in record["curve"]]
-    style = dict(color="k", lw=2) if record["kind"] == "exact" else dict(color=f"C{i}", ls="-" if record["kind"] == "softmax" else "--")
+    style = (
+        dict(color="k", lw=2)
+        if record["kind"] == "exact"
+        else dict(color=f"C{i}", ls="-" if record["kind"] == "softmax" else "--")
+    )
     ax.plot(steps, losses, label=record["attention"], **style)
 ax.set_xlabel("step")
 ax.set_ylabel("validation loss (nats per character)")
@@ -75,7 +79,11 @@ fig.tight_layout()
 
 rows = study["parity"]
 fig, ax = plt.subplots(figsize=(7, 3.5))
-ax.bar([r["attention"] for r in rows], [r["ratio"] for r in rows], color=["k" if r["attention"] == "exact" else "C0" for r in rows])
+ax.bar(
+    [r["attention"] for r in rows],
+    [r["ratio"] for r in rows],
+    color=["k" if r["attention"] == "exact" else "C0" for r in rows],
+)
 ax.axhline(1 + PARITY_TOLERANCE, color="C3", ls="--", label=f"exact + {PARITY_TOLERANCE:.0%}")
 ax.set_ylim(min(r["ratio"] for r in rows) * 0.98, max(max(r["ratio"] for r in rows), 1 + PARITY_TOLERANCE) * 1.01)
 ax.set_ylabel("final val loss / exact")
@@ -83,7 +91,9 @@ ax.tick_params(axis="x", rotation=20)
 ax.legend()
 fig.tight_layout()
 for r in rows:
-    print(f"{r['attention']:>16}: {r['final_val_loss']:.4f}  ratio {r['ratio']:.4f}  {'within' if r['within'] else 'outside'} target")
+    print(
+        f"{r['attention']:>16}: {r['final_val_loss']:.4f}  ratio {r['ratio']:.4f}  {'within' if r['within'] else 'outside'} target"
+    )
 
 # %%
 # Approximation error on the trained model's own attention
@@ -98,11 +108,22 @@ if layer_rows:
     layers = sorted({r["layer"] for r in layer_rows})
     fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3.4), sharey=True, squeeze=False)
     for ax, layer in zip(axes[0], layers):
-        for (kernel, draw), color in [(("softmax", "orthogonal"), "C0"), (("softmax", "iid"), "C1"), (("relu", "orthogonal"), "C3")]:
+        for (kernel, draw), color in [
+            (("softmax", "orthogonal"), "C0"),
+            (("softmax", "iid"), "C1"),
+            (("relu", "orthogonal"), "C3"),
+        ]:
             sel = [r for r in layer_rows if r["layer"] == layer and r["kernel_fn"] == kernel and r["draw"] == draw]
             if sel:
-                ax.errorbar([r["num_features"] for r in sel], [r["rows_tv_mean"] for r in sel],
-                            yerr=[r["rows_tv_std"] for r in sel], marker="o", ms=3, color=color, label=f"{kernel}, {draw}")
+                ax.errorbar(
+                    [r["num_features"] for r in sel],
+                    [r["rows_tv_mean"] for r in sel],
+                    yerr=[r["rows_tv_std"] for r in sel],
+                    marker="o",
+                    ms=3,
+                    color=color,
+                    label=f"{kernel}, {draw}",
+                )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(f"layer {layer}")

@@ -126,7 +126,8 @@ def load_stdlib_corpus(
     files = stdlib_source_files(root)
     if len(files) < 2:
         raise ValueError(f"need at least two source files under {root or stdlib_root()}, found {len(files)}")
-    train_parts, val_parts = [], []
+    train_parts: list[str] = []
+    val_parts: list[str] = []
     for i, path in enumerate(files):
         text = path.read_bytes().decode("utf-8", errors="replace")
         (val_parts if i % VAL_EVERY == 0 else train_parts).append(text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -134,13 +135,13 @@ class CausalTransformer(nn.Module):
                     nn.init.normal_(module.weight, std=0.02)
                     if isinstance(module, nn.Linear) and module.bias is not None:
                         nn.init.zeros_(module.bias)
-            for block in self.blocks:
-                nn.init.normal_(block.attn.in_proj_weight, std=0.02)
-                nn.init.zeros_(block.attn.in_proj_bias)
+            for layer in self.attention_layers():
+                nn.init.normal_(cast(torch.Tensor, layer.in_proj_weight), std=0.02)
+                nn.init.zeros_(cast(torch.Tensor, layer.in_proj_bias))
 
     def attention_layers(self) -> list[nn.Module]:
         """The attention module of every block."""
-        return [block.attn for block in self.blocks]
+        return [cast(nn.Module, block.attn) for block in self.blocks]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         length = tokens.shape[1]

@@ -100,7 +100,9 @@ TINY_STUDY = TrainConfig(
 def environment(device: str) -> dict:
     """Where a result was produced: device name, library versions, date (UTC)."""
     dev = torch.device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    name = (
+        torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    )
     return {
         "device": name,
         "torch": torch.__version__,
@@ -180,12 +182,14 @@ def train_model(
     model = build_model(config, spec, corpus.vocab_size)
     optimizer = _optimizer(model, config)
     train_starts = batch_starts(corpus.train.numel(), config.context, config.batch_size, config.steps, config.seed)
-    eval_starts = batch_starts(corpus.val.numel(), config.context, config.batch_size, config.eval_batches, config.seed + 1)
+    eval_starts = batch_starts(
+        corpus.val.numel(), config.context, config.batch_size, config.eval_batches, config.seed + 1
+    )
     final_starts = batch_starts(
         corpus.val.numel(), config.context, config.batch_size, config.final_eval_batches, config.seed + 2
     )
     curve: list[dict] = []
-    recent: list[float] = []
+    recent: list[torch.Tensor] = []
     diverged = False
     model.train()
     sync = torch.cuda.synchronize if torch.device(config.device).type == "cuda" else (lambda: None)
@@ -238,6 +242,7 @@ def train_model(
 def measure_step_seconds(config: TrainConfig, spec: AttentionSpec, corpus: CharCorpus, steps: int = 10) -> float:
     """Seconds per training step of one variant, without start-up costs (kernel compilation, caches):
     the difference between a run of ``steps + 3`` steps and one of ``3`` steps."""
+
     def loop_seconds(n: int) -> float:
         probe = replace(config, steps=n, eval_every=10**9, final_eval_batches=1, warmup=1)
         return train_model(probe, spec, corpus)["seconds"]
@@ -279,7 +284,9 @@ def trained_layer_errors(
     for i, layer in enumerate(model.attention_layers()):
         if not isinstance(layer, nn.MultiheadAttention):
             raise TypeError("trained_layer_errors needs a model with exact (nn.MultiheadAttention) layers")
-        handles.append(layer.register_forward_pre_hook(lambda mod, args, i=i: captured.__setitem__(i, args[0].detach())))
+        handles.append(
+            layer.register_forward_pre_hook(lambda mod, args, i=i: captured.__setitem__(i, args[0].detach()))
+        )
     try:
         with torch.no_grad():
             model.eval()
@@ -297,7 +304,9 @@ def trained_layer_errors(
                     stats = layer_approximation_error(
                         layer, x, num_features=m, kernel_fn=kernel_fn, draw=draw, causal=True, seeds=seeds
                     )
-                    rows.append({"layer": i, "num_features": m, "kernel_fn": kernel_fn, "draw": draw, **stats.as_dict()})
+                    rows.append(
+                        {"layer": i, "num_features": m, "kernel_fn": kernel_fn, "draw": draw, **stats.as_dict()}
+                    )
     return rows
 
 
@@ -349,11 +358,11 @@ def run_parity_study(
         ``{"settings", "corpus", "environment", "results", "parity", "tolerance", "layer_errors"}``
         (JSON-serialisable).
     """
-    specs = [AttentionSpec.parse(s) if isinstance(s, str) else s for s in specs]
+    parsed = [AttentionSpec.parse(s) if isinstance(s, str) else s for s in specs]
     if corpus is None:
         corpus = load_stdlib_corpus(max_train_chars=config.max_train_chars, max_val_chars=config.max_val_chars)
     if time_budget_s is not None:
-        steps = steps_for_budget(config, specs, corpus, time_budget_s)
+        steps = steps_for_budget(config, parsed, corpus, time_budget_s)
         config = replace(config, steps=steps, eval_every=min(config.eval_every, max(1, steps // 8)))
         if progress:
             progress(f"time budget {time_budget_s:.0f} s -> {steps} steps per model")
@@ -372,12 +381,14 @@ def run_parity_study(
             Path(out_path).parent.mkdir(parents=True, exist_ok=True)
             Path(out_path).write_text(json.dumps(study, indent=1, allow_nan=True) + "\n")
 
-    for spec in specs:
+    for spec in parsed:
         record = train_model(config, spec, corpus, progress=progress)
         model = record.pop("model")
         study["results"].append(record)
         if spec.kind == "exact" and fidelity_features and not study["layer_errors"]:
-            x, _ = get_batch(corpus.val, batch_starts(corpus.val.numel(), config.context, 4, 1, config.seed + 3)[0], config.context)
+            x, _ = get_batch(
+                corpus.val, batch_starts(corpus.val.numel(), config.context, 4, 1, config.seed + 3)[0], config.context
+            )
             study["layer_errors"] = trained_layer_errors(model, x.to(config.device), fidelity_features)
         if any(r["kind"] == "exact" for r in study["results"]):
             study["parity"] = parity_table(study["results"])

@@ -50,22 +50,26 @@ CHUNK_SIZE = 128
 class DecodingState(NamedTuple):
     """Carried state of causal random-feature attention (one layer).
 
-    Attributes:
-        kv_sum: ``(N, H, m, d_v)`` sum of key features times values, at scale ``stabiliser``.
-        key_sum: ``(N, H, m)`` sum of key features, at scale ``stabiliser``.
-        stabiliser: ``(N, H)`` running maximum ``c`` of the key logits seen so far (``-inf`` before
-            the first key for the softmax kernel; always ``0`` for the relu kernel).
-        position: number of positions consumed so far.
-
-    The tensors are float32 (or the dtype given to :func:`init_state`) whatever the model dtype.
-    A ``NamedTuple`` of tensors, so it can be returned from ``torch.compile``-d functions, moved with
-    ``DecodingState(*(t.to(device) for t in state[:3]), state.position)``, and indexed on the batch.
+    Fields: ``kv_sum (N, H, m, d_v)``, ``key_sum (N, H, m)``, ``stabiliser (N, H)`` and ``position``
+    (see each field). The tensors are float32 (float64 for float64 layers, or the dtype given to
+    :func:`init_state`) whatever the model dtype. A ``NamedTuple`` of tensors, so it can be returned
+    from ``torch.compile``-d functions and moved with
+    ``DecodingState(*(t.to(device) for t in state[:3]), state.position)``.
     """
 
     kv_sum: torch.Tensor
     key_sum: torch.Tensor
     stabiliser: torch.Tensor
     position: int
+
+
+DecodingState.kv_sum.__doc__ = "``(N, H, m, d_v)`` sum of key features times values, at the scale ``stabiliser``."
+DecodingState.key_sum.__doc__ = "``(N, H, m)`` sum of key features, at the scale ``stabiliser``."
+DecodingState.stabiliser.__doc__ = (
+    "``(N, H)`` running maximum ``c`` of the key logits so far (``-inf`` before the first key for the "
+    "softmax kernel; ``0`` for the relu kernel)."
+)
+DecodingState.position.__doc__ = "Number of positions consumed so far (``int``)."
 
 
 def empty_state(

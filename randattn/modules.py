@@ -296,6 +296,44 @@ class RandMultiHeadAttention(nn.Module):
             out = out.transpose(0, 1)
         return out, weights
 
+    # ----------------------------------------------------------------------------------- decoding
+    def init_state(self, batch_size: int, device=None, dtype=None):
+        """Empty recurrent decoding state of this causal layer (see :func:`randattn.decoding.init_state`).
+
+        Args:
+            batch_size: ``N``.
+            device: defaults to the device of the projection.
+            dtype: of the state; float32 by default (float64 for a float64 layer).
+
+        Returns:
+            :class:`~randattn.decoding.DecodingState` with ``kv_sum (N, H, m, d)``, ``key_sum (N, H, m)``,
+            ``stabiliser (N, H)`` and ``position == 0``.
+
+        Raises:
+            ValueError: the layer is not causal, or has ``add_bias_kv`` / ``add_zero_attn`` or ``kdim`` /
+                ``vdim`` different from ``embed_dim``.
+        """
+        from .decoding import init_state
+
+        return init_state(self, batch_size, device=device, dtype=dtype)
+
+    def step(self, x: torch.Tensor, state):
+        """Causal self-attention of the next token(s) ``x`` after ``state`` (see :func:`randattn.decoding.step`).
+
+        Feeding a sequence through ``step`` in pieces of any sizes gives the outputs of
+        ``forward(seq, seq, seq)`` at every position, at a cost per token that does not grow with the position.
+
+        Args:
+            x: ``(N, T, E)`` if ``batch_first`` else ``(T, N, E)``; one token (``T = 1``) or a chunk.
+            state: from :meth:`init_state` or a previous :meth:`step`.
+
+        Returns:
+            ``(out, new_state)`` with ``out`` shaped like ``x``.
+        """
+        from .decoding import step
+
+        return step(self, x, state)
+
     def _in_projection(self, query, key, value):
         b_q = b_k = b_v = None
         if self.in_proj_bias is not None:

@@ -197,3 +197,17 @@ def test_character_model_recurrent_logits_and_generation():
     assert torch.equal(ids, seq[:, 4:])
     with pytest.raises(ValueError, match="context"):
         generate(model, tokens[:, :20], 10)
+
+
+def test_layer_methods_decode_like_forward():
+    layer = _layer().eval()
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(7))
+    expected, _ = layer(x, x, x, need_weights=False)
+    state = layer.init_state(2)
+    first, state = layer.step(x[:, :4], state)
+    rest = []
+    for t in range(4, 9):
+        out, state = layer.step(x[:, t : t + 1], state)
+        rest.append(out)
+    assert _rel_err(torch.cat([first, *rest], dim=1), expected) <= 1e-5
+    assert state.position == 9

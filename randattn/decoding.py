@@ -210,22 +210,31 @@ def rand_attention_step(
             vf[..., start:stop, :],
             c[..., start:stop],
         )
-        to_query = _decay(c_state, cc).unsqueeze(-1)  # (N, H, C, 1)
+        # the keys of the state, rescaled to each query's stabiliser (exponent <= 0; exp(-inf) = 0 for an
+        # empty state, as every c here is finite)
+        to_query = torch.exp(c_state - cc).unsqueeze(-1)  # (N, H, C, 1)
         num = (pq @ kv_sum) * to_query
         den = (pq @ key_sum) * to_query
-        keep = torch.ones(stop - start, stop - start, dtype=torch.bool, device=pq.device).tril()
-        rel = torch.where(keep, cc.unsqueeze(-2) - cc.unsqueeze(-1), float("-inf"))
-        scores = (pq @ pk.transpose(-2, -1)) * torch.exp(rel)
-        num = num + scores @ vc
-        den = den + scores.sum(-1, keepdim=True)
-        outs.append(num / torch.where(den == 0, torch.ones_like(den), den))
         c_new = cc[..., -1:]
-        to_state = torch.exp(cc - c_new).unsqueeze(-1)
-        decay = _decay(c_state, c_new).unsqueeze(-1)
-        kv_sum = kv_sum * decay + (pk * to_state).transpose(-2, -1) @ vc
-        key_sum = key_sum * decay + (pk * to_state).sum(-2).unsqueeze(-1)
+        if stop - start == 1:  # one position: its own key only, no mask, no rescaling within the chunk
+            scores = (pq * pk).sum(-1, keepdim=True)
+            num = num + scores * vc
+            den = den + scores
+            pk_state, decay = pk, to_query
+        else:
+            keep = torch.ones(stop - start, stop - start, dtype=torch.bool, device=pq.device).tril()
+            rel = torch.where(keep, cc.unsqueeze(-2) - cc.unsqueeze(-1), float("-inf"))
+            scores = (pq @ pk.transpose(-2, -1)) * torch.exp(rel)
+            num = num + scores @ vc
+            den = den + scores.sum(-1, keepdim=True)
+            pk_state = pk * torch.exp(cc - c_new).unsqueeze(-1)
+            decay = torch.exp(c_state - c_new).unsqueeze(-1)
+        outs.append(num / torch.where(den == 0, torch.ones_like(den), den))
+        # carry the state to the scale of the chunk's last position
+        kv_sum = kv_sum * decay + pk_state.transpose(-2, -1) @ vc
+        key_sum = key_sum * decay + pk_state.sum(-2).unsqueeze(-1)
         c_state = c_new
-    out = torch.cat(outs, dim=-2) if outs else vf.new_zeros(vf.shape)
+    out = (torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]) if outs else vf.new_zeros(vf.shape)
     new_state = DecodingState(kv_sum, key_sum.squeeze(-1), c_state.squeeze(-1), state.position + length)
     return out.to(q.dtype), new_state
 

@@ -142,6 +142,7 @@ LENGTHS = (5, 9, 4, 6)  # uneven blocks, one per rank
 
 
 def _check_context_parallel(rank: int, world: int) -> None:
+    _check_communication(rank, world)
     lengths = LENGTHS[:world]
     start, stop = sum(lengths[:rank]), sum(lengths[: rank + 1])
     total = sum(lengths)
@@ -197,6 +198,45 @@ def _check_context_parallel(rank: int, world: int) -> None:
             grad = p.grad.clone()
             dist.all_reduce(grad)
             assert _rel_err(grad, expected[name]) <= TOL, f"module gradient of {name}, causal={causal}"
+
+
+def _collective_bytes(local_len: int, causal: bool) -> list[tuple[str, int]]:
+    """(collective, bytes of its input) of one forward + backward of context_parallel_attention."""
+    names = ("all_reduce", "all_gather", "reduce_scatter_tensor")
+    originals = {name: getattr(dist, name) for name in names}
+    calls: list[tuple[str, int]] = []
+
+    def recording(name):
+        def call(*args, **kwargs):
+            tensor = args[1] if name == "all_gather" else args[0]
+            calls.append((name, tensor.numel() * tensor.element_size()))
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, local_len, 8, generator=g, requires_grad=True) for _ in range(3))
+    for name in names:
+        setattr(dist, name, recording(name))
+    try:
+        out = context_parallel_attention(q, k, v, torch.randn(16, 8, generator=g), causal=causal)
+        out.sum().backward()
+    finally:
+        for name in names:
+            setattr(dist, name, originals[name])
+    return calls
+
+
+def _check_communication(rank: int, world: int) -> None:
+    n, h, m, dv = 2, 3, 16, 8
+    state = n * h * m * (dv + 1) * 4
+    for causal in (False, True):
+        short, long = _collective_bytes(5, causal), _collective_bytes(40, causal)
+        assert short == long, f"communication depends on the length: {short} vs {long}"
+        if causal:  # forward: all-gather of the state and of the stabilisers + length; backward: gradient of the state
+            assert short == [("all_gather", state), ("all_gather", (n * h + 1) * 8), ("all_reduce", world * state)]
+        else:  # forward: stabiliser MAX and state SUM; backward: gradient of the state
+            assert short == [("all_reduce", n * h * 4), ("all_reduce", state), ("all_reduce", state)]
 
 
 CHECKS = {"data_parallel": _check_data_parallel, "context_parallel": _check_context_parallel}

@@ -285,3 +285,23 @@ def test_recorded_communication_table_is_current():
         'regenerate with: python -c "from randattn.distributed.communication import table_rst; '
         "print(table_rst(), end='')\" > docs/_data/decoding/communication_table.txt"
     )
+
+
+def test_weak_scaling_rows_from_records(tmp_path):
+    import json
+
+    from randattn.distributed import load_weak_scaling, weak_scaling_rows
+
+    assert load_weak_scaling(tmp_path) == []
+    for p, ms in ((2, 110.0), (1, 100.0)):
+        rows = [
+            {"causal": c, "fwd_bwd_ms": ms * (2 if c else 1), "comm_ms": 1.0, "peak_memory_bytes": 2**30}
+            for c in (False, True)
+        ]
+        record = {"world_size": p, "config": {"total_len": 1024 * p}, "rows": rows}
+        (tmp_path / f"context_parallel_p{p}.json").write_text(json.dumps(record))
+    rows = weak_scaling_rows(load_weak_scaling(tmp_path))
+    assert [(r["world_size"], r["causal"]) for r in rows] == [(1, False), (1, True), (2, False), (2, True)]
+    assert rows[0]["efficiency"] == 1.0
+    assert rows[3]["efficiency"] == pytest.approx(100 / 110)
+    assert rows[3]["total_len"] == 2048 and rows[3]["peak_memory_gib"] == 1.0

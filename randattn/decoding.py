@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 import torch
 
 from .features import compute_dtype, relu_features, scale_inputs, softmax_logits
-from .functional import check_kernel_fn
+from .functional import check_kernel_fn, rand_attention
 
 if TYPE_CHECKING:
     from .charlm import CausalTransformer
@@ -384,7 +384,15 @@ def step(layer: RandMultiHeadAttention, x: torch.Tensor, state: DecodingState) -
     if layer.training and layer.dropout > 0.0:
         keep = torch.rand(v.shape[:3] + (1,), device=v.device) >= layer.dropout
         v = v * keep.to(v.dtype) / (1.0 - layer.dropout)
-    out, state = rand_attention_step(q, k, v, cast(torch.Tensor, layer.projection), state, kernel_fn=layer.kernel_fn)
+    projection = cast(torch.Tensor, layer.projection)
+    if state.position == 0 and q.shape[2] > 1:
+        # A prompt on an empty state: the parallel causal forward (the fused kernels on a GPU) gives the
+        # outputs, and the block's state has the stabiliser of its last position, the block maximum.
+        _check_state(state, q.shape[0], q.shape[1], projection.shape[0], v.shape[-1])
+        out = rand_attention(q, k, v, projection, kernel_fn=layer.kernel_fn, causal=True, backend=layer.backend)
+        state = block_state(k, v, projection, kernel_fn=layer.kernel_fn, dtype=state.kv_sum.dtype)
+    else:
+        out, state = rand_attention_step(q, k, v, projection, state, kernel_fn=layer.kernel_fn)
     out = layer.out_proj(out.transpose(1, 2).flatten(2))
     if not layer.batch_first:
         out = out.transpose(0, 1)

@@ -17,13 +17,13 @@ from .grid import (
 )
 from .plot import plot_figure, save_figure, write_figures
 from .store import Results, ResultStore, load_results
-from .summary import crossover, plot_overview, ratio
+from .summary import crossover, crossover_table, plot_overview, ratio
 from .sweep import build_model, record_or_load, run_sweep
 from .timing import Budget, measure
 
 __all__ = [
     "Budget", "FigureSpec", "Grid", "Point", "QUICK_GRID", "Results", "ResultStore", "SPEC_GRID",
-    "build_model", "caption", "crossover", "figure_number", "figures", "load_results", "measure",
+    "build_model", "caption", "crossover", "crossover_table", "figure_number", "figures", "load_results", "measure",
     "plot_figure", "plot_overview", "ratio", "record_or_load", "run_sweep", "save_figure",
     "write_figures",
 ]

@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         results = run_sweep(args.output, grid, device=device, budget=budget,
                             progress=not args.no_progress)
         failures = sum(1 for r in results.points.values() if r["failure"])
-        print(f"{len(results.points)} points ({failures} failed) in {args.output}; "
-              f"{results.describe()}")
+        print(f"{len(results.points)} points ({failures} failed) in {args.output}, "
+              f"recorded {results.describe()}")
         if args.plot:
             print(f"{len(write_figures(results, args.plot))} figures in {args.plot}")
     else:

@@ -117,11 +117,11 @@ class Results:
         return cls(data["setup"], data["metadata"], points)
 
     def describe(self) -> str:
-        """One line naming where and when the results were recorded."""
-        meta = self.metadata
-        date = str(meta.get("updated", ""))[:10]
-        grid = "" if self.grid.label == "spec" else f" ({self.grid.label} grid)"
-        return f"recorded on {meta['device']}{grid} on {date}"
+        """Where and when the results were recorded, e.g. ``"on NVIDIA H100 ... on 2026-11-23 (...)"``."""
+        meta, grid = self.metadata, self.grid
+        note = "" if grid.label == "spec" else f"; {grid.label} grid, not the full benchmark"
+        return (f"on {meta['device']} on {str(meta['updated'])[:10]} (torch "
+                f"{meta['versions']['torch']}, randattn {meta['versions']['randattn']}{note})")
 
 
 def load_results(path: str | os.PathLike) -> Results:

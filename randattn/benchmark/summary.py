@@ -48,18 +48,23 @@ def plot_overview(results: Results, num_heads: int, num_features: int) -> Figure
     """
     grid = results.grid
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.6), dpi=100)
-    for i, e in enumerate(grid.embed_dims):
-        for kernel, style in zip(grid.kernels, ("--", "-")):
-            label = f"E={e} {KERNEL_LABELS[kernel]}"
-            lengths, times = ratio(results, e, num_heads, kernel, num_features, TIME)
-            ax_time.plot(lengths, times, style, color=f"C{i}", marker="o", markersize=4, label=label)
-            lengths, mem = ratio(results, e, num_heads, kernel, num_features, MEMORY)
-            ax_mem.plot(lengths, mem, style, color=f"C{i}", marker="o", markersize=4, label=label)
-    for ax, title in ((ax_time, "speedup: (fwd + bwd time) MHA / Rand"),
-                      (ax_mem, "backward peak-memory ratio MHA / Rand")):
-        ax.axhline(1.0, color="0.3", linewidth=1)
+    panels = ((ax_time, TIME, "speedup: (fwd + bwd time) MHA / Rand"),
+              (ax_mem, MEMORY, "backward peak-memory ratio MHA / Rand"))
+    for ax, metrics, title in panels:
+        drawn = False
+        for i, e in enumerate(grid.embed_dims):
+            for kernel, style in zip(grid.kernels, ("--", "-")):
+                lengths, ratios = ratio(results, e, num_heads, kernel, num_features, metrics)
+                drawn |= bool(ratios)
+                ax.plot(lengths, ratios, style, color=f"C{i}", marker="o", markersize=4,
+                        label=f"E={e} {KERNEL_LABELS[kernel]}")
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        if drawn:
+            ax.set_yscale("log")
+            ax.axhline(1.0, color="0.3", linewidth=1)
+        else:
+            ax.text(0.5, 0.5, f"not measured on {results.metadata['device']}", ha="center",
+                    transform=ax.transAxes, color="0.4")
         ax.set_xlabel("sequence length")
         ax.set_title(title, fontsize=11)
         ax.grid(True, alpha=0.3)
@@ -68,3 +73,23 @@ def plot_overview(results: Results, num_heads: int, num_features: int) -> Figure
                  fontsize=12)
     fig.tight_layout()
     return fig
+
+
+def crossover_table(results: Results, num_heads: int) -> str:
+    """Text table of crossover lengths (time and memory) per (embed_dim, kernel) and ``m``.
+
+    Each cell reads ``time/memory``: the lengths from which ``RandMultiHeadAttention`` is faster
+    (forward + backward) and uses less backward peak memory; ``-`` where it never does.
+    """
+    grid = results.grid
+    header = f"{'embed':>6} {'kernel':>8} " + " ".join(f"{'m=' + str(m):>15}" for m in grid.num_features)
+    rows = [f"crossover lengths at {num_heads} heads (time/memory)", header]
+    for e in grid.embed_dims:
+        for kernel in grid.kernels:
+            cells = []
+            for m in grid.num_features:
+                found = [crossover(*ratio(results, e, num_heads, kernel, m, metrics))
+                         for metrics in (TIME, MEMORY)]
+                cells.append("/".join("-" if n is None else str(n) for n in found))
+            rows.append(f"{e:>6} {kernel:>8} " + " ".join(f"{c:>15}" for c in cells))
+    return "\n".join(rows)

@@ -89,17 +89,22 @@ def run_sweep(path: str | os.PathLike, grid: Grid = SPEC_GRID, *, device: str | 
     return store.results
 
 
+def records_here() -> bool:
+    """Whether :func:`record_or_load` measures here: on CUDA, unless ``RANDATTN_BENCHMARK_RECORD``
+    is ``0`` (``1`` forces a measurement)."""
+    env = os.environ.get("RANDATTN_BENCHMARK_RECORD", "")
+    return torch.cuda.is_available() if env == "" else env == "1"
+
+
 def record_or_load(path: str | os.PathLike, grid: Grid = SPEC_GRID, *,
                    record: bool | None = None, progress: bool = True) -> Results:
     """Results of the benchmark page: measured on a GPU, else read from the recorded file.
 
-    With ``record`` ``None`` (default) the sweep runs when CUDA is available, unless the environment
-    variable ``RANDATTN_BENCHMARK_RECORD`` is ``0`` (``1`` forces it). The sweep resumes and
+    With ``record`` ``None`` (default) the sweep runs when :func:`records_here`. The sweep resumes and
     reuses what ``path`` holds from the same setup, so the examples of the gallery share one sweep.
     """
     if record is None:
-        env = os.environ.get("RANDATTN_BENCHMARK_RECORD", "")
-        record = torch.cuda.is_available() if env == "" else env == "1"
+        record = records_here()
     if record:
         return run_sweep(path, grid, progress=progress)
     if not Path(path).exists():

@@ -106,9 +106,9 @@ def measure(model: nn.Module, x: torch.Tensor, *, dtype: str = "bfloat16",
     finally:
         model.zero_grad(set_to_none=True)
         x.grad = None
+    if result["failure"] and x.device.type == "cuda":  # give the next point a clean allocator
         gc.collect()
-        if x.device.type == "cuda":
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()
     return result
 
 

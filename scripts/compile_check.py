@@ -16,12 +16,15 @@ from randattn.ops.causal import triton as causal_mod
 from randattn.ops.noncausal import triton as noncausal_mod
 
 
+INTS = {"H", "L", "S", "D", "DV", "M", "NT", "NMB", "NSPLIT", "KEYS_PER_SPLIT", "ROWS_PER_SPLIT"}
+
+
 def compile_kernel(kernel, constexprs: dict, dtype: str) -> None:
     params = inspect.signature(kernel.fn).parameters
     sig = {}
     pointer = True
     for name, p in params.items():
-        if not name.isupper():
+        if not name.isupper() or name in INTS:
             pointer = False
         if name in constexprs:
             sig[name] = "constexpr"

@@ -2,7 +2,7 @@
 
 Precision scheme (fp32 accumulation everywhere):
 
-* float32 inputs: every ``tl.dot`` runs with :data:`FP32_DOT_PRECISION` (``"ieee"`` or ``"tf32x3"``),
+* float32 inputs: every ``tl.dot`` runs with ``PRECISION.fp32_dot`` (``"ieee"`` or ``"tf32x3"``),
   whose error is close to float32 arithmetic; plain tf32 is not accurate enough.
 * bfloat16 / float16 inputs: tensor-core operands are in the input dtype. An operand that is already
   exact in that dtype (the loaded ``q``, ``k``, ``v``, ``dout`` tiles) is used as is; a float32 operand
@@ -26,7 +26,8 @@ import triton.language as tl
 
 from ..features import RELU_EPS
 
-__all__ = ["Precision", "PRECISION", "KERNEL_CODES", "prepare_projection", "interpreting", "fixed_grid_size"]
+__all__ = ["Precision", "PRECISION", "KERNEL_CODES", "LAUNCH", "launch_opts", "prepare_projection", "interpreting",
+           "fixed_grid_size"]
 
 #: Kernel function codes passed to the kernels as a compile-time constant.
 KERNEL_CODES = {"softmax": 0, "relu": 1}
@@ -48,17 +49,34 @@ class Precision:
         fp32_dot: ``input_precision`` of float32 dots (``"ieee"`` or ``"tf32x3"``).
     """
 
-    state: int = 1
-    mixed: int = 1
+    state: int = 2
+    mixed: int = 3
     fp32_dot: str = "ieee"
 
 
 #: The precision used by the kernels (module-level so that benchmarks can compare settings).
 PRECISION = Precision(
-    state=int(os.environ.get("RANDATTN_TRITON_STATE_PASSES", "1")),
-    mixed=int(os.environ.get("RANDATTN_TRITON_MIXED_PASSES", "1")),
+    state=int(os.environ.get("RANDATTN_TRITON_STATE_PASSES", "2")),
+    mixed=int(os.environ.get("RANDATTN_TRITON_MIXED_PASSES", "3")),
     fp32_dot=os.environ.get("RANDATTN_TRITON_FP32_DOT", "ieee"),
 )
+
+
+#: Launch settings per kernel: ``(num_warps, num_stages)``; ``"*"`` is the default. Overridable with
+#: ``RANDATTN_TRITON_LAUNCH="name=warps,stages;..."`` for tuning runs.
+LAUNCH: dict[str, tuple[int, int]] = {"*": (4, 2), "chunk_grad": (8, 1), "scan": (4, 3)}
+for _item in filter(None, os.environ.get("RANDATTN_TRITON_LAUNCH", "").split(";")):
+    _name, _value = _item.split("=")
+    LAUNCH[_name] = tuple(int(x) for x in _value.split(","))  # type: ignore[assignment]
+
+#: Feature-block width (columns of ``W'`` per tile) and rows per tile of the kernels.
+BLOCK_FEATURES = int(os.environ.get("RANDATTN_TRITON_BLOCK_M", "64"))
+
+
+def launch_opts(name: str) -> dict:
+    """``num_warps`` and ``num_stages`` of kernel ``name`` (see :data:`LAUNCH`)."""
+    warps, stages = LAUNCH.get(name, LAUNCH["*"])
+    return {"num_warps": warps, "num_stages": stages}
 
 
 def interpreting() -> bool:
@@ -95,8 +113,22 @@ def relu_scale(num_features: int) -> float:
 RELU_FEATURE_EPS = RELU_EPS
 
 
+#: The interpreter's bfloat16 ``tl.dot`` is wrong (seen with Triton 3.9): there, bfloat16 operands are
+#: widened to float32 first, which gives the same exact products.
+_WIDEN_BF16 = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
 # ----------------------------------------------------------------------------------------------
 # jit helpers
+
+
+@triton.jit
+def dot_lowp(a, b, acc):
+    """``acc + a @ b`` for bfloat16/float16 operands with float32 accumulation."""
+    if _WIDEN_BF16 and a.dtype == tl.bfloat16:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
 
 
 @triton.jit
@@ -105,9 +137,9 @@ def mm_exact_a(a, b_hi, b_lo, acc, PASSES: tl.constexpr, FP32_DOT: tl.constexpr)
     if a.dtype == tl.float32:
         acc = tl.dot(a, b_hi, acc, input_precision=FP32_DOT)
     else:
-        acc = tl.dot(a, b_hi, acc)
+        acc = dot_lowp(a, b_hi, acc)
         if PASSES >= 2:
-            acc = tl.dot(a, b_lo, acc)
+            acc = dot_lowp(a, b_lo, acc)
     return acc
 
 
@@ -118,10 +150,10 @@ def mm_exact_b(a, b, acc, PASSES: tl.constexpr, FP32_DOT: tl.constexpr):
         acc = tl.dot(a, b, acc, input_precision=FP32_DOT)
     else:
         a_hi = a.to(b.dtype)
-        acc = tl.dot(a_hi, b, acc)
+        acc = dot_lowp(a_hi, b, acc)
         if PASSES >= 2:
             a_lo = (a - a_hi.to(tl.float32)).to(b.dtype)
-            acc = tl.dot(a_lo, b, acc)
+            acc = dot_lowp(a_lo, b, acc)
     return acc
 
 
@@ -133,11 +165,11 @@ def mm_mixed(a, b, acc, like, PASSES: tl.constexpr, FP32_DOT: tl.constexpr):
     else:
         a_hi = a.to(like.dtype)
         b_hi = b.to(like.dtype)
-        acc = tl.dot(a_hi, b_hi, acc)
+        acc = dot_lowp(a_hi, b_hi, acc)
         if PASSES >= 2:
-            acc = tl.dot((a - a_hi.to(tl.float32)).to(like.dtype), b_hi, acc)
+            acc = dot_lowp((a - a_hi.to(tl.float32)).to(like.dtype), b_hi, acc)
         if PASSES >= 3:
-            acc = tl.dot(a_hi, (b - b_hi.to(tl.float32)).to(like.dtype), acc)
+            acc = dot_lowp(a_hi, (b - b_hi.to(tl.float32)).to(like.dtype), acc)
     return acc
 
 
@@ -148,11 +180,11 @@ def mm_mixed_w(a, w_hi, w_lo, acc, PASSES: tl.constexpr, FP32_DOT: tl.constexpr)
         acc = tl.dot(a, w_hi, acc, input_precision=FP32_DOT)
     else:
         a_hi = a.to(w_hi.dtype)
-        acc = tl.dot(a_hi, w_hi, acc)
+        acc = dot_lowp(a_hi, w_hi, acc)
         if PASSES >= 2:
-            acc = tl.dot((a - a_hi.to(tl.float32)).to(w_hi.dtype), w_hi, acc)
+            acc = dot_lowp((a - a_hi.to(tl.float32)).to(w_hi.dtype), w_hi, acc)
         if PASSES >= 3:
-            acc = tl.dot(a_hi, w_lo, acc)
+            acc = dot_lowp(a_hi, w_lo, acc)
     return acc
 
 

@@ -39,6 +39,9 @@ from .._triton_utils import (
     mm_exact_b,
     mm_mixed,
     mm_mixed_w,
+    BLOCK_FEATURES,
+    interpreting,
+    launch_opts,
     prepare_projection,
     relu_scale,
 )
@@ -54,7 +57,7 @@ def _pow2(x: int) -> int:
 
 
 def _block_m(m: int) -> int:
-    return min(64, _pow2(m))
+    return min(BLOCK_FEATURES, _pow2(m))
 
 
 @triton.jit
@@ -396,6 +399,11 @@ def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The interpreter rounds float32 to bfloat16 by truncation: there, kernels write float32."""
+    return torch.float32 if dtype == torch.bfloat16 and interpreting() else dtype
+
+
 def _sizes(q, v, projection, kernel_fn):
     d, dv, m = q.shape[-1], v.shape[-1], projection.shape[0]
     return dict(
@@ -410,6 +418,7 @@ def _scan(x, xz, decay, gain, nmb, sz, reverse):
     _scan_kernel[(nmb, triton.cdiv(sz["dv"], block_dv), nh)](
         x, xz, decay, gain, nt, sz["m"], sz["dv"], nmb,
         REVERSE=reverse, BLOCK_M=sz["BLOCK_M"], BLOCK_DV=block_dv,
+        **launch_opts("scan"),
     )
 
 
@@ -431,6 +440,7 @@ def _stabilisers(k, v, w_hi, w_lo, key_bias, sz):
         h, length, sz["d"], sz["dv"], sz["m"], nt, nmb, sz["half"], sz["rscale"], RELU_FEATURE_EPS,
         HAS_BIAS=key_bias is not None, KERNEL=sz["KERNEL"], BLOCK_C=CHUNK, BLOCK_D=sz["BLOCK_D"],
         BLOCK_M=sz["BLOCK_M"], BLOCK_DV=sz["BLOCK_DV"], STATE_PASSES=PRECISION.state, FP32_DOT=PRECISION.fp32_dot,
+        **launch_opts("chunk_state"),
     )
     c = torch.cummax(rp.amax(-1), dim=-1).values
     last = torch.clamp(torch.arange(nt, device=k.device) * CHUNK + CHUNK - 1, max=length - 1)
@@ -451,11 +461,11 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     # states at the scale of the previous chunk's end
     _scan(a, za, torch.exp(cprev - cend).contiguous(), torch.exp(mb - cend[..., None]).contiguous(), nmb, sz, False)
     f32 = dict(device=q.device, dtype=torch.float32)
-    out = torch.empty(n, h, length, sz["dv"], device=q.device, dtype=q.dtype)
+    out = torch.empty(n, h, length, sz["dv"], device=q.device, dtype=_store_dtype(q.dtype))
     cq = torch.empty(nh, length, **f32)
     den = torch.empty(nh, length, **f32)
     _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, a, za, out, cq, den, None, None, sz)
-    return out, a, za, c, cprev, cend, cq, den
+    return out.to(q.dtype), a, za, c, cprev, cend, cq, den
 
 
 def _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, out, cq, den, dout, tv, sz):
@@ -474,6 +484,7 @@ def _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, out, cq, den, 
         HAS_BIAS=key_bias is not None, KERNEL=sz["KERNEL"], GRAD_T=grad_t, BLOCK_C=CHUNK,
         BLOCK_D=sz["BLOCK_D"], BLOCK_M=sz["BLOCK_M"], BLOCK_DV=sz["BLOCK_DV"],
         STATE_PASSES=PRECISION.state, MIXED_PASSES=PRECISION.mixed, FP32_DOT=PRECISION.fp32_dot,
+        **launch_opts("chunk_out"),
     )
 
 
@@ -497,11 +508,12 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, st, szs, c, cprev,
         h, length, sz["d"], sz["dv"], sz["m"], nt, *consts,
         KERNEL=sz["KERNEL"], BLOCK_C=CHUNK, BLOCK_D=sz["BLOCK_D"], BLOCK_M=sz["BLOCK_M"],
         BLOCK_DV=sz["BLOCK_DV"], STATE_PASSES=PRECISION.state, FP32_DOT=PRECISION.fp32_dot,
+        **launch_opts("chunk_rstate"),
     )
     _scan(rb, rz, torch.exp(cprev - cend).contiguous(), torch.ones(nh, nt, nmb, **f32), nmb, sz, True)
-    dq = torch.empty(n, h, length, sz["d"], device=q.device, dtype=q.dtype)
-    dk = torch.empty(n, h, length, sz["d"], device=q.device, dtype=k.dtype)
-    dv = torch.empty(n, h, length, sz["dv"], device=q.device, dtype=v.dtype)
+    dq = torch.empty(n, h, length, sz["d"], device=q.device, dtype=_store_dtype(q.dtype))
+    dk = torch.empty(n, h, length, sz["d"], device=q.device, dtype=_store_dtype(k.dtype))
+    dv = torch.empty(n, h, length, sz["dv"], device=q.device, dtype=_store_dtype(v.dtype))
     bias = key_bias.contiguous() if key_bias is not None else c
     _chunk_grad_kernel[(nt, nh)](
         q, k, v, dout, w_hi, w_lo, bias, c, cprev, cend, cq, den, tv, st, szs, rb, rz, dq, dk, dv,
@@ -511,8 +523,9 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, st, szs, c, cprev,
         HAS_BIAS=key_bias is not None, KERNEL=sz["KERNEL"], BLOCK_C=CHUNK, BLOCK_D=sz["BLOCK_D"],
         BLOCK_M=sz["BLOCK_M"], BLOCK_DV=sz["BLOCK_DV"], STATE_PASSES=PRECISION.state,
         MIXED_PASSES=PRECISION.mixed, FP32_DOT=PRECISION.fp32_dot,
+        **launch_opts("chunk_grad"),
     )
-    return dq, dk, dv
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ from .._triton_utils import (
     mm_exact_b,
     mm_mixed,
     mm_mixed_w,
+    BLOCK_FEATURES,
+    interpreting,
+    launch_opts,
     prepare_projection,
     relu_scale,
 )
@@ -50,7 +53,7 @@ def _pow2(x: int) -> int:
 
 
 def _block_m(m: int) -> int:
-    return min(64, _pow2(m))
+    return min(BLOCK_FEATURES, _pow2(m))
 
 
 @triton.jit
@@ -350,6 +353,11 @@ def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The interpreter rounds float32 to bfloat16 by truncation: there, kernels write float32."""
+    return torch.float32 if dtype == torch.bfloat16 and interpreting() else dtype
+
+
 def _split(rows: int, blocks_per_row_group: int, device: torch.device) -> tuple[int, int]:
     """Number of splits of ``rows`` (a multiple of ``BLOCK_ROWS`` each) that fills the device."""
     want = max(1, -(-2 * fixed_grid_size(device) // max(1, blocks_per_row_group)))
@@ -386,12 +394,13 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
         h, s_len, c["d"], c["dv"], c["m"], per, nsplit, c["half"], c["rscale"], RELU_FEATURE_EPS,
         HAS_BIAS=key_bias is not None, KERNEL=c["KERNEL"], BLOCK_S=BLOCK_ROWS, BLOCK_D=c["BLOCK_D"],
         BLOCK_M=c["BLOCK_M"], BLOCK_DV=c["BLOCK_DV"], STATE_PASSES=PRECISION.state, FP32_DOT=PRECISION.fp32_dot,
+        **launch_opts("key_state"),
     )
     ck = mx.amax(dim=(1, 2))
     scale = torch.exp(mx - ck[:, None, None]).repeat_interleave(c["BLOCK_M"], dim=2)[:, :, : c["m"]]
     state = (a * scale[..., None]).sum(1)
     ksum = (z * scale).sum(1)
-    out = torch.empty(n, h, length, c["dv"], device=q.device, dtype=q.dtype)
+    out = torch.empty(n, h, length, c["dv"], device=q.device, dtype=_store_dtype(q.dtype))
     cq = torch.empty(nh, length, **f32)
     den = torch.empty(nh, length, **f32)
     _query_out_kernel[(triton.cdiv(length, BLOCK_ROWS), nh)](
@@ -400,8 +409,9 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
         h, length, c["d"], c["dv"], c["m"], c["half"], c["rscale"], RELU_FEATURE_EPS,
         KERNEL=c["KERNEL"], BLOCK_L=BLOCK_ROWS, BLOCK_D=c["BLOCK_D"], BLOCK_M=c["BLOCK_M"],
         BLOCK_DV=c["BLOCK_DV"], MIXED_PASSES=PRECISION.mixed, FP32_DOT=PRECISION.fp32_dot,
+        **launch_opts("query_out"),
     )
-    return out, state, ksum, ck, cq, den
+    return out.to(q.dtype), state, ksum, ck, cq, den
 
 
 def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, cq, den):
@@ -413,7 +423,7 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
     w_hi, w_lo = prepare_projection(projection, c["d"], q.dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
     common_consts = (c["half"], c["rscale"], RELU_FEATURE_EPS)
-    dq = torch.empty(n, h, length, c["d"], device=q.device, dtype=q.dtype)
+    dq = torch.empty(n, h, length, c["d"], device=q.device, dtype=_store_dtype(q.dtype))
     tv = torch.empty(nh, length, **f32)
     _query_grad_kernel[(triton.cdiv(length, BLOCK_ROWS), nh)](
         q, dout, w_hi, w_lo, state, ksum, cq, den, dq, tv,
@@ -422,6 +432,7 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
         KERNEL=c["KERNEL"], BLOCK_L=BLOCK_ROWS, BLOCK_D=c["BLOCK_D"], BLOCK_M=c["BLOCK_M"],
         BLOCK_DV=c["BLOCK_DV"], STATE_PASSES=PRECISION.state, MIXED_PASSES=PRECISION.mixed,
         FP32_DOT=PRECISION.fp32_dot,
+        **launch_opts("query_grad"),
     )
     nmb = triton.cdiv(c["m"], c["BLOCK_M"])
     nsplit, per = _split(length, nmb * nh, q.device)
@@ -433,11 +444,12 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
         h, length, c["d"], c["dv"], c["m"], per, nsplit, *common_consts,
         KERNEL=c["KERNEL"], BLOCK_L=BLOCK_ROWS, BLOCK_D=c["BLOCK_D"], BLOCK_M=c["BLOCK_M"],
         BLOCK_DV=c["BLOCK_DV"], STATE_PASSES=PRECISION.state, FP32_DOT=PRECISION.fp32_dot,
+        **launch_opts("query_state_grad"),
     )
     dst = dst.sum(1)
     dks = dks.sum(1)
-    dk = torch.empty(n, h, s_len, c["d"], device=q.device, dtype=k.dtype)
-    dv = torch.empty(n, h, s_len, c["dv"], device=q.device, dtype=v.dtype)
+    dk = torch.empty(n, h, s_len, c["d"], device=q.device, dtype=_store_dtype(k.dtype))
+    dv = torch.empty(n, h, s_len, c["dv"], device=q.device, dtype=_store_dtype(v.dtype))
     bias = key_bias.contiguous() if key_bias is not None else dst
     _key_grad_kernel[(triton.cdiv(s_len, BLOCK_ROWS), nh)](
         k, v, w_hi, w_lo, bias, ck, dst, dks, dk, dv,
@@ -446,8 +458,9 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
         HAS_BIAS=key_bias is not None, KERNEL=c["KERNEL"], BLOCK_S=BLOCK_ROWS, BLOCK_D=c["BLOCK_D"],
         BLOCK_M=c["BLOCK_M"], BLOCK_DV=c["BLOCK_DV"], STATE_PASSES=PRECISION.state,
         MIXED_PASSES=PRECISION.mixed, FP32_DOT=PRECISION.fp32_dot,
+        **launch_opts("key_grad"),
     )
-    return dq, dk, dv
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,207 @@
+"""Benchmark the attention kernels on a GPU, and check their accuracy against the 2x rule.
+
+Benchmark (default): batch 4, embed 512, 8 heads, m = 256, L = 1024 ... 65536, non-causal and causal,
+bf16 autocast and fp32. Rows: ``RandMultiHeadAttention`` with the Triton kernels and with the
+reference backend, ``nn.MultiheadAttention`` (need_weights=False) and the in/out projections alone.
+Forward and backward are timed separately (medians of CUDA-event timings, see
+:mod:`randattn.benchmark.timing`); ``total`` is their sum. The attention core is ``total`` minus the
+projections, compared with its floor: FLOPs of the linear-attention products at the matrix rate, or
+the bytes of ``q, k, v, out`` (and gradients) at the copy bandwidth, whichever is larger.
+
+``--accuracy``: worst ratio (kernel error / reference error, both against float64) over output and
+gradients, per precision setting (:class:`randattn.ops._triton_utils.Precision`), dtype and mode.
+
+Usage::
+
+    python scripts/bench_kernels.py --out results.json
+    python scripts/bench_kernels.py --accuracy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from randattn import RandMultiHeadAttention  # noqa: E402
+from randattn.benchmark.timing import measure  # noqa: E402
+
+BATCH, EMBED, HEADS, FEATURES = 4, 512, 8, 256
+LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+#: H100 ceilings used for the floor (measured: 2.93 TB/s copy, 750 TFLOP/s bf16 matmul; fp32 on the
+#: CUDA cores, 67 TFLOP/s datasheet).
+COPY_BYTES_PER_S = 2.9e12
+MATMUL_FLOPS = {"bfloat16": 750e12, "float32": 67e12}
+
+
+class Projections(nn.Module):
+    """The in/out projections of one attention layer alone (what every attention layer pays)."""
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.in_proj = nn.Linear(embed_dim, 3 * embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, query, key, value, need_weights=False):
+        q, _, _ = self.in_proj(query).chunk(3, dim=-1)
+        return self.out_proj(q), None
+
+
+class CausalMHA(nn.Module):
+    """``nn.MultiheadAttention`` with a causal mask (``is_causal=True``)."""
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.mha = mha
+
+    def forward(self, query, key, value, need_weights=False):
+        length = query.shape[1]
+        mask = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
+        return self.mha(query, key, value, need_weights=False, attn_mask=mask, is_causal=True)
+
+
+def floor_ms(length: int, dtype: str, passes: str) -> float:
+    """Floor of the attention core: max(FLOPs / matrix rate, bytes / copy bandwidth), in ms."""
+    dh = EMBED // HEADS
+    unit = 2.0 * BATCH * HEADS * length * FEATURES * dh  # one (L x m x d) product
+    flops = (4 if passes == "fwd" else 12) * unit
+    elem = 2 if dtype == "bfloat16" else 4
+    tensors = 4 if passes == "fwd" else 11
+    nbytes = tensors * BATCH * length * EMBED * elem
+    return 1e3 * max(flops / MATMUL_FLOPS[dtype], nbytes / COPY_BYTES_PER_S)
+
+
+def build(impl: str, causal: bool, device) -> nn.Module:
+    if impl == "proj":
+        return Projections(EMBED).to(device)
+    if impl == "mha":
+        mha = nn.MultiheadAttention(EMBED, HEADS, batch_first=True).to(device)
+        return CausalMHA(mha) if causal else mha
+    backend = {"rand": "auto", "rand_triton": "triton", "rand_reference": "reference"}[impl]
+    return RandMultiHeadAttention(EMBED, HEADS, batch_first=True, num_random_features=FEATURES, causal=causal,
+                                  backend=backend, device=device)
+
+
+def skip_reason(impl: str, causal: bool, dtype: str, length: int) -> str | None:
+    if impl == "mha" and dtype == "float32" and length > 16384:
+        return "slow (see anchors)"
+    if impl == "mha" and causal and length > 16384:
+        return "slow (see anchors)"
+    return None
+
+
+def bench(args) -> list[dict]:
+    device = torch.device("cuda")
+    rows = []
+    for causal in args.modes:
+        for dtype in args.dtypes:
+            for length in args.lengths:
+                proj_total = None
+                proj_fwd = None
+                for impl in args.impls:
+                    reason = skip_reason(impl, causal, dtype, length)
+                    row = dict(impl=impl, causal=causal, dtype=dtype, L=length)
+                    if reason:
+                        row["failure"] = reason
+                        rows.append(row)
+                        continue
+                    torch.manual_seed(0)
+                    model = build(impl, causal, device)
+                    x = torch.randn(BATCH, length, EMBED, device=device, requires_grad=True)
+                    t0 = time.time()
+                    rec = measure(model, x, dtype=dtype)
+                    row.update(rec)
+                    row["wall_s"] = time.time() - t0
+                    if rec["fwd_ms"] is not None and rec["bwd_ms"] is not None:
+                        row["total_ms"] = rec["fwd_ms"] + rec["bwd_ms"]
+                    if impl == "proj" and "total_ms" in row:
+                        proj_total, proj_fwd = row["total_ms"], row["fwd_ms"]
+                    if impl != "proj" and proj_total is not None and "total_ms" in row:
+                        row["core_fwd_ms"] = row["fwd_ms"] - proj_fwd
+                        row["core_total_ms"] = row["total_ms"] - proj_total
+                        row["floor_fwd_ms"] = floor_ms(length, dtype, "fwd")
+                        row["floor_total_ms"] = floor_ms(length, dtype, "total")
+                        row["total_over_proj"] = row["total_ms"] / proj_total
+                    rows.append(row)
+                    print(format_row(row), flush=True)
+                    del model, x
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def _f(v, fmt="{:8.2f}"):
+    return fmt.format(v) if isinstance(v, (int, float)) else f"{'-':>8s}"
+
+
+def format_row(r: dict) -> str:
+    mode = "causal" if r["causal"] else "noncaus"
+    if r.get("failure"):
+        return f"{mode:7s} {r['dtype'][:4]:4s} {r['L']:6d} {r['impl']:15s} {r['failure']}"
+    return (f"{mode:7s} {r['dtype'][:4]:4s} {r['L']:6d} {r['impl']:15s} fwd {_f(r.get('fwd_ms'))} "
+            f"bwd {_f(r.get('bwd_ms'))} tot {_f(r.get('total_ms'))} MiB {_f(r.get('fwd_mib'), '{:7.0f}')}/"
+            f"{_f(r.get('bwd_mib'), '{:7.0f}')} core {_f(r.get('core_fwd_ms'))}/{_f(r.get('core_total_ms'))} "
+            f"floor {_f(r.get('floor_fwd_ms'))}/{_f(r.get('floor_total_ms'))} x_proj {_f(r.get('total_over_proj'))}")
+
+
+def accuracy(args) -> None:
+    import _triton_checks as checks
+
+    from randattn.ops._triton_utils import PRECISION
+
+    settings = [tuple(int(c) for c in s) for s in args.settings.split(",")]
+    gen = torch.Generator().manual_seed(0)
+    for state, mixed in settings:
+        PRECISION.state, PRECISION.mixed = state, mixed
+        worst = {}
+        for causal in (False, True):
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                if dtype == torch.float32 and (state, mixed) != settings[0]:
+                    continue
+                for shape in ((2, 4, 2048, 2048, 64, 64, 256), (1, 4, 1000, 1000, 128, 64, 512)):
+                    n, h, length, s_len, d, dv, m = shape
+                    for kernel_fn in ("softmax", "relu"):
+                        inputs = checks.make_inputs(n, h, length, s_len, d, dv, m, dtype, gen, mask="bool")
+                        exact = checks.run_fp64(*inputs, kernel_fn, causal)
+                        ref = checks.run("reference", *inputs, kernel_fn, causal)
+                        tri = checks.run("triton", *inputs, kernel_fn, causal)
+                        for name, e, r, t in zip(("out", "dq", "dk", "dv"), exact, ref, tri):
+                            ratio = checks.rel_err(t, e) / max(checks.rel_err(r, e), 1e-30)
+                            key = ("causal" if causal else "noncausal", str(dtype)[6:], name)
+                            worst[key] = max(worst.get(key, 0.0), ratio)
+        line = " ".join(f"{k[0][:4]}/{k[1][:4]}/{k[2]}={v:.2f}" for k, v in sorted(worst.items()))
+        print(f"ACCURACY state={state} mixed={mixed}: max={max(worst.values()):.2f} :: {line}", flush=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    p.add_argument("--modes", nargs="+", default=["noncausal", "causal"])
+    p.add_argument("--impls", nargs="+", default=["proj", "rand_triton", "rand_reference", "mha"])
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--accuracy", action="store_true")
+    p.add_argument("--settings", default="23,11,21,22", help="precision settings (state, mixed) to compare")
+    args = p.parse_args()
+    args.modes = [m == "causal" for m in args.modes]
+    if args.accuracy:
+        accuracy(args)
+        return 0
+    rows = bench(args)
+    print("\nFINAL TABLE")
+    for r in rows:
+        print(format_row(r))
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Shared checks of the Triton kernels against the reference ops and a float64 formula.
+
+The accuracy rule: the kernels' error against a float64 evaluation of the same formula is at most
+twice the error of the reference op run in the same dtype (plus a tiny floor for float32, where both
+errors are at the level of float32 rounding and their ratio is noise).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from randattn.features import RELU_EPS, draw_projection
+from randattn.functional import rand_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+#: Error floors below which the 2x comparison is not meaningful (relative Frobenius error).
+FLOOR = {torch.float32: 2e-6, torch.float16: 0.0, torch.bfloat16: 0.0}
+
+
+def fp64_attention(q, k, v, projection, kernel_fn, key_bias, causal):
+    """The attention of the math notes evaluated directly in float64 (quadratic; small inputs only)."""
+    d, m = q.shape[-1], projection.shape[0]
+    x = q.double() * d**-0.25
+    y = k.double() * d**-0.25
+    w = projection.double()
+    b = 0.0 if key_bias is None else key_bias.double()[:, None, :, None]
+    if kernel_fn == "softmax":
+        sq = x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)
+        sk = y @ w.T - 0.5 * (y * y).sum(-1, keepdim=True)
+        phi_q = torch.exp(sq - sq.amax(-1, keepdim=True).detach())
+        phi_k = torch.exp(sk - sk.amax(dim=(-2, -1), keepdim=True).detach() + b)
+    else:
+        phi_q = torch.relu(x @ w.T) * m**-0.5 + RELU_EPS
+        phi_k = (torch.relu(y @ w.T) * m**-0.5 + RELU_EPS) * torch.exp(torch.as_tensor(b, dtype=torch.float64))
+    a = phi_q @ phi_k.transpose(-2, -1)
+    if causal:
+        a = a.tril()
+    num = a @ v.double()
+    den = a.sum(-1, keepdim=True)
+    return num / torch.where(den == 0, torch.ones_like(den), den)
+
+
+def make_inputs(n, h, length, s_len, d, dv, m, dtype, gen, scale=1.0, mask=None, device=DEVICE):
+    """Random ``q, k, v, projection, dout`` and a key padding mask.
+
+    ``mask``: ``None``, ``"bool"`` (some keys dropped, every key of batch element 1 dropped when
+    ``n > 1``) or ``"float"`` (additive values in ``[-2, 1]`` and some ``-inf``).
+    """
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * s).to(device=device, dtype=dtype)
+
+    q = rnd(n, h, length, d, s=scale)
+    k = rnd(n, h, s_len, d, s=scale)
+    v = rnd(n, h, s_len, dv)
+    dout = rnd(n, h, length, dv)
+    projection = draw_projection(m, d, generator=gen).to(device)
+    key_mask = None
+    if mask == "bool":
+        key_mask = torch.rand(n, s_len, generator=gen) < 0.3
+        if n > 1:
+            key_mask[1] = True
+        key_mask = key_mask.to(device)
+    elif mask == "float":
+        key_mask = (torch.rand(n, s_len, generator=gen) * 3 - 2).float()
+        key_mask[torch.rand(n, s_len, generator=gen) < 0.2] = float("-inf")
+        key_mask = key_mask.to(device)
+    return q, k, v, projection, dout, key_mask
+
+
+def _bias(key_mask):
+    if key_mask is None:
+        return None
+    if key_mask.dtype == torch.bool:
+        return torch.where(key_mask, float("-inf"), 0.0).float()
+    return key_mask.float()
+
+
+def run(backend, q, k, v, projection, dout, key_mask, kernel_fn, causal):
+    """Output and gradients ``[out, dq, dk, dv]`` of ``rand_attention`` with one backend."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = rand_attention(*leaves, projection, kernel_fn=kernel_fn, causal=causal, key_padding_mask=key_mask,
+                         backend=backend)
+    out.backward(dout)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def run_fp64(q, k, v, projection, dout, key_mask, kernel_fn, causal):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = fp64_attention(*leaves, projection, kernel_fn, _bias(key_mask), causal)
+    out.backward(dout.double())
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def rel_err(a, ref):
+    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def check_against_reference(q, k, v, projection, dout, key_mask, kernel_fn, causal, names=("out", "dq", "dk", "dv")):
+    """Assert the 2x rule for the output and every gradient; returns the errors for reporting."""
+    exact = run_fp64(q, k, v, projection, dout, key_mask, kernel_fn, causal)
+    ref = run("reference", q, k, v, projection, dout, key_mask, kernel_fn, causal)
+    tri = run("triton", q, k, v, projection, dout, key_mask, kernel_fn, causal)
+    report = {}
+    for name, e, r, t in zip(names, exact, ref, tri):
+        assert t.dtype == q.dtype and t.shape == r.shape, name
+        assert torch.isfinite(t).all(), f"{name} has non-finite values"
+        err_t, err_r = rel_err(t, e), rel_err(r, e)
+        report[name] = (err_t, err_r)
+        assert err_t <= 2 * err_r + FLOOR[q.dtype], f"{name}: kernel error {err_t:.3e} > 2 x reference {err_r:.3e}"
+    return report

@@ -1,0 +1,114 @@
+"""Causal Triton kernels against the reference op and a float64 evaluation (output and gradients).
+
+On a machine without a GPU the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set in
+``conftest.py``) on small shapes; with a GPU the larger cases run too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from _triton_checks import DEVICE, check_against_reference, make_inputs, run  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+# (N, H, L, S, d, d_v, m)
+SMALL = [(2, 2, 37, 37, 16, 16, 32), (1, 2, 150, 150, 32, 16, 16)]
+
+
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+@pytest.mark.parametrize("shape", SMALL, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_matches_reference_fp32(kernel_fn, shape, mask, gen):
+    n, h, length, s_len, d, dv, m = shape
+    inputs = make_inputs(n, h, length, s_len, d, dv, m, torch.float32, gen, scale=1.5, mask=mask)
+    check_against_reference(*inputs, kernel_fn, causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matches_reference_low_precision(dtype, gen):
+    inputs = make_inputs(2, 1, 90, 90, 16, 32, 32, dtype, gen, mask="bool")
+    check_against_reference(*inputs, "softmax", causal=True)
+
+
+def test_fully_masked_rows_are_zero_and_gradients_finite(gen):
+    q, k, v, projection, dout, _ = make_inputs(2, 2, 30, 30, 16, 16, 16, torch.float32, gen)
+    mask = torch.zeros(2, 30, dtype=torch.bool, device=DEVICE)
+    mask[0] = True
+    out, dq, dk, dv = run("triton", q, k, v, projection, dout, mask, "softmax", True)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert out[1].abs().sum() > 0
+    for g in (dq, dk, dv):
+        assert torch.isfinite(g).all()
+    assert torch.equal(dq[0], torch.zeros_like(dq[0]))
+
+
+def test_leading_masked_keys_give_zero_rows(gen):
+    """Queries before the first kept key have no keys: zero output, finite gradients."""
+    q, k, v, projection, dout, _ = make_inputs(1, 2, 80, 80, 16, 16, 32, torch.float32, gen)
+    mask = torch.zeros(1, 80, dtype=torch.bool, device=DEVICE)
+    mask[0, :70] = True
+    out, dq, dk, dv = run("triton", q, k, v, projection, dout, mask, "softmax", True)
+    assert torch.equal(out[:, :, :70], torch.zeros_like(out[:, :, :70]))
+    assert (out[:, :, 70:].abs().sum(-1) > 0).all()
+    for g in (dq, dk, dv):
+        assert torch.isfinite(g).all()
+
+
+def test_future_keys_do_not_change_the_past(gen):
+    """Changing the keys and values after position p leaves outputs up to p unchanged (also their scale)."""
+    q, k, v, projection, dout, _ = make_inputs(1, 2, 100, 100, 16, 16, 32, torch.float32, gen)
+    out = run("triton", q, k, v, projection, dout, None, "softmax", True)[0]
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 60:] *= 6.0
+    v2[:, :, 60:] = 1e3
+    out2 = run("triton", q, k2, v2, projection, dout, None, "softmax", True)[0]
+    torch.testing.assert_close(out[:, :, :60], out2[:, :, :60], rtol=0, atol=0)
+
+
+def test_projection_gets_no_gradient(gen):
+    q, k, v, projection, dout, _ = make_inputs(1, 1, 20, 20, 16, 16, 16, torch.float32, gen)
+    projection.requires_grad_()
+    out = run("triton", q, k, v, projection, dout, None, "softmax", True)[0]
+    assert projection.grad is None and torch.isfinite(out).all()
+
+
+def test_non_contiguous_heads(gen):
+    """Heads split from a ``(N, L, H * d)`` projection arrive as strided views."""
+    q, k, v, projection, dout, _ = make_inputs(2, 3, 40, 40, 16, 16, 32, torch.float32, gen)
+    views = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    a = run("triton", *views, projection, dout, None, "softmax", True)
+    b = run("triton", q, k, v, projection, dout, None, "softmax", True)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
+# ---- GPU sizes ---------------------------------------------------------------------------------
+
+GPU_SHAPES = [(2, 4, 1000, 1000, 64, 64, 256), (1, 2, 4096, 4096, 128, 64, 512), (2, 2, 2048, 2048, 32, 32, 64)]
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gpu_sizes(dtype, kernel_fn, shape, gen):
+    n, h, length, s_len, d, dv, m = shape
+    inputs = make_inputs(n, h, length, s_len, d, dv, m, dtype, gen, scale=1.0, mask="bool")
+    report = check_against_reference(*inputs, kernel_fn, causal=True)
+    print("ERR", "noncausal", kernel_fn, dtype, shape, {k: f"{a:.2e}/{b:.2e}" for k, (a, b) in report.items()})
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_long_sequence_large_logits_finite(dtype, gen):
+    """L = 65536 with logits q.k/sqrt(d) up to about +-30: no NaN or inf in output or gradients."""
+    q, k, v, projection, dout, _ = make_inputs(1, 2, 65536, 65536, 64, 64, 256, dtype, gen, scale=2.2)
+    logits = (q[0, 0, :512].float() @ k[0, 0, :512].float().T) / 8
+    assert logits.abs().max() > 20
+    out, dq, dk, dv = run("triton", q, k, v, projection, dout, None, "softmax", True)
+    for g in (out, dq, dk, dv):
+        assert torch.isfinite(g).all()

@@ -11,8 +11,8 @@ export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-fidelity-out}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt" || true
-python scripts/train_parity.py --device cuda --bf16 --steps 4000 --time-budget 210 \
+python scripts/train_parity.py --device cuda --bf16 --steps 4000 --time-budget 200 \
     --out "$OUT/parity.json" 2>&1 | tee "$OUT/parity.log"
-python scripts/train_parity.py --recall --device cuda --bf16 --steps 3000 --time-budget 75 \
+python scripts/train_parity.py --recall --device cuda --bf16 --steps 3000 --time-budget 90 \
     --out "$OUT/recall.json" 2>&1 | tee "$OUT/recall.log"
 echo "done: $OUT/parity.json $OUT/recall.json"

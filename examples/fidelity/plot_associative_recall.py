@@ -36,6 +36,8 @@ print(
     f"{settings['steps']} steps of batch {settings['batch_size']}; "
     f"{settings['task']['num_keys']} keys, {settings['task']['num_values']} values."
 )
+if not env["device"].startswith("NVIDIA"):
+    print("Note: these results come from a small run on a CPU, not from the full GPU study; see the settings above.")
 
 # %%
 # Accuracy against the number of key-value pairs
@@ -55,6 +57,7 @@ for i, label in enumerate(labels):
         [j + i * width for j in range(len(pairs))], acc, width, label=label, color="k" if label == "exact" else f"C{i}"
     )
 ax.set_xticks([j + 0.4 - width / 2 for j in range(len(pairs))], [f"{p} pairs" for p in pairs])
+ax.axhline(1 / settings["task"]["num_values"], color="0.5", ls=":", label="chance")
 ax.set_ylabel("accuracy on the asked keys")
 ax.set_ylim(0, 1.05)
 ax.legend(fontsize=8)

@@ -49,6 +49,8 @@ print(
     f"bf16 autocast {settings['bf16']}."
 )
 print(f"Corpus: {study['corpus']}")
+if not env["device"].startswith("NVIDIA"):
+    print("Note: these results come from a small run on a CPU, not from the full GPU study; see the settings above.")
 
 # %%
 # Validation loss during training

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from typing import Any
 
 from .grid import QUICK_GRID, SPEC_GRID
 from .plot import write_figures
@@ -21,23 +22,32 @@ DEFAULT_OUTPUT = "attention-benchmark.json"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m randattn.benchmark", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m randattn.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     sweep = commands.add_parser("sweep", help="measure a grid and store the results (resumable)")
     sweep.add_argument("--output", default=DEFAULT_OUTPUT, help="results JSON file")
-    sweep.add_argument("--quick", action="store_true",
-                       help="small CPU grid (short sequences, batch 1, fp32) for smoke tests")
+    sweep.add_argument(
+        "--quick", action="store_true", help="small CPU grid (short sequences, batch 1, fp32) for smoke tests"
+    )
     sweep.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    sweep.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
-                       help="bfloat16 (autocast, default) or float32")
+    sweep.add_argument(
+        "--dtype", choices=("bfloat16", "float32"), default=None, help="bfloat16 (autocast, default) or float32"
+    )
     sweep.add_argument("--batch-size", type=int, default=None)
     for axis in ("embed_dims", "kernels", "num_heads", "num_features", "seq_lens"):
-        sweep.add_argument("--" + axis.replace("_", "-"), nargs="+", default=None,
-                           type=str if axis == "kernels" else int, help=f"override the grid's {axis}")
-    sweep.add_argument("--target-ms", type=float, default=None,
-                       help="repeat each pass until its runs add up to this time (ms)")
+        sweep.add_argument(
+            "--" + axis.replace("_", "-"),
+            nargs="+",
+            default=None,
+            type=str if axis == "kernels" else int,
+            help=f"override the grid's {axis}",
+        )
+    sweep.add_argument(
+        "--target-ms", type=float, default=None, help="repeat each pass until its runs add up to this time (ms)"
+    )
     sweep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     sweep.add_argument("--plot", metavar="DIR", default=None, help="then write the figures to DIR")
 
@@ -53,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         grid = QUICK_GRID if args.quick else SPEC_GRID
         budget = QUICK_BUDGET if args.quick else DEFAULT_BUDGET
-        changes = {k: tuple(v) for k in ("embed_dims", "kernels", "num_heads", "num_features",
-                                          "seq_lens") if (v := getattr(args, k)) is not None}
+        changes: dict[str, Any] = {
+            k: tuple(v)
+            for k in ("embed_dims", "kernels", "num_heads", "num_features", "seq_lens")
+            if (v := getattr(args, k)) is not None
+        }
         if args.dtype is not None:
             changes["dtype"] = args.dtype
         if args.batch_size is not None:
@@ -65,11 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.target_ms is not None:
             budget = dataclasses.replace(budget, target_ms=args.target_ms)
         device = args.device if args.device is not None else ("cpu" if args.quick else None)
-        results = run_sweep(args.output, grid, device=device, budget=budget,
-                            progress=not args.no_progress)
-        failures = sum(1 for r in results.points.values() if r["failure"])
-        print(f"{len(results.points)} points ({failures} failed) in {args.output}, "
-              f"recorded {results.describe()}")
+        results = run_sweep(args.output, grid, device=device, budget=budget, progress=not args.no_progress)
+        records = results.points.values()
+        failures = sum(1 for r in records if r["failure"])
+        seconds = sum(r.get("seconds", 0.0) for r in records)
+        print(
+            f"{len(records)} points ({failures} failed, {seconds:.0f} s of measuring) in "
+            f"{args.output}, recorded {results.describe()}"
+        )
         if args.plot:
             print(f"{len(write_figures(results, args.plot))} figures in {args.plot}")
     else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 #: Embedding dimensions, one pair of figure groups (ReLU, softmax) each.
 EMBED_DIMS: tuple[int, ...] = (128, 256, 512, 1024)
@@ -40,8 +41,12 @@ METRIC_LABELS = {
     "fwd_mib": "Forward memory",
     "bwd_mib": "Backward memory",
 }
-METRIC_UNITS = {"fwd_ms": "time (ms)", "bwd_ms": "time (ms)", "fwd_mib": "peak memory (MiB)",
-                "bwd_mib": "peak memory (MiB)"}
+METRIC_UNITS = {
+    "fwd_ms": "time (ms)",
+    "bwd_ms": "time (ms)",
+    "fwd_mib": "peak memory (MiB)",
+    "bwd_mib": "peak memory (MiB)",
+}
 DTYPE_LABELS = {"bfloat16": "bf16 autocast", "float32": "fp32"}
 
 #: Model names as stored in results files, and their labels in figures.
@@ -52,8 +57,7 @@ MODEL_LABELS = {RAND: "RandMultiHeadAttention", MHA: "nn.MultiheadAttention"}
 
 def figure_number(embed_dim: int, kernel: str, metric: str) -> int:
     """Number ``67 + 8 e + 4 k + q`` of the figure of one (embed_dim, kernel, metric)."""
-    return (FIRST_FIGURE + 8 * EMBED_DIMS.index(embed_dim) + 4 * KERNELS.index(kernel)
-            + METRICS.index(metric))
+    return FIRST_FIGURE + 8 * EMBED_DIMS.index(embed_dim) + 4 * KERNELS.index(kernel) + METRICS.index(metric)
 
 
 def caption(embed_dim: int, kernel: str, metric: str) -> str:
@@ -81,13 +85,16 @@ class FigureSpec:
         return f"{self.number}.png"
 
 
-def figures(embed_dims: Sequence[int] | None = None,
-            kernels: Sequence[str] | None = None) -> list[FigureSpec]:
+def figures(embed_dims: Sequence[int] | None = None, kernels: Sequence[str] | None = None) -> list[FigureSpec]:
     """The figures of the page in page order, optionally only those of some embed_dims/kernels."""
-    return [FigureSpec(figure_number(e, k, q), e, k, q)
-            for e in EMBED_DIMS if embed_dims is None or e in embed_dims
-            for k in KERNELS if kernels is None or k in kernels
-            for q in METRICS]
+    return [
+        FigureSpec(figure_number(e, k, q), e, k, q)
+        for e in EMBED_DIMS
+        if embed_dims is None or e in embed_dims
+        for k in KERNELS
+        if kernels is None or k in kernels
+        for q in METRICS
+    ]
 
 
 @dataclass(frozen=True)
@@ -162,11 +169,19 @@ class Grid:
     @classmethod
     def from_dict(cls, data: dict) -> Grid:
         """Inverse of :meth:`to_dict`."""
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**fields)
 
 
 #: The grid of the benchmark page (run on a GPU).
 SPEC_GRID = Grid()
 #: A small CPU grid for smoke runs and tests: one embedding dimension, short sequences, batch 1, fp32.
-QUICK_GRID = Grid(embed_dims=(128,), num_heads=(4, 8), num_features=(16, 32), seq_lens=(32, 64),
-                  batch_size=1, dtype="float32", label="quick")
+QUICK_GRID = Grid(
+    embed_dims=(128,),
+    num_heads=(4, 8),
+    num_features=(16, 32),
+    seq_lens=(32, 64),
+    batch_size=1,
+    dtype="float32",
+    label="quick",
+)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from .grid import DTYPE_LABELS, MHA, METRIC_UNITS, MODEL_LABELS, RAND, FigureSpec, Point, figures
+from .grid import DTYPE_LABELS, METRIC_UNITS, MHA, MODEL_LABELS, RAND, FigureSpec, Point, figures
 from .store import Results
 
 #: Colour and marker of each model's line.
@@ -25,9 +26,17 @@ FAILURE_MARKER = "X"
 #: Size (inches) and resolution of a figure: about 1000 px wide, shown at 600 px on the page.
 FIGSIZE = (10.0, 8.8)
 DPI = 100
-_STYLE = {"font.size": 12, "axes.titlesize": 13, "axes.labelsize": 12, "xtick.labelsize": 11,
-          "ytick.labelsize": 11, "legend.fontsize": 12, "figure.facecolor": "white",
-          "axes.facecolor": "white", "savefig.facecolor": "white"}
+_STYLE: dict[str, Any] = {
+    "font.size": 12,
+    "axes.titlesize": 13,
+    "axes.labelsize": 12,
+    "xtick.labelsize": 11,
+    "ytick.labelsize": 11,
+    "legend.fontsize": 12,
+    "figure.facecolor": "white",
+    "axes.facecolor": "white",
+    "savefig.facecolor": "white",
+}
 
 
 def _length_label(n: int) -> str:
@@ -38,56 +47,67 @@ def subtitle(results: Results) -> str:
     """Second title line of every figure: batch, dtype, mode and device of the recording."""
     grid = results.grid
     mode = "causal" if grid.causal else "non-causal"
-    text = (f"batch {grid.batch_size} · {DTYPE_LABELS[grid.dtype]} · {mode} · "
-            f"{results.metadata['device']}")
+    text = f"batch {grid.batch_size} · {DTYPE_LABELS[grid.dtype]} · {mode} · {results.metadata['device']}"
     return text if grid.label == "spec" else f"{text} · {grid.label} grid"
 
 
-def series(results: Results, point_of_length, metric: str) -> tuple[list, list, list]:
-    """(lengths, values, failed lengths) of one line: ``point_of_length(L)`` gives its points."""
+def series(results: Results, points: list[Point], metric: str) -> tuple[list, list, list]:
+    """(lengths, values, failed lengths) of one line through ``points`` (one per length)."""
     lengths, values, failed = [], [], []
-    for n in results.grid.seq_lens:
-        record = results.record(point_of_length(n))
+    for point in points:
+        record = results.record(point)
         if record is None:
             continue
         if record[metric] is not None:
-            lengths.append(n)
+            lengths.append(point.seq_len)
             values.append(record[metric])
         elif record["failure"]:
-            failed.append(n)
+            failed.append(point.seq_len)
     return lengths, values, failed
 
 
 def plot_figure(results: Results, spec: FigureSpec) -> Figure:
     """Draw one figure (3x3 panels) of the results; the figure stays open."""
     grid = results.grid
-    with plt.rc_context(_STYLE):
-        fig, axes = plt.subplots(len(grid.num_heads), len(grid.num_features), figsize=FIGSIZE,
-                                 dpi=DPI, sharex=True, sharey=True, squeeze=False,
-                                 layout="constrained")
+    with plt.rc_context(_STYLE):  # type: ignore[arg-type]
+        fig, axes = plt.subplots(
+            len(grid.num_heads),
+            len(grid.num_features),
+            figsize=FIGSIZE,
+            dpi=DPI,
+            sharex=True,
+            sharey=True,
+            squeeze=False,
+            layout="constrained",
+        )
         every = 1 if len(grid.seq_lens) <= 5 else 2
         values_seen: list[float] = []
         for row, heads in enumerate(grid.num_heads):
             for col, m in enumerate(grid.num_features):
                 ax = axes[row][col]
                 lines = {
-                    RAND: lambda n: Point(RAND, spec.embed_dim, heads, n, spec.kernel, m),
-                    MHA: lambda n: Point(MHA, spec.embed_dim, heads, n),
+                    RAND: [Point(RAND, spec.embed_dim, heads, n, spec.kernel, m) for n in grid.seq_lens],
+                    MHA: [Point(MHA, spec.embed_dim, heads, n) for n in grid.seq_lens],
                 }
-                for model, point_of_length in lines.items():
-                    lengths, values, failed = series(results, point_of_length, spec.metric)
+                for model, points in lines.items():
+                    lengths, values, failed = series(results, points, spec.metric)
                     style = STYLES[model]
                     values_seen += values
-                    ax.plot(lengths, values, color=style["color"], marker=style["marker"],
-                            markersize=5, linewidth=1.8)
+                    ax.plot(lengths, values, color=style["color"], marker=style["marker"], markersize=5, linewidth=1.8)
                     if failed:  # crosses at the top of the panel, outside the y scale
-                        ax.plot(failed, [0.93] * len(failed), linestyle="none",
-                                marker=FAILURE_MARKER, markersize=10, color=style["color"],
-                                transform=ax.get_xaxis_transform(), clip_on=False)
+                        ax.plot(
+                            failed,
+                            [0.93] * len(failed),
+                            linestyle="none",
+                            marker=FAILURE_MARKER,
+                            markersize=10,
+                            color=style["color"],
+                            transform=ax.get_xaxis_transform(),
+                            clip_on=False,
+                        )
                 ax.set_xscale("log", base=2)
                 ax.set_xticks(grid.seq_lens)
-                ax.set_xticklabels([_length_label(n) if i % every == 0 else ""
-                                    for i, n in enumerate(grid.seq_lens)])
+                ax.set_xticklabels([_length_label(n) if i % every == 0 else "" for i, n in enumerate(grid.seq_lens)])
                 ax.minorticks_off()
                 ax.grid(True, which="major", alpha=0.3)
                 if row == 0:
@@ -105,13 +125,23 @@ def plot_figure(results: Results, spec: FigureSpec) -> Figure:
             ax.yaxis.set_minor_formatter(NullFormatter())
         else:
             axes[0][0].set_yticks([])
-            fig.text(0.5, 0.5, f"{METRIC_UNITS[spec.metric]} not measured on "
-                     f"{results.metadata['device']}", ha="center", va="center", fontsize=14,
-                     color="0.4", bbox={"facecolor": "white", "edgecolor": "0.7"})
-        handles = [Line2D([], [], color=STYLES[m]["color"], marker=STYLES[m]["marker"],
-                          label=MODEL_LABELS[m]) for m in (RAND, MHA)]
-        handles.append(Line2D([], [], color="0.3", marker=FAILURE_MARKER, linestyle="none",
-                              markersize=9, label="out of memory"))
+            fig.text(
+                0.5,
+                0.5,
+                f"{METRIC_UNITS[spec.metric]} not measured on {results.metadata['device']}",
+                ha="center",
+                va="center",
+                fontsize=14,
+                color="0.4",
+                bbox={"facecolor": "white", "edgecolor": "0.7"},
+            )
+        handles = [
+            Line2D([], [], color=STYLES[m]["color"], marker=STYLES[m]["marker"], label=MODEL_LABELS[m])
+            for m in (RAND, MHA)
+        ]
+        handles.append(
+            Line2D([], [], color="0.3", marker=FAILURE_MARKER, linestyle="none", markersize=9, label="out of memory")
+        )
         fig.suptitle(f"{spec.caption}\n{subtitle(results)}", fontsize=14)
         fig.legend(handles=handles, loc="outside lower center", ncol=3, frameon=False)
     return fig
@@ -125,9 +155,14 @@ def save_figure(fig: Figure, path: str | os.PathLike, title: str) -> Path:
     return path
 
 
-def write_figures(results: Results, out_dir: str | os.PathLike, *,
-                  embed_dims: Sequence[int] | None = None, kernels: Sequence[str] | None = None,
-                  keep_open: bool = False) -> list[Path]:
+def write_figures(
+    results: Results,
+    out_dir: str | os.PathLike,
+    *,
+    embed_dims: Sequence[int] | None = None,
+    kernels: Sequence[str] | None = None,
+    keep_open: bool = False,
+) -> list[Path]:
     """Write the page's figures ``<out_dir>/<N>.png`` (all 32, or those of some embed_dims/kernels).
 
     With ``keep_open`` the figures stay open (for a gallery to show them), else they are closed.

@@ -40,8 +40,9 @@ def git_revision() -> str | None:
     if os.environ.get("RANDATTN_GIT_REVISION"):
         return os.environ["RANDATTN_GIT_REVISION"]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_PACKAGE_DIR, capture_output=True,
-                             text=True, timeout=10, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=_PACKAGE_DIR, capture_output=True, text=True, timeout=10, check=True
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -59,17 +60,27 @@ def _versions() -> dict:
 
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {"randattn": getattr(randattn, "__version__", None), "torch": torch.__version__,
-            "triton": triton_version, "python": platform.python_version()}
+    return {
+        "randattn": getattr(randattn, "__version__", None),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+    }
 
 
 def sweep_setup(grid: Grid, device: torch.device, budget: dict) -> dict:
     """The identity of a sweep: results with an equal setup can be resumed or reused."""
-    return {"grid": grid.to_dict(), "budget": budget, "device": device_name(device),
-            "versions": _versions(), "source": source_fingerprint()}
+    return {
+        "grid": grid.to_dict(),
+        "budget": budget,
+        "device": device_name(device),
+        "versions": _versions(),
+        "source": source_fingerprint(),
+    }
 
 
 def _now() -> str:
@@ -103,25 +114,29 @@ class Results:
 
     def to_json(self) -> dict:
         """JSON-friendly form, points in measurement order."""
-        return {"format": FORMAT_VERSION, "setup": self.setup, "metadata": self.metadata,
-                "points": list(self.points.values())}
+        return {
+            "format": FORMAT_VERSION,
+            "setup": self.setup,
+            "metadata": self.metadata,
+            "points": list(self.points.values()),
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> Results:
         """Inverse of :meth:`to_json`."""
         if data.get("format") != FORMAT_VERSION:
-            raise ValueError(f"unsupported results format {data.get('format')!r}, "
-                             f"expected {FORMAT_VERSION}")
-        points = {Point(**{k: r[k] for k in Point.__dataclass_fields__}).key: r
-                  for r in data["points"]}
+            raise ValueError(f"unsupported results format {data.get('format')!r}, expected {FORMAT_VERSION}")
+        points = {Point(**{k: r[k] for k in Point.__dataclass_fields__}).key: r for r in data["points"]}
         return cls(data["setup"], data["metadata"], points)
 
     def describe(self) -> str:
         """Where and when the results were recorded, e.g. ``"on NVIDIA H100 ... on 2026-11-23 (...)"``."""
         meta, grid = self.metadata, self.grid
         note = "" if grid.label == "spec" else f"; {grid.label} grid, not the full benchmark"
-        return (f"on {meta['device']} on {str(meta['updated'])[:10]} (torch "
-                f"{meta['versions']['torch']}, randattn {meta['versions']['randattn']}{note})")
+        return (
+            f"on {meta['device']} on {str(meta['updated'])[:10]} (torch "
+            f"{meta['versions']['torch']}, randattn {meta['versions']['randattn']}{note})"
+        )
 
 
 def load_results(path: str | os.PathLike) -> Results:
@@ -149,10 +164,17 @@ class ResultStore:
             self.results = previous
         else:
             grid = setup["grid"]
-            metadata = {"device": setup["device"], "versions": setup["versions"],
-                        "batch_size": grid["batch_size"], "dtype": grid["dtype"],
-                        "causal": grid["causal"], "git_revision": git_revision(),
-                        "started": _now(), "updated": _now(), "complete": False}
+            metadata = {
+                "device": setup["device"],
+                "versions": setup["versions"],
+                "batch_size": grid["batch_size"],
+                "dtype": grid["dtype"],
+                "causal": grid["causal"],
+                "git_revision": git_revision(),
+                "started": _now(),
+                "updated": _now(),
+                "complete": False,
+            }
             self.results = Results(setup, metadata, {})
 
     def done(self, point: Point) -> bool:
@@ -161,9 +183,15 @@ class ResultStore:
 
     def add(self, point: Point, metrics: dict) -> None:
         """Record a measured point and write the file at once (atomic replace)."""
-        record = {"model": point.model, "embed_dim": point.embed_dim,
-                  "num_heads": point.num_heads, "seq_len": point.seq_len,
-                  "kernel": point.kernel, "num_features": point.num_features, **metrics}
+        record = {
+            "model": point.model,
+            "embed_dim": point.embed_dim,
+            "num_heads": point.num_heads,
+            "seq_len": point.seq_len,
+            "kernel": point.kernel,
+            "num_features": point.num_features,
+            **metrics,
+        }
         self.results.points[point.key] = record
         self.write()
 

@@ -13,8 +13,9 @@ TIME = ("fwd_ms", "bwd_ms")
 MEMORY = ("bwd_mib",)
 
 
-def ratio(results: Results, embed_dim: int, num_heads: int, kernel: str, num_features: int,
-          metrics: tuple[str, ...]) -> tuple[list[int], list[float]]:
+def ratio(
+    results: Results, embed_dim: int, num_heads: int, kernel: str, num_features: int, metrics: tuple[str, ...]
+) -> tuple[list[int], list[float]]:
     """``nn.MultiheadAttention`` over ``RandMultiHeadAttention`` for the sum of ``metrics``, per length.
 
     A ratio above 1 means ``RandMultiHeadAttention`` is faster (times) or smaller (memory). Lengths
@@ -22,10 +23,12 @@ def ratio(results: Results, embed_dim: int, num_heads: int, kernel: str, num_fea
     """
     lengths, ratios = [], []
     for n in results.grid.seq_lens:
-        records = (results.record(Point(MHA, embed_dim, num_heads, n)),
-                   results.record(Point(RAND, embed_dim, num_heads, n, kernel, num_features)))
-        if all(r is not None and all(r[q] is not None for q in metrics) for r in records):
-            mha, rand = (sum(r[q] for q in metrics) for r in records)
+        mha_record = results.record(Point(MHA, embed_dim, num_heads, n))
+        rand_record = results.record(Point(RAND, embed_dim, num_heads, n, kernel, num_features))
+        if mha_record is None or rand_record is None:
+            continue
+        if all(r[q] is not None for r in (mha_record, rand_record) for q in metrics):
+            mha, rand = (sum(r[q] for q in metrics) for r in (mha_record, rand_record))
             lengths.append(n)
             ratios.append(mha / rand)
     return lengths, ratios
@@ -48,29 +51,43 @@ def plot_overview(results: Results, num_heads: int, num_features: int) -> Figure
     """
     grid = results.grid
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.6), dpi=100)
-    panels = ((ax_time, TIME, "speedup: (fwd + bwd time) MHA / Rand"),
-              (ax_mem, MEMORY, "backward peak-memory ratio MHA / Rand"))
+    panels = (
+        (ax_time, TIME, "speedup: (fwd + bwd time) MHA / Rand"),
+        (ax_mem, MEMORY, "backward peak-memory ratio MHA / Rand"),
+    )
     for ax, metrics, title in panels:
         drawn = False
         for i, e in enumerate(grid.embed_dims):
             for kernel, style in zip(grid.kernels, ("--", "-")):
                 lengths, ratios = ratio(results, e, num_heads, kernel, num_features, metrics)
                 drawn |= bool(ratios)
-                ax.plot(lengths, ratios, style, color=f"C{i}", marker="o", markersize=4,
-                        label=f"E={e} {KERNEL_LABELS[kernel]}")
+                ax.plot(
+                    lengths,
+                    ratios,
+                    style,
+                    color=f"C{i}",
+                    marker="o",
+                    markersize=4,
+                    label=f"E={e} {KERNEL_LABELS[kernel]}",
+                )
         ax.set_xscale("log", base=2)
         if drawn:
             ax.set_yscale("log")
             ax.axhline(1.0, color="0.3", linewidth=1)
         else:
-            ax.text(0.5, 0.5, f"not measured on {results.metadata['device']}", ha="center",
-                    transform=ax.transAxes, color="0.4")
+            ax.text(
+                0.5,
+                0.5,
+                f"not measured on {results.metadata['device']}",
+                ha="center",
+                transform=ax.transAxes,
+                color="0.4",
+            )
         ax.set_xlabel("sequence length")
         ax.set_title(title, fontsize=11)
         ax.grid(True, alpha=0.3)
     ax_time.legend(fontsize=8, ncol=2)
-    fig.suptitle(f"{num_heads} heads, m = {num_features}; above 1: RandMultiHeadAttention wins",
-                 fontsize=12)
+    fig.suptitle(f"{num_heads} heads, m = {num_features}; above 1: RandMultiHeadAttention wins", fontsize=12)
     fig.tight_layout()
     return fig
 
@@ -88,8 +105,7 @@ def crossover_table(results: Results, num_heads: int) -> str:
         for kernel in grid.kernels:
             cells = []
             for m in grid.num_features:
-                found = [crossover(*ratio(results, e, num_heads, kernel, m, metrics))
-                         for metrics in (TIME, MEMORY)]
+                found = [crossover(*ratio(results, e, num_heads, kernel, m, metrics)) for metrics in (TIME, MEMORY)]
                 cells.append("/".join("-" if n is None else str(n) for n in found))
             rows.append(f"{e:>6} {kernel:>8} " + " ".join(f"{c:>15}" for c in cells))
     return "\n".join(rows)

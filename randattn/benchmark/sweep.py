@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,17 +34,18 @@ def build_model(point: Point, device: torch.device, backend: str = "auto") -> nn
     mha = nn.MultiheadAttention(point.embed_dim, point.num_heads, batch_first=True, device=device)
     if point.model == MHA:
         return mha
-    return RandMultiHeadAttention.from_mha(mha, num_random_features=point.num_features,
-                                          kernel_fn=point.kernel, backend=backend, seed=SEED)
+    return RandMultiHeadAttention.from_mha(
+        mha, num_random_features=point.num_features, kernel_fn=point.kernel, backend=backend, seed=SEED
+    )
 
 
-def measure_point(point: Point, grid: Grid, device: torch.device, budget: Budget,
-                  factory: ModelFactory = build_model) -> dict:
+def measure_point(
+    point: Point, grid: Grid, device: torch.device, budget: Budget, factory: ModelFactory = build_model
+) -> dict:
     """Build the model and input ``(batch, L, E)`` of a point and measure it (OOM is a failure)."""
     try:
         model = factory(point, device)
-        x = torch.randn(grid.batch_size, point.seq_len, point.embed_dim, device=device,
-                        requires_grad=True)
+        x = torch.randn(grid.batch_size, point.seq_len, point.embed_dim, device=device, requires_grad=True)
     except torch.OutOfMemoryError:
         out_of_memory = True
     else:
@@ -54,9 +56,15 @@ def measure_point(point: Point, grid: Grid, device: torch.device, budget: Budget
     return measure(model, x, dtype=grid.dtype, budget=budget)
 
 
-def run_sweep(path: str | os.PathLike, grid: Grid = SPEC_GRID, *, device: str | torch.device | None = None,
-              budget: Budget = DEFAULT_BUDGET, factory: ModelFactory = build_model,
-              progress: bool = True) -> Results:
+def run_sweep(
+    path: str | os.PathLike,
+    grid: Grid = SPEC_GRID,
+    *,
+    device: str | torch.device | None = None,
+    budget: Budget = DEFAULT_BUDGET,
+    factory: ModelFactory = build_model,
+    progress: bool = True,
+) -> Results:
     """Measure every point of ``grid`` and store it in the results file ``path``.
 
     Resumes: points already in ``path`` from a sweep with the same setup (grid, budget, device,
@@ -73,17 +81,24 @@ def run_sweep(path: str | os.PathLike, grid: Grid = SPEC_GRID, *, device: str | 
     Returns:
         the complete results.
     """
-    device = torch.device(device if device is not None else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     store = ResultStore(path, sweep_setup(grid, device, dataclasses.asdict(budget)))
     points = list(grid.points())
     todo = [p for p in points if not store.done(p)]
     store.finish(complete=not todo)
-    with tqdm(total=len(points), initial=len(points) - len(todo), disable=not progress,
-              desc="attention benchmark", unit="point", mininterval=2.0) as bar:
+    with tqdm(
+        total=len(points),
+        initial=len(points) - len(todo),
+        disable=not progress,
+        desc="attention benchmark",
+        unit="point",
+        mininterval=2.0,
+    ) as bar:
         for point in todo:
             bar.set_postfix_str(point.key, refresh=False)
-            store.add(point, measure_point(point, grid, device, budget, factory))
+            start = time.perf_counter()
+            metrics = measure_point(point, grid, device, budget, factory)
+            store.add(point, {**metrics, "seconds": round(time.perf_counter() - start, 3)})
             bar.update()
     store.finish(complete=True)
     return store.results
@@ -96,8 +111,9 @@ def records_here() -> bool:
     return torch.cuda.is_available() if env == "" else env == "1"
 
 
-def record_or_load(path: str | os.PathLike, grid: Grid = SPEC_GRID, *,
-                   record: bool | None = None, progress: bool = True) -> Results:
+def record_or_load(
+    path: str | os.PathLike, grid: Grid = SPEC_GRID, *, record: bool | None = None, progress: bool = True
+) -> Results:
     """Results of the benchmark page: measured on a GPU, else read from the recorded file.
 
     With ``record`` ``None`` (default) the sweep runs when :func:`records_here`. The sweep resumes and
@@ -108,6 +124,7 @@ def record_or_load(path: str | os.PathLike, grid: Grid = SPEC_GRID, *,
     if record:
         return run_sweep(path, grid, progress=progress)
     if not Path(path).exists():
-        raise FileNotFoundError(f"no recorded benchmark results at {path}; run the sweep on a GPU "
-                                "(python -m randattn.benchmark sweep)")
+        raise FileNotFoundError(
+            f"no recorded benchmark results at {path}; run the sweep on a GPU (python -m randattn.benchmark sweep)"
+        )
     return load_results(path)

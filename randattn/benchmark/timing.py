@@ -68,20 +68,25 @@ class _Clock:
 def _repeat(timed: Callable[[], float], budget: Budget) -> tuple[float, int]:
     """Median of ``timed()`` over a time-budgeted number of runs; returns (median ms, runs)."""
     samples: list[float] = []
-    while len(samples) < budget.min_repeats or (
-            len(samples) < budget.max_repeats and sum(samples) < budget.target_ms):
+    while len(samples) < budget.min_repeats or (len(samples) < budget.max_repeats and sum(samples) < budget.target_ms):
         samples.append(timed())
     return statistics.median(samples), len(samples)
 
 
 def empty_record(failure: str | None = None) -> dict:
     """A record of :func:`measure` with nothing measured (and an optional failure message)."""
-    return {"fwd_ms": None, "bwd_ms": None, "fwd_mib": None, "bwd_mib": None,
-            "fwd_runs": 0, "bwd_runs": 0, "failure": failure}
+    return {
+        "fwd_ms": None,
+        "bwd_ms": None,
+        "fwd_mib": None,
+        "bwd_mib": None,
+        "fwd_runs": 0,
+        "bwd_runs": 0,
+        "failure": failure,
+    }
 
 
-def measure(model: nn.Module, x: torch.Tensor, *, dtype: str = "bfloat16",
-            budget: Budget = DEFAULT_BUDGET) -> dict:
+def measure(model: nn.Module, x: torch.Tensor, *, dtype: str = "bfloat16", budget: Budget = DEFAULT_BUDGET) -> dict:
     """Measure forward and backward of self-attention ``model(x, x, x, need_weights=False)``.
 
     Args:
@@ -112,14 +117,12 @@ def measure(model: nn.Module, x: torch.Tensor, *, dtype: str = "bfloat16",
     return result
 
 
-def _measure_into(result: dict, model: nn.Module, x: torch.Tensor, dtype: str,
-                  budget: Budget) -> None:
+def _measure_into(result: dict, model: nn.Module, x: torch.Tensor, dtype: str, budget: Budget) -> None:
     """Fill ``result``: all forward metrics first, then all backward metrics."""
     device = x.device
     cuda = device.type == "cuda"
     clock = _Clock(device)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
-                else contextlib.nullcontext())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
 
     def forward() -> torch.Tensor:
         with autocast:

@@ -50,9 +50,7 @@ def key_padding_bias(key_padding_mask: torch.Tensor | None, batch: int, length: 
     if key_padding_mask is None:
         return None
     if key_padding_mask.dtype != torch.bool and not key_padding_mask.is_floating_point():
-        raise TypeError(
-            f"key_padding_mask must be a bool or floating tensor, got dtype {key_padding_mask.dtype}"
-        )
+        raise TypeError(f"key_padding_mask must be a bool or floating tensor, got dtype {key_padding_mask.dtype}")
     if tuple(key_padding_mask.shape) != (batch, length):
         raise ValueError(
             f"key_padding_mask must have shape (N, S) = {(batch, length)}, got {tuple(key_padding_mask.shape)}"

@@ -25,7 +25,9 @@ def batch_first_inputs(query, key, value, key_padding_mask, batch_first, embed_d
         if t.dim() not in (2, 3):
             raise ValueError(f"{name} must be 2-D (unbatched) or 3-D (batched), got shape {tuple(t.shape)}")
         if t.device != query.device:
-            raise ValueError(f"query, key and value must be on one device; {name} is on {t.device}, query on {query.device}")
+            raise ValueError(
+                f"query, key and value must be on one device; {name} is on {t.device}, query on {query.device}"
+            )
     if not (query.dim() == key.dim() == value.dim()):
         raise ValueError(f"query, key and value must have the same rank, got {query.dim()}, {key.dim()}, {value.dim()}")
     for name, t, dim in (("query", query, embed_dim), ("key", key, kdim), ("value", value, vdim)):
@@ -36,7 +38,9 @@ def batch_first_inputs(query, key, value, key_padding_mask, batch_first, embed_d
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
         if key_padding_mask is not None:
             if key_padding_mask.dim() != 1:
-                raise ValueError(f"key_padding_mask must be 1-D (S) for unbatched inputs, got shape {tuple(key_padding_mask.shape)}")
+                raise ValueError(
+                    f"key_padding_mask must be 1-D (S) for unbatched inputs, got shape {tuple(key_padding_mask.shape)}"
+                )
             key_padding_mask = key_padding_mask.unsqueeze(0)
     elif not batch_first:
         query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
@@ -66,7 +70,9 @@ def is_causal_mask(attn_mask: torch.Tensor, length: int) -> bool:
     return bool((blocked == future).all() and (attn_mask.masked_fill(future, 0) == 0).all())
 
 
-def resolve_causal(causal: bool, is_causal: bool, attn_mask: torch.Tensor | None, length: int, source_length: int) -> bool:
+def resolve_causal(
+    causal: bool, is_causal: bool, attn_mask: torch.Tensor | None, length: int, source_length: int
+) -> bool:
     """Decide causality from the layer flag, the ``is_causal`` hint and ``attn_mask``.
 
     Raises:

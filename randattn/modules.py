@@ -201,10 +201,14 @@ class RandMultiHeadAttention(nn.Module):
         )
         self.projection.copy_(new)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # A state dict of nn.MultiheadAttention has no projection: keep the current draw.
         state_dict.setdefault(prefix + "projection", self.projection)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     @classmethod
     def from_mha(cls, mha: nn.MultiheadAttention, **options) -> RandMultiHeadAttention:
@@ -278,8 +282,14 @@ class RandMultiHeadAttention(nn.Module):
             keep = torch.rand(v.shape[:3] + (1,), device=v.device) >= self.dropout
             v = v * keep.to(v.dtype) / (1.0 - self.dropout)
         out = rand_attention(
-            q, k, v, projection, kernel_fn=self.kernel_fn, causal=causal,
-            key_padding_mask=key_padding_mask, backend=self.backend,
+            q,
+            k,
+            v,
+            projection,
+            kernel_fn=self.kernel_fn,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            backend=self.backend,
         )
         out = self.out_proj(out.transpose(1, 2).flatten(2))
         weights = None

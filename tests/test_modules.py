@@ -19,7 +19,15 @@ def test_signature_defaults_match_nn_mha():
     theirs = inspect.signature(nn.MultiheadAttention.__init__).parameters
     for name, p in theirs.items():
         assert name in ours and ours[name].default == p.default and ours[name].kind == p.kind, name
-    for name in ("num_random_features", "kernel_fn", "causal", "orthogonal", "seed", "feature_redraw_interval", "backend"):
+    for name in (
+        "num_random_features",
+        "kernel_fn",
+        "causal",
+        "orthogonal",
+        "seed",
+        "feature_redraw_interval",
+        "backend",
+    ):
         assert ours[name].kind is inspect.Parameter.KEYWORD_ONLY
     fwd_ours = inspect.signature(RandMultiHeadAttention.forward).parameters
     fwd_theirs = inspect.signature(nn.MultiheadAttention.forward).parameters
@@ -330,7 +338,9 @@ def test_errors_name_the_argument():
 def test_convert_with_seed_gives_distinct_reproducible_layers():
     def build():
         torch.manual_seed(0)
-        return convert_mha(nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64), 3, enable_nested_tensor=False), seed=7)
+        return convert_mha(
+            nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64), 3, enable_nested_tensor=False), seed=7
+        )
 
     a, b = build(), build()
     pa = [layer.self_attn.projection for layer in a.layers]

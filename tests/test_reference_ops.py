@@ -87,7 +87,10 @@ def test_softmax_error_falls_with_m_against_exact(gen):
     exact = exact_attention(q, k, v)
     errs = []
     for m in (16, 256, 4096):
-        e = [(rand_attention(q, k, v, draw_projection(m, 16, generator=gen)) - exact).norm() / exact.norm() for _ in range(4)]
+        e = [
+            (rand_attention(q, k, v, draw_projection(m, 16, generator=gen)) - exact).norm() / exact.norm()
+            for _ in range(4)
+        ]
         errs.append(torch.stack(e).mean().item())
     assert errs[0] > errs[1] > errs[2], errs
 

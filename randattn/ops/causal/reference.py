@@ -47,7 +47,12 @@ def causal_attention(
     outs = []
     for start in range(0, length, chunk_size):
         stop = min(start + chunk_size, length)
-        pq, pk, vc, cc = phi_q[..., start:stop, :], phi_k[..., start:stop, :], vf[..., start:stop, :], c[..., start:stop]
+        pq, pk, vc, cc = (
+            phi_q[..., start:stop, :],
+            phi_k[..., start:stop, :],
+            vf[..., start:stop, :],
+            c[..., start:stop],
+        )
         size = stop - start
         # inter-chunk part, rescaled from the state's scale to each query's scale (exponent <= 0)
         to_query = torch.exp(c_state - cc).unsqueeze(-1)  # (N, H, C, 1)

@@ -34,5 +34,5 @@ def noncausal_attention(
     state = phi_k.transpose(-2, -1) @ v.to(phi_q.dtype)  # (N, H, m, d_v)
     key_sum = phi_k.sum(-2)  # (N, H, m)
     num = phi_q @ state
-    den = (phi_q @ key_sum.unsqueeze(-1))  # (N, H, L, 1)
+    den = phi_q @ key_sum.unsqueeze(-1)  # (N, H, L, 1)
     return safe_divide(num, den).to(q.dtype)

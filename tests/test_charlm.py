@@ -139,3 +139,16 @@ def test_tiny_script_runs_end_to_end(tmp_path):
     assert study["environment"]["device"].startswith("CPU")
     assert {r["num_features"] for r in study["layer_errors"]} == {16, 64}
     assert "within tolerance" in proc.stdout or "outside tolerance" in proc.stdout
+
+
+def test_steps_for_budget_fits_the_budget(monkeypatch, corpus):
+    from randattn.charlm import train
+
+    seconds = {"exact": 0.01, "softmax": 0.03}
+    monkeypatch.setattr(train, "measure_step_seconds", lambda config, spec, corpus: seconds[spec.kind])
+    specs = [AttentionSpec("exact"), AttentionSpec("softmax", 8)]
+    config = replace(TINY_STUDY, steps=10_000)
+    # 0.04 s per step for both models: 60 s allow 1500 steps.
+    assert train.steps_for_budget(config, specs, corpus, 60.0) == 1500
+    assert train.steps_for_budget(config, specs, corpus, 1e6) == 10_000  # capped by config.steps
+    assert train.steps_for_budget(config, specs, corpus, 0.1) == 100  # never below one block of steps

@@ -16,10 +16,12 @@ from randattn.fidelity import (
     attention_rows,
     attention_rows_total_variation,
     draw_features,
+    error_sweep,
     feature_bias,
     kernel_estimate_error,
     layer_approximation_error,
     relative_frobenius_error,
+    smallest_num_features,
     synthetic_qkv,
 )
 from randattn.functional import exact_attention, rand_attention
@@ -239,3 +241,19 @@ def test_bad_arguments_are_named():
         layer_approximation_error(nn.Linear(4, 4), torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match="x must have shape"):
         feature_bias(torch.zeros(2, 2), num_features=2)
+
+
+def test_error_sweep_rows_and_smallest_num_features():
+    rows = error_sweep(num_features=[4, 64], logit_stds=[0.125], kernels=["softmax", "relu"], dim=8, heads=1, seeds=2)
+    assert [(r["kernel_fn"], r["num_features"]) for r in rows] == [
+        ("softmax", 4),
+        ("softmax", 64),
+        ("relu", 4),
+        ("relu", 64),
+    ]
+    soft = [r for r in rows if r["kernel_fn"] == "softmax"]
+    assert soft[1]["rows_tv_mean"] < soft[0]["rows_tv_mean"]
+    assert 0 < soft[0]["exact_entropy"] <= math.log(256) + 1e-9
+    assert smallest_num_features(soft, soft[1]["rows_tv_mean"]) == 64
+    assert smallest_num_features(soft, 1.0) == 4
+    assert smallest_num_features(soft, 0.0) is None

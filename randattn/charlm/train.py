@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..fidelity import layer_approximation_error
+from ..functional import triton_available
 from .corpus import CharCorpus, batch_starts, get_batch, load_stdlib_corpus
 from .model import AttentionSpec, CausalTransformer
 
@@ -98,13 +99,15 @@ TINY_STUDY = TrainConfig(
 
 
 def environment(device: str) -> dict:
-    """Where a result was produced: device name, library versions, date (UTC)."""
+    """Where a result was produced: device name, backend of random-feature attention (what
+    ``backend="auto"`` picks there), library versions, date (UTC)."""
     dev = torch.device(device)
     name = (
         torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
     )
     return {
         "device": name,
+        "rand_attention_backend": "triton" if dev.type == "cuda" and triton_available() else "reference",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),

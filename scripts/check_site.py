@@ -41,7 +41,7 @@ _PAGE_SCRIPT = """() => {
   const article = document.querySelector('article') || document.body;
   const headings = [...article.querySelectorAll('h1, h2')].map(text);
   const images = [...article.querySelectorAll('img')].filter((img) => /_images\\/|_static\\//.test(img.src))
-    .map((img) => { let p = img.closest('a, img'); let prev = p.previousElementSibling;
+    .map((img) => { const box = img.closest('a') || img; let prev = box.previousElementSibling;
       while (prev && !prev.textContent.trim()) prev = prev.previousElementSibling;
       return {src: img.src, complete: img.complete, width: img.naturalWidth,
               caption: prev ? prev.textContent.trim() : null}; });

@@ -16,7 +16,7 @@ independent projection draws (the shaded band is one standard deviation over dra
 
 Inputs are Gaussian queries and keys with head dimension 64 whose logits ``q.k/sqrt(d)`` have a
 chosen standard deviation (:func:`randattn.fidelity.synthetic_qkv`). Everything runs on the CPU in
-about a minute; the functions used are :func:`randattn.fidelity.error_sweep`,
+a minute or two; the functions used are :func:`randattn.fidelity.error_sweep`,
 :func:`randattn.fidelity.feature_bias` and :func:`randattn.fidelity.kernel_estimate_error`.
 """
 
@@ -117,8 +117,11 @@ print({r["logit_std"]: round(r["exact_entropy"], 2) for r in by_scale if r["draw
 # %%
 # Error against the sequence length
 # ---------------------------------
-# At a fixed logit scale the row error grows slowly with the length: each row spreads its mass
-# over more keys, and every key's weight carries its own estimation noise.
+# At a fixed logit scale the row error hardly depends on the length: each key's weight carries
+# the same relative estimation noise, and the total variation averages it over the row (with
+# logits of standard deviation 0.25 it stays near 0.17 at ``m = 64`` and 0.11 at ``m = 256`` from
+# 64 to 1024 keys). The cost of random-feature attention grows linearly with the length, its
+# error does not grow.
 
 by_length = error_sweep(
     num_features=[64, 256],

@@ -30,7 +30,9 @@ def data_dir() -> Path:
 
 study = json.loads((data_dir() / "recall.json").read_text())
 env, settings = study["environment"], study["settings"]
-print(f"Recorded on {env['device']} on {env['date']} (torch {env['torch']}).")
+print(
+    f"Recorded on {env['device']} on {env['date']} (random-feature attention backend {env.get('rand_attention_backend', 'reference')}, torch {env['torch']})."
+)
 print(
     f"Model: d_model {settings['d_model']}, {settings['n_layers']} layers, {settings['n_heads']} heads; "
     f"{settings['steps']} steps of batch {settings['batch_size']}; "

@@ -42,7 +42,9 @@ else:
     study = json.loads((data_dir() / "parity.json").read_text())
 
 env, settings = study["environment"], study["settings"]
-print(f"Recorded on {env['device']} on {env['date']} (torch {env['torch']}, Python {env['python']}).")
+print(
+    f"Recorded on {env['device']} on {env['date']} (random-feature attention backend {env.get('rand_attention_backend', 'reference')}, torch {env['torch']}, Python {env['python']})."
+)
 print(
     f"Model: d_model {settings['d_model']}, {settings['n_layers']} layers, {settings['n_heads']} heads, "
     f"context {settings['context']}; {settings['steps']} steps of batch {settings['batch_size']}, "

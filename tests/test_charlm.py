@@ -126,7 +126,7 @@ def test_tiny_script_runs_end_to_end(tmp_path):
         [sys.executable, str(ROOT / "scripts" / "train_parity.py"), "--tiny", "--device", "cpu", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
         cwd=ROOT,
         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
     )

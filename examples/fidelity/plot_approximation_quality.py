@@ -51,8 +51,11 @@ def plot_rows(ax, rows, x_key, metric, style):
 # Error against the number of features
 # ------------------------------------
 # Sequence length 256, 4 heads, logits with standard deviation 0.25 (fairly flat attention).
-# Orthogonal (Haar) draws beat iid draws at every ``m``; the ReLU kernel is a different kernel,
-# not an estimate of the softmax one, so its error against softmax attention levels off.
+# Orthogonal (Haar) draws beat iid draws at every ``m``; plain-QR draws look like Haar draws
+# here (their bias hides under the variance, see the last section). The ReLU kernel is a
+# different kernel, not an estimate of the softmax one: its error against softmax attention
+# levels off (near 0.05 here) instead of falling like ``1/sqrt(m)``. In this flat regime both
+# kernels give nearly uniform rows, so that level is still below the softmax estimate's error.
 
 by_m = error_sweep(
     num_features=M_GRID,
@@ -86,12 +89,15 @@ for key in [("softmax", "orthogonal"), ("softmax", "iid")]:
 # The softmax feature map estimates ``exp(x.y)`` with a variance that grows like
 # ``exp(|x + y|^2)``: the larger the logits (the sharper the exact attention), the worse the
 # estimate. This is the main limitation of the method; ``m = 256`` features, length 256.
+# The ReLU kernel is biased but has a small variance: for flat attention its rows are further
+# from softmax attention than the softmax estimate's, but from a logit standard deviation of
+# about 0.25 on they are closer. Neither follows sharp attention.
 
 by_scale = error_sweep(
     num_features=[256],
     logit_stds=[0.0625, 0.125, 0.25, 0.5, 1.0, 2.0],
     kernels=["softmax"],
-    draws=["orthogonal", "iid"],
+    draws=["orthogonal"],
     seeds=SEEDS,
 ) + error_sweep(
     num_features=[256],
@@ -112,7 +118,14 @@ ax.set_title("m = 256, length 256")
 ax.grid(True, which="both", alpha=0.3)
 ax.legend(fontsize=8)
 fig.tight_layout()
-print({r["logit_std"]: round(r["exact_entropy"], 2) for r in by_scale if r["draw"] == "orthogonal"})
+print(
+    "exact row entropy:",
+    {r["logit_std"]: round(r["exact_entropy"], 2) for r in by_scale if r["kernel_fn"] == "softmax"},
+)
+for kernel in ("softmax", "relu"):
+    print(
+        kernel, "row TV:", {r["logit_std"]: round(r["rows_tv_mean"], 3) for r in by_scale if r["kernel_fn"] == kernel}
+    )
 
 # %%
 # Error against the sequence length

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .features import draw_projection, draw_projection_qr_biased
-from .functional import KERNEL_FNS, exact_attention, rand_attention
+from .functional import KERNEL_FNS, check_backend, exact_attention, rand_attention
 
 __all__ = [
     "DRAWS",
@@ -142,7 +142,7 @@ def attention_rows(
     kernel_fn: str = "softmax",
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
-    backend: str = "auto",
+    backend: str = "reference",
 ) -> torch.Tensor:
     """The attention matrix, exact (``projection=None``) or implied by random-feature attention.
 
@@ -156,7 +156,8 @@ def attention_rows(
         kernel_fn: ``"softmax"`` or ``"relu"`` (ignored when ``projection`` is ``None``).
         causal: causal masking (``L == S``).
         key_padding_mask: ``(N, S)`` as in :func:`randattn.functional.rand_attention`.
-        backend: passed to :func:`randattn.functional.rand_attention`.
+        backend: passed to :func:`randattn.functional.rand_attention` (default: the plain-PyTorch
+            reference, which defines the result and accepts any value width).
 
     Returns:
         ``(N, H, L, S)`` float32 rows.
@@ -274,7 +275,7 @@ def approximation_error(
     key_padding_mask: torch.Tensor | None = None,
     seeds: int | Iterable[int] = 8,
     rows: bool = True,
-    backend: str = "auto",
+    backend: str = "reference",
 ) -> ErrorStats:
     """Error of :func:`~randattn.functional.rand_attention` against exact attention, over projection seeds.
 
@@ -290,7 +291,7 @@ def approximation_error(
         key_padding_mask: ``(N, S)`` bool or float mask.
         seeds: number of seeds (``0 .. seeds-1``) or an explicit sequence.
         rows: also measure the total variation of the attention rows (``O(N H L S)`` memory).
-        backend: passed to :func:`~randattn.functional.rand_attention`.
+        backend: passed to :func:`~randattn.functional.rand_attention` (default ``"reference"``).
 
     Returns:
         :class:`ErrorStats`.
@@ -375,6 +376,7 @@ def layer_approximation_error(
     key_padding_mask: torch.Tensor | None = None,
     seeds: int | Iterable[int] = 8,
     rows: bool = True,
+    backend: str = "reference",
 ) -> ErrorStats:
     """Error of a random-feature attention layer against exact attention with the same weights.
 
@@ -398,6 +400,8 @@ def layer_approximation_error(
         seeds: number of seeds or a sequence of seeds.
         rows: also measure the attention rows' total variation (layers without ``bias_kv`` and
             ``zero_attn`` only; otherwise reported as ``nan``).
+        backend: backend of the random-feature layer during the measurement (default
+            ``"reference"``).
 
     Returns:
         :class:`ErrorStats` for the layer outputs (after ``out_proj``) and the attention rows.
@@ -430,6 +434,8 @@ def layer_approximation_error(
             f"layer must be an nn.MultiheadAttention or a RandMultiHeadAttention, got {type(layer).__name__}"
         )
     _check_kernel_fn(rand_layer.kernel_fn)
+    check_backend(backend)
+    rand_layer.backend = backend
     seed_list = _seed_list(seeds)
     was_training = exact_layer.training
     exact_layer.eval()
@@ -463,6 +469,7 @@ def layer_approximation_error(
                         kernel_fn=rand_layer.kernel_fn,
                         causal=rand_layer.causal,
                         key_padding_mask=key_padding_mask,
+                        backend=backend,
                     )
                     tvs.append(attention_rows_total_variation(approx_rows, exact_rows).item())
     finally:

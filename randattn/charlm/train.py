@@ -392,7 +392,12 @@ def run_parity_study(
             x, _ = get_batch(
                 corpus.val, batch_starts(corpus.val.numel(), config.context, 4, 1, config.seed + 3)[0], config.context
             )
-            study["layer_errors"] = trained_layer_errors(model, x.to(config.device), fidelity_features)
+            try:
+                study["layer_errors"] = trained_layer_errors(model, x.to(config.device), fidelity_features)
+            except Exception as exc:  # the training results matter more than this measurement
+                study["layer_errors_failure"] = f"{type(exc).__name__}: {exc}"
+                if progress:
+                    progress(f"trained-layer errors failed: {study['layer_errors_failure']}")
         if any(r["kind"] == "exact" for r in study["results"]):
             study["parity"] = parity_table(study["results"])
         save()

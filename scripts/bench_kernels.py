@@ -154,18 +154,20 @@ def format_row(r: dict) -> str:
 def accuracy(args) -> None:
     import _triton_checks as checks
 
-    from randattn.ops._triton_utils import PRECISION
+    from randattn.ops._triton_utils import GPU_PRECISION, PRECISION
 
-    settings = [tuple(int(c) for c in s) for s in args.settings.split(",")]
     gen = torch.Generator().manual_seed(0)
-    for state, mixed in settings:
-        PRECISION.state, PRECISION.mixed = state, mixed
+    for setting in args.settings.split(","):
+        if setting.isdigit():
+            PRECISION.set(setting)
+            dtypes = (torch.bfloat16, torch.float16)
+        else:
+            PRECISION.fp32_dot = setting
+            dtypes = (torch.float32,)
         worst = {}
         for causal in (False, True):
-            for dtype in (torch.bfloat16, torch.float16, torch.float32):
-                if dtype == torch.float32 and (state, mixed) != settings[0]:
-                    continue
-                for shape in ((2, 4, 2048, 2048, 64, 64, 256), (1, 4, 1000, 1000, 128, 64, 512)):
+            for dtype in dtypes:
+                for shape in ((2, 4, 1024, 1024, 64, 64, 256),):
                     n, h, length, s_len, d, dv, m = shape
                     for kernel_fn in ("softmax", "relu"):
                         inputs = checks.make_inputs(n, h, length, s_len, d, dv, m, dtype, gen, mask="bool")
@@ -177,7 +179,37 @@ def accuracy(args) -> None:
                             key = ("causal" if causal else "noncausal", str(dtype)[6:], name)
                             worst[key] = max(worst.get(key, 0.0), ratio)
         line = " ".join(f"{k[0][:4]}/{k[1][:4]}/{k[2]}={v:.2f}" for k, v in sorted(worst.items()))
-        print(f"ACCURACY state={state} mixed={mixed}: max={max(worst.values()):.2f} :: {line}", flush=True)
+        print(f"ACCURACY {setting}: max={max(worst.values()):.2f} :: {line}", flush=True)
+    PRECISION.set(GPU_PRECISION)
+    PRECISION.fp32_dot = "ieee"
+
+
+def tune(args) -> None:
+    """Time the attention op alone (fwd+bwd, bf16) for the current settings at the given lengths."""
+    import triton.testing
+
+    from randattn.features import draw_projection
+    from randattn.functional import rand_attention
+
+    for causal in args.modes:
+        for length in args.lengths:
+            dh = EMBED // HEADS
+            q, k, v = (torch.randn(BATCH, HEADS, length, dh, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                       for _ in range(3))
+            w = draw_projection(FEATURES, dh, device="cuda")
+            dout = torch.randn_like(q)
+
+            def fwd():
+                return rand_attention(q, k, v, w, causal=causal, backend="triton")
+
+            def fwd_bwd():
+                fwd().backward(dout)
+
+            f = triton.testing.do_bench(fwd, warmup=25, rep=200, return_mode="median")
+            fb = triton.testing.do_bench(fwd_bwd, warmup=25, rep=200, return_mode="median")
+            print(f"TUNE causal={causal} L={length} fwd {f:.3f} ms fwd+bwd {fb:.3f} ms "
+                  f"floor {floor_ms(length, 'bfloat16', 'fwd'):.3f}/{floor_ms(length, 'bfloat16', 'total'):.3f}",
+                  flush=True)
 
 
 def main() -> int:
@@ -188,11 +220,16 @@ def main() -> int:
     p.add_argument("--impls", nargs="+", default=["proj", "rand_triton", "rand_reference", "mha"])
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--accuracy", action="store_true")
-    p.add_argument("--settings", default="23,11,21,22", help="precision settings (state, mixed) to compare")
+    p.add_argument("--settings", default="11233,11223,11133,11213,tf32x3",
+                   help="precision settings to compare: five digits (see Precision.parse) or a float32 dot mode")
+    p.add_argument("--tune", action="store_true", help="time the op alone (bf16) with the current settings")
     args = p.parse_args()
     args.modes = [m == "causal" for m in args.modes]
     if args.accuracy:
         accuracy(args)
+        return 0
+    if args.tune:
+        tune(args)
         return 0
     rows = bench(args)
     print("\nFINAL TABLE")

@@ -40,25 +40,49 @@ NEG_BIG = tl.constexpr(-1.0e30)
 class Precision:
     """Number of split products per kind of matrix product for bfloat16/float16 inputs.
 
+    Products with an operand exact in the input dtype (features times ``v`` or ``dout``, states times
+    ``v`` or ``dout``): 1 rounds the float32 operand to the input dtype, 2 adds its low part.
+    Products of two float32 operands (features times states or features): 1 rounds both, 2 adds
+    ``a_lo b_hi``, 3 adds ``a_hi b_lo``.
+
     Attributes:
-        state: products with a float32 operand and an exact one (features times ``v`` or ``dout``,
-            the states times ``v``): 1 rounds the float32 operand to the input dtype, 2 adds its
-            low part.
-        mixed: products of two float32 operands (features times states, gradients of the
-            features times the projection): 1 rounds both, 2 adds ``a_lo b_hi``, 3 adds ``a_hi b_lo``.
+        fwd_state, fwd_mixed: those two counts in the forward kernels.
+        state, mixed: the same in the backward kernels (which also recompute forward quantities).
+        grad_w: products of the feature gradients with the projection (``dq``, ``dk``; these are
+            differences of two nearly equal terms, so their error is amplified).
         fp32_dot: ``input_precision`` of float32 dots (``"ieee"`` or ``"tf32x3"``).
     """
 
+    fwd_state: int = 2
+    fwd_mixed: int = 3
     state: int = 2
     mixed: int = 3
+    grad_w: int = 3
     fp32_dot: str = "ieee"
 
+    @classmethod
+    def parse(cls, code: str, fp32_dot: str = "ieee") -> Precision:
+        """From five digits ``fwd_state fwd_mixed state mixed grad_w``, e.g. ``"11233"``."""
+        f_s, f_m, s, m, g = (int(c) for c in code)
+        return cls(f_s, f_m, s, m, g, fp32_dot)
+
+    def set(self, code: str) -> None:
+        """Change this setting in place from five digits (see :meth:`parse`)."""
+        new = self.parse(code, self.fp32_dot)
+        self.fwd_state, self.fwd_mixed, self.state, self.mixed, self.grad_w = (
+            new.fwd_state, new.fwd_mixed, new.state, new.mixed, new.grad_w)
+
+
+#: Settings on a GPU: cheap forward products (their rounding stays within the rule), full backward.
+#: In the interpreter every product is split fully (it rounds float32 to bfloat16 by truncation).
+GPU_PRECISION = "11233"
+FULL_PRECISION = "23233"
 
 #: The precision used by the kernels (module-level so that benchmarks can compare settings).
-PRECISION = Precision(
-    state=int(os.environ.get("RANDATTN_TRITON_STATE_PASSES", "2")),
-    mixed=int(os.environ.get("RANDATTN_TRITON_MIXED_PASSES", "3")),
-    fp32_dot=os.environ.get("RANDATTN_TRITON_FP32_DOT", "ieee"),
+PRECISION = Precision.parse(
+    os.environ.get("RANDATTN_TRITON_PRECISION", FULL_PRECISION if os.environ.get("TRITON_INTERPRET") == "1"
+                   else GPU_PRECISION),
+    os.environ.get("RANDATTN_TRITON_FP32_DOT", "ieee"),
 )
 
 

@@ -15,7 +15,8 @@ Forward:
 4. ``_chunk_out_kernel`` (chunk-parallel): inter-chunk part ``phi_q S_t`` plus the intra-chunk
    quadratic part ``(phi_q phit_k^T * exp(c_j - c_i))_{j<=i} v``, divided by the matching denominator.
 
-Backward: the same kernel recomputes the numerator to get ``t_i = dout_i . num_i / den_i^2``;
+Backward: ``t_i = dout_i . num_i / den_i^2 = dout_i . out_i / den_i`` comes from the output kept as
+``hi + lo`` in the input dtype (float32-accurate);
 ``_chunk_rstate_kernel`` and a reverse ``_scan_kernel`` build the states of later queries
 ``R_t = sum_{i after chunk t} exp(c_end - c_i) phi_q[i] g_i^T``; ``_chunk_grad_kernel`` gives
 ``dq``, ``dk``, ``dv`` chunk by chunk. Features are always recomputed, never stored.
@@ -146,14 +147,14 @@ def _scan_kernel(
 
 @triton.jit
 def _chunk_out_kernel(
-    Q, K, V, W_HI, W_LO, BIAS, C, CPREV, ST, SZ, OUT, CQ, DEN, DO, TV,
+    Q, K, V, W_HI, W_LO, BIAS, C, CPREV, ST, SZ, OUT, OUT_LO, CQ, DEN,
     sq_n, sq_h, sq_l, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, so_n, so_h, so_l,
     H, L, D, DV, M, NT, half_inv_sqrt_d, RELU_SCALE, EPS,
-    HAS_BIAS: tl.constexpr, KERNEL: tl.constexpr, GRAD_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, KERNEL: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, STATE_PASSES: tl.constexpr,
     MIXED_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
-    """Forward output of one chunk; with ``GRAD_T`` it stores ``t = dout . num / den^2`` instead."""
+    """Forward output of one chunk, as ``hi + lo`` in the output dtype (float32-accurate for the backward)."""
     pid_t = tl.program_id(0)
     pid_nh = tl.program_id(1)
     n = pid_nh // H
@@ -221,22 +222,27 @@ def _chunk_out_kernel(
     inv_den = 1.0 / tl.where(den == 0.0, 1.0, den)
     if KERNEL != 0:
         cq = tl.zeros((BLOCK_C,), tl.float32)
-    if GRAD_T:
-        do = tl.load(DO + n * so_n + h * so_h + offs_c[:, None] * so_l + offs_dv[None, :],
-                     mask=c_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        t = tl.sum(do.to(tl.float32) * num, 1) * inv_den * inv_den
-        tl.store(TV + pid_nh * L + offs_c, t, mask=c_ok)
-    else:
-        out = num * inv_den[:, None]
-        tl.store(OUT + n * so_n + h * so_h + offs_c[:, None] * so_l + offs_dv[None, :],
-                 out.to(OUT.dtype.element_ty), mask=c_ok[:, None] & (offs_dv[None, :] < DV))
-        tl.store(CQ + pid_nh * L + offs_c, cq, mask=c_ok)
-        tl.store(DEN + pid_nh * L + offs_c, den, mask=c_ok)
+    out = num * inv_den[:, None]
+    out_hi = out.to(OUT.dtype.element_ty)
+    o_ptrs = n * so_n + h * so_h + offs_c[:, None] * so_l + offs_dv[None, :]
+    omask = c_ok[:, None] & (offs_dv[None, :] < DV)
+    tl.store(OUT + o_ptrs, out_hi, mask=omask)
+    tl.store(OUT_LO + o_ptrs, (out - out_hi.to(tl.float32)).to(OUT_LO.dtype.element_ty), mask=omask)
+    tl.store(CQ + pid_nh * L + offs_c, cq, mask=c_ok)
+    tl.store(DEN + pid_nh * L + offs_c, den, mask=c_ok)
+
+
+@triton.jit
+def _row_t(OUT, OUT_LO, do, den, ptrs, mask):
+    """``t_i = dout_i . num_i / den_i^2 = dout_i . out_i / den_i`` with ``out = hi + lo``."""
+    out = tl.load(OUT + ptrs, mask=mask, other=0.0).to(tl.float32) + tl.load(
+        OUT_LO + ptrs, mask=mask, other=0.0).to(tl.float32)
+    return tl.sum(do.to(tl.float32) * out, 1) / tl.where(den == 0.0, 1.0, den)
 
 
 @triton.jit
 def _chunk_rstate_kernel(
-    Q, DO, W_HI, W_LO, C, CPREV, CQ, DEN, TV, RB, RZ,
+    Q, DO, OUT, OUT_LO, W_HI, W_LO, C, CPREV, CQ, DEN, RB, RZ,
     sq_n, sq_h, sq_l, sd_n, sd_h, sd_l,
     H, L, D, DV, M, NT, half_inv_sqrt_d, RELU_SCALE, EPS,
     KERNEL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -265,7 +271,8 @@ def _chunk_rstate_kernel(
     cq = tl.load(CQ + pid_nh * L + offs_c, mask=c_ok, other=0.0)
     cc = tl.load(C + pid_nh * L + offs_c, mask=c_ok, other=0.0)
     den = tl.load(DEN + pid_nh * L + offs_c, mask=c_ok, other=1.0)
-    t = tl.load(TV + pid_nh * L + offs_c, mask=c_ok, other=0.0)
+    t = _row_t(OUT, OUT_LO, do, den, n * sd_n + h * sd_h + offs_c[:, None] * sd_l + offs_dv[None, :],
+               c_ok[:, None] & (offs_dv[None, :] < DV))
     cprev = tl.load(CPREV + pid_nh * NT + pid_t)
     phiq, proj = features_tile(x, sqx, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
     w = tl.where(c_ok, tl.exp(cprev - cc), 0.0)
@@ -280,12 +287,12 @@ def _chunk_rstate_kernel(
 
 @triton.jit
 def _chunk_grad_kernel(
-    Q, K, V, DO, W_HI, W_LO, BIAS, C, CPREV, CEND, CQ, DEN, TV, ST, SZ, RS, RZ, DQ, DK, DVO,
+    Q, K, V, DO, OUT, OUT_LO, W_HI, W_LO, BIAS, C, CPREV, CEND, CQ, DEN, ST, SZ, RS, RZ, DQ, DK, DVO,
     sq_n, sq_h, sq_l, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, sd_n, sd_h, sd_l,
     H, L, D, DV, M, NT, half_inv_sqrt_d, RELU_SCALE, EPS,
     HAS_BIAS: tl.constexpr, KERNEL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, STATE_PASSES: tl.constexpr,
-    MIXED_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
+    MIXED_PASSES: tl.constexpr, GRADW_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_nh = tl.program_id(1)
@@ -315,7 +322,8 @@ def _chunk_grad_kernel(
     cq = tl.load(CQ + pid_nh * L + offs_c, mask=c_ok, other=0.0)
     den = tl.load(DEN + pid_nh * L + offs_c, mask=c_ok, other=1.0)
     inv_den = 1.0 / tl.where(den == 0.0, 1.0, den)
-    t = tl.load(TV + pid_nh * L + offs_c, mask=c_ok, other=0.0)
+    t = _row_t(OUT, OUT_LO, do, den, n * sd_n + h * sd_h + offs_c[:, None] * sd_l + offs_dv[None, :],
+               c_ok[:, None] & (offs_dv[None, :] < DV))
     cprev = tl.load(CPREV + pid_nh * NT + pid_t)
     cend = tl.load(CEND + pid_nh * NT + pid_t)
     e_q = tl.exp(cprev - cc)  # inter-chunk factor of each query
@@ -375,8 +383,8 @@ def _chunk_grad_kernel(
             dsq = tl.where((projq > 0.0) & m_ok[None, :], dphiq * RELU_SCALE, 0.0)
             dsk = tl.where((projk > 0.0) & m_ok[None, :], dphik * RELU_SCALE * tl.exp(b)[:, None], 0.0)
         w_hi, w_lo = load_w(W_HI, W_LO, offs_m, offs_d, D, M)
-        dx = mm_mixed_w(dsq, w_hi, w_lo, dx, MIXED_PASSES, FP32_DOT)
-        dy = mm_mixed_w(dsk, w_hi, w_lo, dy, MIXED_PASSES, FP32_DOT)
+        dx = mm_mixed_w(dsq, w_hi, w_lo, dx, GRADW_PASSES, FP32_DOT)
+        dy = mm_mixed_w(dsk, w_hi, w_lo, dy, GRADW_PASSES, FP32_DOT)
     pe = pp * ee * inv_den[:, None]
     dv = mm_exact_b(tl.trans(pe), do, dv_inter * e_k[:, None], STATE_PASSES, FP32_DOT)
     if KERNEL == 0:
@@ -439,7 +447,7 @@ def _stabilisers(k, v, w_hi, w_lo, key_bias, sz):
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h, length, sz["d"], sz["dv"], sz["m"], nt, nmb, sz["half"], sz["rscale"], RELU_FEATURE_EPS,
         HAS_BIAS=key_bias is not None, KERNEL=sz["KERNEL"], BLOCK_C=CHUNK, BLOCK_D=sz["BLOCK_D"],
-        BLOCK_M=sz["BLOCK_M"], BLOCK_DV=sz["BLOCK_DV"], STATE_PASSES=PRECISION.state, FP32_DOT=PRECISION.fp32_dot,
+        BLOCK_M=sz["BLOCK_M"], BLOCK_DV=sz["BLOCK_DV"], STATE_PASSES=PRECISION.fwd_state, FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("chunk_state"),
     )
     c = torch.cummax(rp.amax(-1), dim=-1).values
@@ -447,6 +455,14 @@ def _stabilisers(k, v, w_hi, w_lo, key_bias, sz):
     cend = c[:, last].contiguous()
     cprev = torch.cat([cend[:, :1], cend[:, :-1]], dim=1).contiguous()
     return a, za, mb, c, cprev, cend
+
+
+def _split_output(out: torch.Tensor, out_lo: torch.Tensor, dtype: torch.dtype):
+    """``(hi, lo)`` in ``dtype`` with ``hi + lo`` the float32 output (split on the host after the interpreter)."""
+    if out.dtype == dtype:
+        return out, out_lo
+    hi = out.to(dtype)
+    return hi, (out - hi.float()).to(dtype)
 
 
 def _forward(q, k, v, projection, kernel_fn, key_bias):
@@ -462,34 +478,34 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     _scan(a, za, torch.exp(cprev - cend).contiguous(), torch.exp(mb - cend[..., None]).contiguous(), nmb, sz, False)
     f32 = dict(device=q.device, dtype=torch.float32)
     out = torch.empty(n, h, length, sz["dv"], device=q.device, dtype=_store_dtype(q.dtype))
+    out_lo = torch.empty_like(out)
     cq = torch.empty(nh, length, **f32)
     den = torch.empty(nh, length, **f32)
-    _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, a, za, out, cq, den, None, None, sz)
-    return out.to(q.dtype), a, za, c, cprev, cend, cq, den
+    _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, a, za, out, out_lo, cq, den, sz)
+    out, out_lo = _split_output(out, out_lo, q.dtype)
+    return out, out_lo, a, za, c, cprev, cend, cq, den
 
 
-def _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, out, cq, den, dout, tv, sz):
+def _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, out, out_lo, cq, den, sz):
     n, h, length, _ = q.shape
     nt = triton.cdiv(length, CHUNK)
-    grad_t = dout is not None
-    o = dout if grad_t else out
     bias = key_bias.contiguous() if key_bias is not None else c
     _chunk_out_kernel[(nt, n * h)](
-        q, k, v, w_hi, w_lo, bias, c, cprev, st, szs,
-        out if out is not None else c, cq if cq is not None else c, den if den is not None else c,
-        dout if grad_t else c, tv if tv is not None else c,
+        q, k, v, w_hi, w_lo, bias, c, cprev, st, szs, out, out_lo, cq, den,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         h, length, sz["d"], sz["dv"], sz["m"], nt, sz["half"], sz["rscale"], RELU_FEATURE_EPS,
-        HAS_BIAS=key_bias is not None, KERNEL=sz["KERNEL"], GRAD_T=grad_t, BLOCK_C=CHUNK,
+        HAS_BIAS=key_bias is not None, KERNEL=sz["KERNEL"], BLOCK_C=CHUNK,
         BLOCK_D=sz["BLOCK_D"], BLOCK_M=sz["BLOCK_M"], BLOCK_DV=sz["BLOCK_DV"],
-        STATE_PASSES=PRECISION.state, MIXED_PASSES=PRECISION.mixed, FP32_DOT=PRECISION.fp32_dot,
+        STATE_PASSES=PRECISION.fwd_state, MIXED_PASSES=PRECISION.fwd_mixed, FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("chunk_out"),
     )
 
 
-def _backward(dout, q, k, v, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den):
+def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den):
     q, k, v, dout = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v), _rows_contiguous(dout)
+    if out.stride() != dout.stride():
+        out, out_lo, dout = out.contiguous(), out_lo.contiguous(), dout.contiguous()
     n, h, length, _ = q.shape
     nh = n * h
     nt = triton.cdiv(length, CHUNK)
@@ -498,12 +514,10 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, st, szs, c, cprev,
     nmb = triton.cdiv(sz["m"], sz["BLOCK_M"])
     f32 = dict(device=q.device, dtype=torch.float32)
     consts = (sz["half"], sz["rscale"], RELU_FEATURE_EPS)
-    tv = torch.empty(nh, length, **f32)
-    _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, None, None, None, dout, tv, sz)
     rb = torch.empty(nh, nt, sz["m"], sz["dv"], **f32)
     rz = torch.empty(nh, nt, sz["m"], **f32)
     _chunk_rstate_kernel[(nmb, nt, nh)](
-        q, dout, w_hi, w_lo, c, cprev, cq, den, tv, rb, rz,
+        q, dout, out, out_lo, w_hi, w_lo, c, cprev, cq, den, rb, rz,
         q.stride(0), q.stride(1), q.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         h, length, sz["d"], sz["dv"], sz["m"], nt, *consts,
         KERNEL=sz["KERNEL"], BLOCK_C=CHUNK, BLOCK_D=sz["BLOCK_D"], BLOCK_M=sz["BLOCK_M"],
@@ -516,13 +530,13 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, st, szs, c, cprev,
     dv = torch.empty(n, h, length, sz["dv"], device=q.device, dtype=_store_dtype(v.dtype))
     bias = key_bias.contiguous() if key_bias is not None else c
     _chunk_grad_kernel[(nt, nh)](
-        q, k, v, dout, w_hi, w_lo, bias, c, cprev, cend, cq, den, tv, st, szs, rb, rz, dq, dk, dv,
+        q, k, v, dout, out, out_lo, w_hi, w_lo, bias, c, cprev, cend, cq, den, st, szs, rb, rz, dq, dk, dv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         h, length, sz["d"], sz["dv"], sz["m"], nt, *consts,
         HAS_BIAS=key_bias is not None, KERNEL=sz["KERNEL"], BLOCK_C=CHUNK, BLOCK_D=sz["BLOCK_D"],
         BLOCK_M=sz["BLOCK_M"], BLOCK_DV=sz["BLOCK_DV"], STATE_PASSES=PRECISION.state,
-        MIXED_PASSES=PRECISION.mixed, FP32_DOT=PRECISION.fp32_dot,
+        MIXED_PASSES=PRECISION.mixed, GRADW_PASSES=PRECISION.grad_w, FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("chunk_grad"),
     )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -537,7 +551,7 @@ def _causal_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, kernel_fn: str,
     key_bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor]:
+           torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, projection, kernel_fn, key_bias)
 
 
@@ -548,7 +562,7 @@ def _(q, k, v, projection, kernel_fn, key_bias):
     nt = -(-length // CHUNK)
     f32 = dict(device=q.device, dtype=torch.float32)
     return (
-        q.new_empty(n, h, length, dv), torch.empty(n * h, nt, m, dv, **f32), torch.empty(n * h, nt, m, **f32),
+        q.new_empty(n, h, length, dv), q.new_empty(n, h, length, dv), torch.empty(n * h, nt, m, dv, **f32), torch.empty(n * h, nt, m, **f32),
         torch.empty(n * h, length, **f32), torch.empty(n * h, nt, **f32), torch.empty(n * h, nt, **f32),
         torch.empty(n * h, length, **f32), torch.empty(n * h, length, **f32),
     )
@@ -556,15 +570,15 @@ def _(q, k, v, projection, kernel_fn, key_bias):
 
 @torch.library.custom_op("randattn::causal_bwd", mutates_args=())
 def _causal_bwd(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor,
-    kernel_fn: str, key_bias: torch.Tensor | None, st: torch.Tensor, szs: torch.Tensor, c: torch.Tensor,
-    cprev: torch.Tensor, cend: torch.Tensor, cq: torch.Tensor, den: torch.Tensor,
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, out_lo: torch.Tensor,
+    projection: torch.Tensor, kernel_fn: str, key_bias: torch.Tensor | None, st: torch.Tensor, szs: torch.Tensor,
+    c: torch.Tensor, cprev: torch.Tensor, cend: torch.Tensor, cq: torch.Tensor, den: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dout, q, k, v, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den)
+    return _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den)
 
 
 @_causal_bwd.register_fake
-def _(dout, q, k, v, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den):
+def _(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den):
     fmt = torch.contiguous_format
     return (torch.empty_like(q, memory_format=fmt), torch.empty_like(k, memory_format=fmt),
             torch.empty_like(v, memory_format=fmt))
@@ -573,13 +587,14 @@ def _(dout, q, k, v, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, c
 def _setup_context(ctx, inputs, output):
     q, k, v, projection, kernel_fn, key_bias = inputs
     ctx.kernel_fn = kernel_fn
-    ctx.save_for_backward(q, k, v, projection, key_bias, *output[1:])
+    ctx.save_for_backward(q, k, v, output[0], projection, key_bias, *output[1:])
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward_rule(ctx, dout, *unused):
-    q, k, v, projection, key_bias, *saved = ctx.saved_tensors
-    dq, dk, dv = torch.ops.randattn.causal_bwd(dout, q, k, v, projection, ctx.kernel_fn, key_bias, *saved)
+    q, k, v, out, projection, key_bias, out_lo, *saved = ctx.saved_tensors
+    dq, dk, dv = torch.ops.randattn.causal_bwd(dout, q, k, v, out, out_lo, projection, ctx.kernel_fn, key_bias,
+                                               *saved)
     return dq, dk, dv, None, None, None
 
 

@@ -12,7 +12,8 @@ Forward (the ``(N, H, L, m)`` features never reach device memory):
    (``(N, H, L)`` float32 each) for the backward.
 
 Backward (features recomputed): ``_query_grad_kernel`` (``dq`` and the per-row scalar
-``t = dout . num / den^2``), ``_query_state_grad_kernel`` (``dS = phi_q^T (dout / den)``,
+``t = dout . num / den^2 = dout . out / den``, from the output kept as ``hi + lo`` in the input dtype,
+which is float32-accurate), ``_query_state_grad_kernel`` (``dS = phi_q^T (dout / den)``,
 ``dz = -phi_q^T t``, reduced over query splits) and ``_key_grad_kernel`` (``dk``, ``dv``).
 The projection gets no gradient.
 """
@@ -119,7 +120,7 @@ def _key_state_kernel(
 
 @triton.jit
 def _query_out_kernel(
-    Q, W_HI, W_LO, ST, KS, OUT, CQ, DEN,
+    Q, W_HI, W_LO, ST, KS, OUT, OUT_LO, CQ, DEN,
     sq_n, sq_h, sq_l, so_n, so_h, so_l,
     H, L, D, DV, M, half_inv_sqrt_d, RELU_SCALE, EPS,
     KERNEL: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -161,8 +162,11 @@ def _query_out_kernel(
         num = mm_mixed(phi, st, num, x, MIXED_PASSES, FP32_DOT)
         den += tl.sum(phi * z[None, :], 1)
     out = num / tl.where(den == 0.0, 1.0, den)[:, None]
-    tl.store(OUT + n * so_n + h * so_h + offs_l[:, None] * so_l + offs_dv[None, :],
-             out.to(OUT.dtype.element_ty), mask=l_ok[:, None] & (offs_dv[None, :] < DV))
+    out_hi = out.to(OUT.dtype.element_ty)
+    omask = l_ok[:, None] & (offs_dv[None, :] < DV)
+    tl.store(OUT + n * so_n + h * so_h + offs_l[:, None] * so_l + offs_dv[None, :], out_hi, mask=omask)
+    tl.store(OUT_LO + n * so_n + h * so_h + offs_l[:, None] * so_l + offs_dv[None, :],
+             (out - out_hi.to(tl.float32)).to(OUT_LO.dtype.element_ty), mask=omask)
     if KERNEL != 0:
         cq = tl.zeros((BLOCK_L,), tl.float32)
     tl.store(CQ + pid_nh * L + offs_l, cq, mask=l_ok)
@@ -171,11 +175,12 @@ def _query_out_kernel(
 
 @triton.jit
 def _query_grad_kernel(
-    Q, DO, W_HI, W_LO, ST, KS, CQ, DEN, DQ, TV,
+    Q, DO, OUT, OUT_LO, W_HI, W_LO, ST, KS, CQ, DEN, DQ, TV,
     sq_n, sq_h, sq_l, sd_n, sd_h, sd_l,
     H, L, D, DV, M, half_inv_sqrt_d, RELU_SCALE, EPS,
     KERNEL: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_DV: tl.constexpr, STATE_PASSES: tl.constexpr, MIXED_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_DV: tl.constexpr, STATE_PASSES: tl.constexpr, MIXED_PASSES: tl.constexpr, GRADW_PASSES: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     pid_l = tl.program_id(0)
     pid_nh = tl.program_id(1)
@@ -194,21 +199,13 @@ def _query_grad_kernel(
     cq = tl.load(CQ + pid_nh * L + offs_l, mask=l_ok, other=0.0)
     den = tl.load(DEN + pid_nh * L + offs_l, mask=l_ok, other=1.0)
     inv_den = 1.0 / tl.where(den == 0.0, 1.0, den)
-    # pass 1: dot_i = phi_i . (S dout_i) = dout_i . num_i
-    dot = tl.zeros((BLOCK_L,), tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < M
-        wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
-        phi, proj = features_tile(x, sq, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
-        stt = tl.load(ST + pid_nh * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
-                      mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
-        st_hi = stt.to(do.dtype)
-        g = mm_exact_a(do, st_hi, (stt - st_hi.to(tl.float32)).to(do.dtype),
-                       tl.zeros((BLOCK_L, BLOCK_M), tl.float32), STATE_PASSES, FP32_DOT)
-        dot += tl.sum(phi * g, 1)
-    t = dot * inv_den * inv_den
-    # pass 2: dphi = g / den - z t ; ds = dphi * dphi/ds ; dx = ds W'
+    # t_i = dout_i . num_i / den_i^2 = dout_i . out_i / den_i, with out = out_hi + out_lo (float32 accurate)
+    o_ptrs = n * sd_n + h * sd_h + offs_l[:, None] * sd_l + offs_dv[None, :]
+    omask = l_ok[:, None] & (offs_dv[None, :] < DV)
+    out = tl.load(OUT + o_ptrs, mask=omask, other=0.0).to(tl.float32) + tl.load(
+        OUT_LO + o_ptrs, mask=omask, other=0.0).to(tl.float32)
+    t = tl.sum(do.to(tl.float32) * out, 1) * inv_den
+    # dphi = g / den - z t ; ds = dphi * dphi/ds ; dx = ds W'
     dx = tl.zeros((BLOCK_L, BLOCK_D), tl.float32)
     rs = tl.zeros((BLOCK_L,), tl.float32)
     for m0 in range(0, M, BLOCK_M):
@@ -229,7 +226,7 @@ def _query_grad_kernel(
         else:
             ds = tl.where((proj > 0.0) & m_ok[None, :], dphi * RELU_SCALE, 0.0)
         w_hi, w_lo = load_w(W_HI, W_LO, offs_m, offs_d, D, M)
-        dx = mm_mixed_w(ds, w_hi, w_lo, dx, MIXED_PASSES, FP32_DOT)
+        dx = mm_mixed_w(ds, w_hi, w_lo, dx, GRADW_PASSES, FP32_DOT)
     if KERNEL == 0:
         dx = dx - rs[:, None] * xf * (2.0 * half_inv_sqrt_d)
     tl.store(DQ + pid_nh * L * D + offs_l[:, None] * D + offs_d[None, :], dx.to(DQ.dtype.element_ty),
@@ -289,7 +286,7 @@ def _key_grad_kernel(
     H, S, D, DV, M, half_inv_sqrt_d, RELU_SCALE, EPS,
     HAS_BIAS: tl.constexpr, KERNEL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, STATE_PASSES: tl.constexpr,
-    MIXED_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
+    MIXED_PASSES: tl.constexpr, GRADW_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_nh = tl.program_id(1)
@@ -336,7 +333,7 @@ def _key_grad_kernel(
         else:
             ds = tl.where((proj > 0.0) & m_ok[None, :], dphi * RELU_SCALE * tl.exp(b)[:, None], 0.0)
         w_hi, w_lo = load_w(W_HI, W_LO, offs_m, offs_d, D, M)
-        dy = mm_mixed_w(ds, w_hi, w_lo, dy, MIXED_PASSES, FP32_DOT)
+        dy = mm_mixed_w(ds, w_hi, w_lo, dy, GRADW_PASSES, FP32_DOT)
     if KERNEL == 0:
         dy = dy - rs[:, None] * yf * (2.0 * half_inv_sqrt_d)
     tl.store(DK + pid_nh * S * D + offs_s[:, None] * D + offs_d[None, :], dy.to(DK.dtype.element_ty),
@@ -366,6 +363,14 @@ def _split(rows: int, blocks_per_row_group: int, device: torch.device) -> tuple[
     return triton.cdiv(rows, per), per
 
 
+def _split_output(out: torch.Tensor, out_lo: torch.Tensor, dtype: torch.dtype):
+    """``(hi, lo)`` in ``dtype`` with ``hi + lo`` the float32 output (split on the host after the interpreter)."""
+    if out.dtype == dtype:
+        return out, out_lo
+    hi = out.to(dtype)
+    return hi, (out - hi.float()).to(dtype)
+
+
 def _common(q, k, v, projection, kernel_fn):
     d, dv, m = q.shape[-1], v.shape[-1], projection.shape[0]
     return dict(
@@ -393,7 +398,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h, s_len, c["d"], c["dv"], c["m"], per, nsplit, c["half"], c["rscale"], RELU_FEATURE_EPS,
         HAS_BIAS=key_bias is not None, KERNEL=c["KERNEL"], BLOCK_S=BLOCK_ROWS, BLOCK_D=c["BLOCK_D"],
-        BLOCK_M=c["BLOCK_M"], BLOCK_DV=c["BLOCK_DV"], STATE_PASSES=PRECISION.state, FP32_DOT=PRECISION.fp32_dot,
+        BLOCK_M=c["BLOCK_M"], BLOCK_DV=c["BLOCK_DV"], STATE_PASSES=PRECISION.fwd_state, FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("key_state"),
     )
     ck = mx.amax(dim=(1, 2))
@@ -401,21 +406,25 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     state = (a * scale[..., None]).sum(1)
     ksum = (z * scale).sum(1)
     out = torch.empty(n, h, length, c["dv"], device=q.device, dtype=_store_dtype(q.dtype))
+    out_lo = torch.empty_like(out)
     cq = torch.empty(nh, length, **f32)
     den = torch.empty(nh, length, **f32)
     _query_out_kernel[(triton.cdiv(length, BLOCK_ROWS), nh)](
-        q, w_hi, w_lo, state, ksum, out, cq, den,
+        q, w_hi, w_lo, state, ksum, out, out_lo, cq, den,
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         h, length, c["d"], c["dv"], c["m"], c["half"], c["rscale"], RELU_FEATURE_EPS,
         KERNEL=c["KERNEL"], BLOCK_L=BLOCK_ROWS, BLOCK_D=c["BLOCK_D"], BLOCK_M=c["BLOCK_M"],
-        BLOCK_DV=c["BLOCK_DV"], MIXED_PASSES=PRECISION.mixed, FP32_DOT=PRECISION.fp32_dot,
+        BLOCK_DV=c["BLOCK_DV"], MIXED_PASSES=PRECISION.fwd_mixed, FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("query_out"),
     )
-    return out.to(q.dtype), state, ksum, ck, cq, den
+    out, out_lo = _split_output(out, out_lo, q.dtype)
+    return out, out_lo, state, ksum, ck, cq, den
 
 
-def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, cq, den):
+def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, state, ksum, ck, cq, den):
     q, k, v, dout = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v), _rows_contiguous(dout)
+    if out.stride() != dout.stride():
+        out, out_lo, dout = out.contiguous(), out_lo.contiguous(), dout.contiguous()
     n, h, length, _ = q.shape
     s_len = k.shape[2]
     nh = n * h
@@ -426,11 +435,11 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
     dq = torch.empty(n, h, length, c["d"], device=q.device, dtype=_store_dtype(q.dtype))
     tv = torch.empty(nh, length, **f32)
     _query_grad_kernel[(triton.cdiv(length, BLOCK_ROWS), nh)](
-        q, dout, w_hi, w_lo, state, ksum, cq, den, dq, tv,
+        q, dout, out, out_lo, w_hi, w_lo, state, ksum, cq, den, dq, tv,
         q.stride(0), q.stride(1), q.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         h, length, c["d"], c["dv"], c["m"], *common_consts,
         KERNEL=c["KERNEL"], BLOCK_L=BLOCK_ROWS, BLOCK_D=c["BLOCK_D"], BLOCK_M=c["BLOCK_M"],
-        BLOCK_DV=c["BLOCK_DV"], STATE_PASSES=PRECISION.state, MIXED_PASSES=PRECISION.mixed,
+        BLOCK_DV=c["BLOCK_DV"], STATE_PASSES=PRECISION.state, MIXED_PASSES=PRECISION.mixed, GRADW_PASSES=PRECISION.grad_w,
         FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("query_grad"),
     )
@@ -457,7 +466,7 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
         h, s_len, c["d"], c["dv"], c["m"], *common_consts,
         HAS_BIAS=key_bias is not None, KERNEL=c["KERNEL"], BLOCK_S=BLOCK_ROWS, BLOCK_D=c["BLOCK_D"],
         BLOCK_M=c["BLOCK_M"], BLOCK_DV=c["BLOCK_DV"], STATE_PASSES=PRECISION.state,
-        MIXED_PASSES=PRECISION.mixed, FP32_DOT=PRECISION.fp32_dot,
+        MIXED_PASSES=PRECISION.mixed, GRADW_PASSES=PRECISION.grad_w, FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("key_grad"),
     )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -471,7 +480,7 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
 def _noncausal_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, kernel_fn: str,
     key_bias: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, projection, kernel_fn, key_bias)
 
 
@@ -481,7 +490,7 @@ def _(q, k, v, projection, kernel_fn, key_bias):
     m, dv = projection.shape[0], v.shape[-1]
     f32 = dict(device=q.device, dtype=torch.float32)
     return (
-        q.new_empty(n, h, length, dv), q.new_empty(n * h, m, dv, dtype=torch.float32),
+        q.new_empty(n, h, length, dv), q.new_empty(n, h, length, dv), q.new_empty(n * h, m, dv, dtype=torch.float32),
         torch.empty(n * h, m, **f32), torch.empty(n * h, **f32), torch.empty(n * h, length, **f32),
         torch.empty(n * h, length, **f32),
     )
@@ -489,15 +498,15 @@ def _(q, k, v, projection, kernel_fn, key_bias):
 
 @torch.library.custom_op("randattn::noncausal_bwd", mutates_args=())
 def _noncausal_bwd(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor,
-    kernel_fn: str, key_bias: torch.Tensor | None, state: torch.Tensor, ksum: torch.Tensor, ck: torch.Tensor,
-    cq: torch.Tensor, den: torch.Tensor,
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, out_lo: torch.Tensor,
+    projection: torch.Tensor, kernel_fn: str, key_bias: torch.Tensor | None, state: torch.Tensor, ksum: torch.Tensor,
+    ck: torch.Tensor, cq: torch.Tensor, den: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, cq, den)
+    return _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, state, ksum, ck, cq, den)
 
 
 @_noncausal_bwd.register_fake
-def _(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, cq, den):
+def _(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, state, ksum, ck, cq, den):
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
         k, memory_format=torch.contiguous_format
     ), torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -505,16 +514,16 @@ def _(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, cq, den):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, projection, kernel_fn, key_bias = inputs
-    _, state, ksum, ck, cq, den = output
+    out, out_lo, state, ksum, ck, cq, den = output
     ctx.kernel_fn = kernel_fn
-    ctx.save_for_backward(q, k, v, projection, key_bias, state, ksum, ck, cq, den)
+    ctx.save_for_backward(q, k, v, out, out_lo, projection, key_bias, state, ksum, ck, cq, den)
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward_rule(ctx, dout, *unused):
-    q, k, v, projection, key_bias, state, ksum, ck, cq, den = ctx.saved_tensors
+    q, k, v, out, out_lo, projection, key_bias, state, ksum, ck, cq, den = ctx.saved_tensors
     dq, dk, dv = torch.ops.randattn.noncausal_bwd(
-        dout, q, k, v, projection, ctx.kernel_fn, key_bias, state, ksum, ck, cq, den
+        dout, q, k, v, out, out_lo, projection, ctx.kernel_fn, key_bias, state, ksum, ck, cq, den
     )
     return dq, dk, dv, None, None, None
 

@@ -47,6 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="FIELD=VALUE",
         help="override settings, e.g. --set d_model=64 n_layers=2 (TrainConfig / RecallConfig fields)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: torch's choice; 1 with --tiny, where more only add overhead)",
+    )
     parser.add_argument("--no-layer-errors", action="store_true", help="parity: skip the trained-layer errors")
     return parser.parse_args(argv)
 
@@ -75,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda requested but CUDA is not available", file=sys.stderr)
         return 2
+    threads = args.threads or (1 if args.tiny else None)
+    if threads:
+        torch.set_num_threads(threads)
     if args.recall:
         config: RecallConfig = TINY_RECALL if args.tiny else RecallConfig()
         config = apply_overrides(replace(config, device=args.device, bf16=args.bf16), args.overrides)

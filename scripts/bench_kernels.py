@@ -212,6 +212,44 @@ def tune(args) -> None:
                   flush=True)
 
 
+def diagnose(args) -> None:
+    """Forward/backward error of the causal kernels at one shape (bf16) under the current settings."""
+    import _triton_checks as checks
+
+    gen = torch.Generator().manual_seed(0)
+    for kernel_fn in ("softmax", "relu"):
+        inputs = checks.make_inputs(2, 2, 2048, 2048, 32, 32, 64, torch.bfloat16, gen, mask="bool")
+        exact = checks.run_fp64(*inputs, kernel_fn, True)
+        tri = checks.run("triton", *inputs, kernel_fn, True)
+        errs = " ".join(f"{n}={checks.rel_err(t, e):.2e}" for n, t, e in zip(("out", "dq", "dk", "dv"), tri, exact))
+        print(f"DIAG {kernel_fn} {errs}", flush=True)
+
+
+def profile(args) -> None:
+    """Per-kernel CUDA time of one forward+backward of the op (bf16) at each length."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from randattn.features import draw_projection
+    from randattn.functional import rand_attention
+
+    dh = EMBED // HEADS
+    for causal in args.modes:
+        for length in args.lengths:
+            q, k, v = (torch.randn(BATCH, HEADS, length, dh, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                       for _ in range(3))
+            w = draw_projection(FEATURES, dh, device="cuda")
+            dout = torch.randn_like(q)
+            for _ in range(2):
+                rand_attention(q, k, v, w, causal=causal, backend="triton").backward(dout)
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                rand_attention(q, k, v, w, causal=causal, backend="triton").backward(dout)
+                torch.cuda.synchronize()
+            print(f"PROFILE causal={causal} L={length}")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
@@ -223,6 +261,8 @@ def main() -> int:
     p.add_argument("--settings", default="11233,11223,11133,11213,tf32x3",
                    help="precision settings to compare: five digits (see Precision.parse) or a float32 dot mode")
     p.add_argument("--tune", action="store_true", help="time the op alone (bf16) with the current settings")
+    p.add_argument("--profile", action="store_true", help="per-kernel times of the op (bf16)")
+    p.add_argument("--diagnose", action="store_true", help="causal errors at one shape (bf16)")
     args = p.parse_args()
     args.modes = [m == "causal" for m in args.modes]
     if args.accuracy:
@@ -230,6 +270,12 @@ def main() -> int:
         return 0
     if args.tune:
         tune(args)
+        return 0
+    if args.profile:
+        profile(args)
+        return 0
+    if args.diagnose:
+        diagnose(args)
         return 0
     rows = bench(args)
     print("\nFINAL TABLE")

@@ -42,6 +42,7 @@ from .._triton_utils import (
     mm_mixed_w,
     BLOCK_FEATURES,
     interpreting,
+    kernel_dtype,
     launch_opts,
     prepare_projection,
     relu_scale,
@@ -622,7 +623,8 @@ def causal_attention(
 
     Returns:
         ``(N, H, L, d_v)`` in ``q.dtype``; a query whose keys up to it are all masked gets zeros.
+        float16 inputs run the float32 kernels (see :func:`randattn.ops._triton_utils.kernel_dtype`).
     """
-    k = k.to(q.dtype)
-    v = v.to(q.dtype)
-    return torch.ops.randattn.causal_fwd(q, k, v, projection.float(), kernel_fn, key_bias)[0]
+    dtype = kernel_dtype(q.dtype)
+    out = torch.ops.randattn.causal_fwd(q.to(dtype), k.to(dtype), v.to(dtype), projection.float(), kernel_fn, key_bias)[0]
+    return out.to(q.dtype)

@@ -108,6 +108,8 @@ for r in rows:
 # isotropic inputs of :doc:`plot_approximation_quality`.
 
 layer_rows = study.get("layer_errors", [])
+if not layer_rows:
+    print("No trained-layer measurement in these results.", study.get("layer_errors_failure", ""))
 if layer_rows:
     layers = sorted({r["layer"] for r in layer_rows})
     fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3.4), sharey=True, squeeze=False)

@@ -194,7 +194,8 @@ def tune(args) -> None:
     for causal in args.modes:
         for length in args.lengths:
             dh = EMBED // HEADS
-            q, k, v = (torch.randn(BATCH, HEADS, length, dh, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            dtype = getattr(torch, args.dtypes[0])
+            q, k, v = (torch.randn(BATCH, HEADS, length, dh, device="cuda", dtype=dtype, requires_grad=True)
                        for _ in range(3))
             w = draw_projection(FEATURES, dh, device="cuda")
             dout = torch.randn_like(q)
@@ -207,8 +208,8 @@ def tune(args) -> None:
 
             f = triton.testing.do_bench(fwd, warmup=25, rep=200, return_mode="median")
             fb = triton.testing.do_bench(fwd_bwd, warmup=25, rep=200, return_mode="median")
-            print(f"TUNE causal={causal} L={length} fwd {f:.3f} ms fwd+bwd {fb:.3f} ms "
-                  f"floor {floor_ms(length, 'bfloat16', 'fwd'):.3f}/{floor_ms(length, 'bfloat16', 'total'):.3f}",
+            print(f"TUNE {args.dtypes[0]} causal={causal} L={length} fwd {f:.3f} ms fwd+bwd {fb:.3f} ms "
+                  f"floor {floor_ms(length, args.dtypes[0], 'fwd'):.3f}/{floor_ms(length, args.dtypes[0], 'total'):.3f}",
                   flush=True)
 
 
@@ -236,7 +237,8 @@ def profile(args) -> None:
     dh = EMBED // HEADS
     for causal in args.modes:
         for length in args.lengths:
-            q, k, v = (torch.randn(BATCH, HEADS, length, dh, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            dtype = getattr(torch, args.dtypes[0])
+            q, k, v = (torch.randn(BATCH, HEADS, length, dh, device="cuda", dtype=dtype, requires_grad=True)
                        for _ in range(3))
             w = draw_projection(FEATURES, dh, device="cuda")
             dout = torch.randn_like(q)

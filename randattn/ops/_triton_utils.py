@@ -89,7 +89,7 @@ PRECISION = Precision.parse(
 
 #: Launch settings per kernel: ``(num_warps, num_stages)``; ``"*"`` is the default. Overridable with
 #: ``RANDATTN_TRITON_LAUNCH="name=warps,stages;..."`` for tuning runs.
-LAUNCH: dict[str, tuple[int, int]] = {"*": (4, 2), "chunk_grad": (8, 1), "chunk_out": (4, 1), "chunk_state": (4, 1),
+LAUNCH: dict[str, tuple[int, int]] = {"*": (4, 2), "chunk_grad": (4, 1), "chunk_out": (4, 1), "chunk_state": (4, 1),
                                       "scan": (4, 3)}
 for _item in filter(None, os.environ.get("RANDATTN_TRITON_LAUNCH", "").split(";")):
     _name, _value = _item.split("=")

@@ -50,7 +50,7 @@ def measure_point(
         out_of_memory = True
     else:
         out_of_memory = False
-    if out_of_memory:
+    if out_of_memory:  # outside the except block, so the failed allocation's frames are freed first
         torch.cuda.empty_cache()
         return empty_record("out of memory (setup)")
     return measure(model, x, dtype=grid.dtype, budget=budget)

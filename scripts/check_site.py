@@ -53,7 +53,7 @@ def check(html_dir: Path, screenshot: Path | None) -> list[str]:
     """Run the checks; returns the problems found (empty when all pass)."""
     from playwright.sync_api import sync_playwright
 
-    page_file = html_dir / "benchmarks" / "attention.html"
+    page_file = html_dir.resolve() / "benchmarks" / "attention.html"
     if not page_file.exists():
         return [f"{page_file} does not exist: build the docs first"]
     headings, figures = expected_page()

@@ -39,7 +39,8 @@ _STYLE: dict[str, Any] = {
 }
 
 
-def _length_label(n: int) -> str:
+def length_label(n: int) -> str:
+    """Tick label of a sequence length: ``512``, ``1K``, ``64K``."""
     return f"{n // 1024}K" if n >= 1024 else str(n)
 
 
@@ -107,7 +108,7 @@ def plot_figure(results: Results, spec: FigureSpec) -> Figure:
                         )
                 ax.set_xscale("log", base=2)
                 ax.set_xticks(grid.seq_lens)
-                ax.set_xticklabels([_length_label(n) if i % every == 0 else "" for i, n in enumerate(grid.seq_lens)])
+                ax.set_xticklabels([length_label(n) if i % every == 0 else "" for i, n in enumerate(grid.seq_lens)])
                 ax.minorticks_off()
                 ax.grid(True, which="major", alpha=0.3)
                 if row == 0:

@@ -6,6 +6,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 from .grid import KERNEL_LABELS, MHA, RAND, Point
+from .plot import length_label
 from .store import Results
 
 #: Metrics of the overview: a training step's time, and its peak memory.
@@ -71,10 +72,14 @@ def plot_overview(results: Results, num_heads: int, num_features: int) -> Figure
                     label=f"E={e} {KERNEL_LABELS[kernel]}",
                 )
         ax.set_xscale("log", base=2)
+        ax.set_xticks(grid.seq_lens, [length_label(n) for n in grid.seq_lens])
+        ax.minorticks_off()
         if drawn:
             ax.set_yscale("log")
             ax.axhline(1.0, color="0.3", linewidth=1)
         else:
+            ax.set_xlim(grid.seq_lens[0], grid.seq_lens[-1])
+            ax.set_yticks([])
             ax.text(
                 0.5,
                 0.5,

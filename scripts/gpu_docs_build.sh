@@ -44,6 +44,9 @@ sphinx_gallery.__version__, 'furo', furo.__version__)"
 } 2>&1 | tee "$log"
 
 start=$(date +%s)
+python3 -m randattn.benchmark prewarm --processes 12 2>&1 | tee -a "$log"
+echo "prewarm: $(( $(date +%s) - start )) s" | tee -a "$log"
+start=$(date +%s)
 timeout "${SWEEP_TIMEOUT:-420}" python3 -m randattn.benchmark sweep --output "$results" 2>&1 | tee -a "$log"
 sweep_status=$?
 echo "sweep: exit ${sweep_status}, $(( $(date +%s) - start )) s" | tee -a "$log"

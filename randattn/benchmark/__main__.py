@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     sweep.add_argument("--plot", metavar="DIR", default=None, help="then write the figures to DIR")
 
+    warm = commands.add_parser("prewarm", help="compile the grid's Triton kernels in parallel processes (CUDA)")
+    warm.add_argument("--processes", type=int, default=8)
+
     plot = commands.add_parser("plot", help="draw the figures <N>.png from a results file")
     plot.add_argument("--results", default=DEFAULT_OUTPUT, help="results JSON file")
     plot.add_argument("--out-dir", required=True, help="folder of the figures")
@@ -88,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.plot:
             print(f"{len(write_figures(results, args.plot))} figures in {args.plot}")
+    elif args.command == "prewarm":
+        from .prewarm import prewarm
+
+        for error in prewarm(processes=args.processes):
+            print("prewarm:", error)
     else:
         paths = write_figures(load_results(args.results), args.out_dir)
         print(f"{len(paths)} figures in {args.out_dir}")

@@ -20,7 +20,7 @@ TORCH = os.environ.get("RANDATTN_TORCH", "torch")
 def tests(session: nox.Session) -> None:
     """Run the test suite (Triton kernels run in the interpreter without a GPU)."""
     session.install(TORCH)
-    session.install("-e", ".[test]")
+    session.install("-e", ".[test,docs,browser]")
     env = {} if _has_cuda(session) else {"TRITON_INTERPRET": "1"}
     session.run("pytest", *session.posargs, env=env)
 

@@ -181,7 +181,7 @@ def accuracy(args) -> None:
         line = " ".join(f"{k[0][:4]}/{k[1][:4]}/{k[2]}={v:.2f}" for k, v in sorted(worst.items()))
         print(f"ACCURACY {setting}: max={max(worst.values()):.2f} :: {line}", flush=True)
     PRECISION.set(GPU_PRECISION)
-    PRECISION.fp32_dot = "ieee"
+    PRECISION.fp32_dot = "tf32x3"
 
 
 def tune(args) -> None:
@@ -200,10 +200,10 @@ def tune(args) -> None:
             w = draw_projection(FEATURES, dh, device="cuda")
             dout = torch.randn_like(q)
 
-            def fwd():
+            def fwd(q=q, k=k, v=v, w=w, causal=causal):
                 return rand_attention(q, k, v, w, causal=causal, backend="triton")
 
-            def fwd_bwd():
+            def fwd_bwd(fwd=fwd, dout=dout):
                 fwd().backward(dout)
 
             f = triton.testing.do_bench(fwd, warmup=25, rep=200, return_mode="median")

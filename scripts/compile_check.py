@@ -15,7 +15,6 @@ from triton.compiler import ASTSource
 from randattn.ops.causal import triton as causal_mod
 from randattn.ops.noncausal import triton as noncausal_mod
 
-
 INTS = {"H", "L", "S", "D", "DV", "M", "NT", "NMB", "NSPLIT", "KEYS_PER_SPLIT", "ROWS_PER_SPLIT"}
 
 
@@ -23,7 +22,7 @@ def compile_kernel(kernel, constexprs: dict, dtype: str) -> None:
     params = inspect.signature(kernel.fn).parameters
     sig = {}
     pointer = True
-    for name, p in params.items():
+    for name, _p in params.items():
         if not name.isupper() or name in INTS:
             pointer = False
         if name in constexprs:
@@ -34,7 +33,7 @@ def compile_kernel(kernel, constexprs: dict, dtype: str) -> None:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-    for name, val in constexprs.items():
+    for name, _val in constexprs.items():
         sig[name] = "constexpr"
     src = ASTSource(kernel, sig, constexprs)
     out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

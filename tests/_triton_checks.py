@@ -16,6 +16,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 #: Error floors below which the 2x comparison is not meaningful (relative Frobenius error).
 FLOOR = {torch.float32: 2e-6, torch.float16: 0.0, torch.bfloat16: 0.0}
+#: ReLU gradients jump where a projection ``x . w`` crosses zero; projections within rounding of zero
+#: fall on either side in each evaluation (float64, reference, kernels), and each such flip changes a
+#: whole feature's gradient. At GPU sizes (millions of projections) a few flips happen, so ReLU
+#: gradients get this floor.
+RELU_GRAD_FLOOR = 1e-3
 
 
 def fp64_attention(q, k, v, projection, kernel_fn, key_bias, causal):
@@ -107,5 +112,8 @@ def check_against_reference(q, k, v, projection, dout, key_mask, kernel_fn, caus
         assert torch.isfinite(t).all(), f"{name} has non-finite values"
         err_t, err_r = rel_err(t, e), rel_err(r, e)
         report[name] = (err_t, err_r)
-        assert err_t <= 2 * err_r + FLOOR[q.dtype], f"{name}: kernel error {err_t:.3e} > 2 x reference {err_r:.3e}"
+        floor = FLOOR[q.dtype]
+        if kernel_fn == "relu" and name != "out":
+            floor = max(floor, RELU_GRAD_FLOOR)
+        assert err_t <= 2 * err_r + floor, f"{name}: kernel error {err_t:.3e} > 2 x reference {err_r:.3e}"
     return report

@@ -29,21 +29,21 @@ import triton
 import triton.language as tl
 
 from .._triton_utils import (
+    BLOCK_FEATURES,
     KERNEL_CODES,
     NEG_BIG,
     PRECISION,
     RELU_FEATURE_EPS,
     features_tile,
+    interpreting,
+    kernel_dtype,
+    launch_opts,
     load_w,
     load_wt,
     mm_exact_a,
     mm_exact_b,
     mm_mixed,
     mm_mixed_w,
-    BLOCK_FEATURES,
-    interpreting,
-    kernel_dtype,
-    launch_opts,
     prepare_projection,
     relu_scale,
 )
@@ -470,7 +470,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     n, h, length, _ = q.shape
     nh = n * h
-    nt = triton.cdiv(length, CHUNK)
+    triton.cdiv(length, CHUNK)
     sz = _sizes(q, v, projection, kernel_fn)
     w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
     nmb = triton.cdiv(sz["m"], sz["BLOCK_M"])

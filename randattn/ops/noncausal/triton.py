@@ -25,22 +25,22 @@ import triton
 import triton.language as tl
 
 from .._triton_utils import (
+    BLOCK_FEATURES,
     KERNEL_CODES,
     NEG_BIG,
     PRECISION,
     RELU_FEATURE_EPS,
     features_tile,
     fixed_grid_size,
+    interpreting,
+    kernel_dtype,
+    launch_opts,
     load_w,
     load_wt,
     mm_exact_a,
     mm_exact_b,
     mm_mixed,
     mm_mixed_w,
-    BLOCK_FEATURES,
-    interpreting,
-    kernel_dtype,
-    launch_opts,
     prepare_projection,
     relu_scale,
 )

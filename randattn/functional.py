@@ -15,6 +15,10 @@ __all__ = ["KERNEL_FNS", "BACKENDS", "rand_attention", "exact_attention", "key_p
 KERNEL_FNS = ("softmax", "relu")
 #: Supported backends.
 BACKENDS = ("auto", "reference", "triton")
+#: Largest head dimension (of queries/keys and of values) the Triton kernels take.
+KERNEL_MAX_HEAD_DIM = 128
+#: Largest number of random features the Triton kernels take.
+KERNEL_MAX_FEATURES = 512
 
 
 def triton_available() -> bool:
@@ -61,11 +65,21 @@ def key_padding_bias(key_padding_mask: torch.Tensor | None, batch: int, length: 
     return key_padding_mask.to(torch.float64 if key_padding_mask.dtype == torch.float64 else torch.float32)
 
 
-def _use_triton(q: torch.Tensor, backend: str) -> bool:
+def _kernel_sizes_supported(q: torch.Tensor, v: torch.Tensor, projection: torch.Tensor) -> bool:
+    return max(q.shape[-1], v.shape[-1]) <= KERNEL_MAX_HEAD_DIM and projection.shape[0] <= KERNEL_MAX_FEATURES
+
+
+def _use_triton(q: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, backend: str) -> bool:
     if backend == "reference":
         return False
     if backend == "auto":
-        return q.is_cuda and triton_available()
+        return q.is_cuda and triton_available() and _kernel_sizes_supported(q, v, projection)
+    if not _kernel_sizes_supported(q, v, projection):
+        raise ValueError(
+            f"backend='triton' takes head dims up to {KERNEL_MAX_HEAD_DIM} and up to {KERNEL_MAX_FEATURES} "
+            f"random features; got d={q.shape[-1]}, d_v={v.shape[-1]}, m={projection.shape[0]} "
+            "(backend='auto' uses the reference path for these sizes)"
+        )
     if not triton_available():
         raise RuntimeError("backend='triton' needs the triton package, which is not importable")
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -129,8 +143,8 @@ def rand_attention(
         kernel_fn: ``"softmax"`` or ``"relu"``.
         causal: attend only to keys at positions ``<= i`` (needs ``L == S``).
         key_padding_mask: ``(N, S)``; bool (``True`` ignores the key) or float (added to the logits).
-        backend: ``"auto"`` (Triton kernels for CUDA tensors when Triton is installed, else the
-            reference), ``"reference"`` (plain PyTorch, any device) or ``"triton"`` (the kernels;
+        backend: ``"auto"`` (Triton kernels for CUDA tensors when Triton is installed and
+            ``d, d_v <= 128``, ``m <= 512``; else the reference), ``"reference"`` (plain PyTorch, any device) or ``"triton"`` (the kernels;
             on CPU tensors only with ``TRITON_INTERPRET=1``).
 
     Returns:
@@ -141,12 +155,12 @@ def rand_attention(
     _check_qkv(q, k, v, projection, causal)
     key_bias = key_padding_bias(key_padding_mask, k.shape[0], k.shape[-2])
     projection = projection.float()
-    if _use_triton(q, backend):
+    if _use_triton(q, v, projection, backend):
         if causal:
-            from .ops.causal.triton import causal_attention
+            from .ops.causal.triton import causal_attention as kernel_op
         else:
-            from .ops.noncausal.triton import noncausal_attention as causal_attention  # type: ignore[assignment]
-        return causal_attention(q, k, v, projection, kernel_fn, key_bias)
+            from .ops.noncausal.triton import noncausal_attention as kernel_op  # type: ignore[assignment]
+        return kernel_op(q, k, v, projection, kernel_fn, key_bias)
     op = _causal_reference if causal else _noncausal_reference
     return op(q, k, v, projection, kernel_fn, key_bias)
 

@@ -7,6 +7,7 @@
 # Usage: OUT=dir RANDATTN_GIT_REVISION=sha bash scripts/gpu_record_all.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out="${OUT:-/tmp/record-out}"
 mkdir -p "$out"
 parity_budget="${PARITY_BUDGET:-100}"

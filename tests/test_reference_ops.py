@@ -146,3 +146,10 @@ def test_rand_attention_errors(gen):
         rand_attention(q, k, v, w, key_padding_mask=torch.zeros(2, 3, dtype=torch.bool))
     with pytest.raises(TypeError, match="key_padding_mask must be a bool or floating"):
         rand_attention(q, k, v, w, key_padding_mask=torch.zeros(2, 40, dtype=torch.int64))
+
+
+def test_triton_backend_rejects_unsupported_sizes(gen):
+    pytest.importorskip("triton")
+    q, k, v = _qkv(gen, d=8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="takes head dims up to 128"):
+        rand_attention(q, k, v, draw_projection(600, 8, generator=gen), backend="triton")

@@ -104,4 +104,6 @@ def pad_key_mask(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
 
 def as_bias(key_padding_mask: torch.Tensor) -> torch.Tensor:
     """``(N, S)`` mask to float32 additive bias (``-inf`` for ignored keys)."""
-    return key_padding_bias(key_padding_mask, key_padding_mask.shape[0], key_padding_mask.shape[1])
+    bias = key_padding_bias(key_padding_mask, key_padding_mask.shape[0], key_padding_mask.shape[1])
+    assert bias is not None
+    return bias

@@ -78,6 +78,7 @@ class RandMultiHeadAttention(nn.Module):
     """
 
     __constants__ = ["batch_first"]
+    projection: torch.Tensor
 
     def __init__(
         self,
@@ -152,7 +153,8 @@ class RandMultiHeadAttention(nn.Module):
             self.bias_k = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
             self.bias_v = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
         else:
-            self.bias_k = self.bias_v = None
+            self.register_parameter("bias_k", None)
+            self.register_parameter("bias_v", None)
         self.add_zero_attn = add_zero_attn
         self._reset_parameters()
 

@@ -27,8 +27,16 @@ import triton.language as tl
 
 from ..features import RELU_EPS
 
-__all__ = ["Precision", "PRECISION", "KERNEL_CODES", "LAUNCH", "launch_opts", "prepare_projection", "interpreting",
-           "fixed_grid_size"]
+__all__ = [
+    "Precision",
+    "PRECISION",
+    "KERNEL_CODES",
+    "LAUNCH",
+    "launch_opts",
+    "prepare_projection",
+    "interpreting",
+    "fixed_grid_size",
+]
 
 #: Kernel function codes passed to the kernels as a compile-time constant.
 KERNEL_CODES = {"softmax": 0, "relu": 1}
@@ -71,7 +79,12 @@ class Precision:
         """Change this setting in place from five digits (see :meth:`parse`)."""
         new = self.parse(code, self.fp32_dot)
         self.fwd_state, self.fwd_mixed, self.state, self.mixed, self.grad_w = (
-            new.fwd_state, new.fwd_mixed, new.state, new.mixed, new.grad_w)
+            new.fwd_state,
+            new.fwd_mixed,
+            new.state,
+            new.mixed,
+            new.grad_w,
+        )
 
 
 #: Settings on a GPU: the forward product of the features with the states rounds once (its error stays
@@ -82,16 +95,22 @@ FULL_PRECISION = "23233"
 
 #: The precision used by the kernels (module-level so that benchmarks can compare settings).
 PRECISION = Precision.parse(
-    os.environ.get("RANDATTN_TRITON_PRECISION", FULL_PRECISION if os.environ.get("TRITON_INTERPRET") == "1"
-                   else GPU_PRECISION),
+    os.environ.get(
+        "RANDATTN_TRITON_PRECISION", FULL_PRECISION if os.environ.get("TRITON_INTERPRET") == "1" else GPU_PRECISION
+    ),
     os.environ.get("RANDATTN_TRITON_FP32_DOT", "tf32x3"),
 )
 
 
 #: Launch settings per kernel: ``(num_warps, num_stages)``; ``"*"`` is the default. Overridable with
 #: ``RANDATTN_TRITON_LAUNCH="name=warps,stages;..."`` for tuning runs.
-LAUNCH: dict[str, tuple[int, int]] = {"*": (4, 2), "chunk_grad": (4, 1), "chunk_out": (4, 1), "chunk_state": (4, 1),
-                                      "scan": (4, 3)}
+LAUNCH: dict[str, tuple[int, int]] = {
+    "*": (4, 2),
+    "chunk_grad": (4, 1),
+    "chunk_out": (4, 1),
+    "chunk_state": (4, 1),
+    "scan": (4, 3),
+}
 for _item in filter(None, os.environ.get("RANDATTN_TRITON_LAUNCH", "").split(";")):
     _name, _value = _item.split("=")
     LAUNCH[_name] = tuple(int(x) for x in _value.split(","))  # type: ignore[assignment]
@@ -120,7 +139,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def prepare_projection(projection: torch.Tensor, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_projection(
+    projection: torch.Tensor, head_dim: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled projection ``W' = W d^{-1/4}`` as ``(hi, lo)`` of shape ``(m, d)`` in the operand dtype.
 
     For float32 inputs ``hi`` is ``W'`` and ``lo`` is unused (a copy of ``hi``).

@@ -12,8 +12,8 @@ import torch
 from ..features import relu_features, scale_inputs, softmax_logits
 
 
-def _bias(key_bias: torch.Tensor | None) -> torch.Tensor | float:
-    return 0.0 if key_bias is None else key_bias[:, None, :, None]
+def _bias(key_bias: torch.Tensor) -> torch.Tensor:
+    return key_bias[:, None, :, None]
 
 
 def query_features(q: torch.Tensor, projection: torch.Tensor, kernel_fn: str) -> torch.Tensor:
@@ -34,8 +34,8 @@ def key_features(
         phi = relu_features(y, projection)
         return phi if key_bias is None else phi * torch.exp(_bias(key_bias))
     s = softmax_logits(y, projection)
-    c = s.amax(dim=(-2, -1), keepdim=True).detach()
-    return torch.exp(s - c + _bias(key_bias))
+    s = s - s.amax(dim=(-2, -1), keepdim=True).detach()
+    return torch.exp(s if key_bias is None else s + _bias(key_bias))
 
 
 def causal_key_features(
@@ -55,7 +55,8 @@ def causal_key_features(
         return phi, phi.new_zeros(phi.shape[:-1])
     s = softmax_logits(y, projection)
     c = torch.cummax(s.amax(-1).detach(), dim=-1).values
-    return torch.exp(s - c.unsqueeze(-1) + _bias(key_bias)), c
+    s = s - c.unsqueeze(-1)
+    return torch.exp(s if key_bias is None else s + _bias(key_bias)), c
 
 
 def safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

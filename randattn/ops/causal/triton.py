@@ -64,11 +64,39 @@ def _block_m(m: int) -> int:
 
 @triton.jit
 def _chunk_state_kernel(
-    K, V, W_HI, W_LO, BIAS, A, ZA, MB, RP,
-    sk_n, sk_h, sk_s, sv_n, sv_h, sv_s,
-    H, L, D, DV, M, NT, NMB, half_inv_sqrt_d, RELU_SCALE, EPS,
-    HAS_BIAS: tl.constexpr, KERNEL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, STATE_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
+    K,
+    V,
+    W_HI,
+    W_LO,
+    BIAS,
+    A,
+    ZA,
+    MB,
+    RP,
+    sk_n,
+    sk_h,
+    sk_s,
+    sv_n,
+    sv_h,
+    sv_s,
+    H,
+    L,
+    D,
+    DV,
+    M,
+    NT,
+    NMB,
+    half_inv_sqrt_d,
+    RELU_SCALE,
+    EPS,
+    HAS_BIAS: tl.constexpr,
+    KERNEL: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    STATE_PASSES: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -82,10 +110,16 @@ def _chunk_state_kernel(
     s_ok = offs_s < L
     m_ok = offs_m < M
     wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
-    y = tl.load(K + n * sk_n + h * sk_h + offs_s[:, None] * sk_s + offs_d[None, :],
-                mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    vt = tl.load(V + n * sv_n + h * sv_h + offs_s[:, None] * sv_s + offs_dv[None, :],
-                 mask=s_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    y = tl.load(
+        K + n * sk_n + h * sk_h + offs_s[:, None] * sk_s + offs_d[None, :],
+        mask=s_ok[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    vt = tl.load(
+        V + n * sv_n + h * sv_h + offs_s[:, None] * sv_s + offs_dv[None, :],
+        mask=s_ok[:, None] & (offs_dv[None, :] < DV),
+        other=0.0,
+    )
     if HAS_BIAS:
         b = tl.load(BIAS + n * L + offs_s, mask=s_ok, other=0.0)
     else:
@@ -105,8 +139,9 @@ def _chunk_state_kernel(
         p = tl.where(ok, (tl.maximum(proj, 0.0) * RELU_SCALE + EPS) * tl.exp(b)[:, None], 0.0)
     acc = mm_exact_b(tl.trans(p), vt, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), STATE_PASSES, FP32_DOT)
     base = pid_nh * NT + pid_t
-    tl.store(A + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :], acc,
-             mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(
+        A + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :], acc, mask=m_ok[:, None] & (offs_dv[None, :] < DV)
+    )
     tl.store(ZA + base * M + offs_m, tl.sum(p, 0), mask=m_ok)
     tl.store(MB + base * NMB + pid_m, mx)
     tl.store(RP + (pid_nh * L + offs_s) * NMB + pid_m, rmax, mask=s_ok)
@@ -114,9 +149,17 @@ def _chunk_state_kernel(
 
 @triton.jit
 def _scan_kernel(
-    X, XZ, DECAY, GAIN,
-    NT, M, DV, NMB,
-    REVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    X,
+    XZ,
+    DECAY,
+    GAIN,
+    NT,
+    M,
+    DV,
+    NMB,
+    REVERSE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     """In place: ``X[t] <- state before step t``; ``state <- state * DECAY[t] + X[t] * GAIN[t, block]``."""
     pid_m = tl.program_id(0)
@@ -148,12 +191,50 @@ def _scan_kernel(
 
 @triton.jit
 def _chunk_out_kernel(
-    Q, K, V, W_HI, W_LO, BIAS, C, CPREV, ST, SZ, OUT, OUT_LO, CQ, DEN,
-    sq_n, sq_h, sq_l, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, so_n, so_h, so_l,
-    H, L, D, DV, M, NT, half_inv_sqrt_d, RELU_SCALE, EPS,
-    HAS_BIAS: tl.constexpr, KERNEL: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, STATE_PASSES: tl.constexpr,
-    MIXED_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
+    Q,
+    K,
+    V,
+    W_HI,
+    W_LO,
+    BIAS,
+    C,
+    CPREV,
+    ST,
+    SZ,
+    OUT,
+    OUT_LO,
+    CQ,
+    DEN,
+    sq_n,
+    sq_h,
+    sq_l,
+    sk_n,
+    sk_h,
+    sk_s,
+    sv_n,
+    sv_h,
+    sv_s,
+    so_n,
+    so_h,
+    so_l,
+    H,
+    L,
+    D,
+    DV,
+    M,
+    NT,
+    half_inv_sqrt_d,
+    RELU_SCALE,
+    EPS,
+    HAS_BIAS: tl.constexpr,
+    KERNEL: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    STATE_PASSES: tl.constexpr,
+    MIXED_PASSES: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     """Forward output of one chunk, as ``hi + lo`` in the output dtype (float32-accurate for the backward)."""
     pid_t = tl.program_id(0)
@@ -164,12 +245,21 @@ def _chunk_out_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     c_ok = offs_c < L
-    x = tl.load(Q + n * sq_n + h * sq_h + offs_c[:, None] * sq_l + offs_d[None, :],
-                mask=c_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    y = tl.load(K + n * sk_n + h * sk_h + offs_c[:, None] * sk_s + offs_d[None, :],
-                mask=c_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    vt = tl.load(V + n * sv_n + h * sv_h + offs_c[:, None] * sv_s + offs_dv[None, :],
-                 mask=c_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    x = tl.load(
+        Q + n * sq_n + h * sq_h + offs_c[:, None] * sq_l + offs_d[None, :],
+        mask=c_ok[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    y = tl.load(
+        K + n * sk_n + h * sk_h + offs_c[:, None] * sk_s + offs_d[None, :],
+        mask=c_ok[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    vt = tl.load(
+        V + n * sv_n + h * sv_h + offs_c[:, None] * sv_s + offs_dv[None, :],
+        mask=c_ok[:, None] & (offs_dv[None, :] < DV),
+        other=0.0,
+    )
     if HAS_BIAS:
         b = tl.load(BIAS + n * L + offs_c, mask=c_ok, other=0.0)
     else:
@@ -198,16 +288,20 @@ def _chunk_out_kernel(
             den = den * alpha
             pp = pp * alpha[:, None]
             cq = new
-            phik, projk = features_tile(y, sqy, wt_hi, wt_lo, m_ok, (cc - b)[:, None], KERNEL, FP32_DOT,
-                                        RELU_SCALE, EPS)
+            phik, projk = features_tile(
+                y, sqy, wt_hi, wt_lo, m_ok, (cc - b)[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS
+            )
         else:
             phiq = tl.where(m_ok[None, :], tl.maximum(proj, 0.0) * RELU_SCALE + EPS, 0.0)
             phik, projk = features_tile(y, sqy, wt_hi, wt_lo, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
             phik = phik * tl.exp(b)[:, None]
         phik = tl.where(c_ok[:, None], phik, 0.0)
         pp = mm_mixed(phiq, tl.trans(phik), pp, x, MIXED_PASSES, FP32_DOT)
-        st = tl.load(ST + (pid_nh * NT + pid_t) * M * DV + offs_m[:, None] * DV + offs_dv[None, :],
-                     mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        st = tl.load(
+            ST + (pid_nh * NT + pid_t) * M * DV + offs_m[:, None] * DV + offs_dv[None, :],
+            mask=m_ok[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )
         z = tl.load(SZ + (pid_nh * NT + pid_t) * M + offs_m, mask=m_ok, other=0.0)
         num = mm_mixed(phiq, st, num, x, MIXED_PASSES, FP32_DOT)
         den += tl.sum(phiq * z[None, :], 1)
@@ -236,18 +330,48 @@ def _chunk_out_kernel(
 @triton.jit
 def _row_t(OUT, OUT_LO, do, den, ptrs, mask):
     """``t_i = dout_i . num_i / den_i^2 = dout_i . out_i / den_i`` with ``out = hi + lo``."""
-    out = tl.load(OUT + ptrs, mask=mask, other=0.0).to(tl.float32) + tl.load(
-        OUT_LO + ptrs, mask=mask, other=0.0).to(tl.float32)
+    out = tl.load(OUT + ptrs, mask=mask, other=0.0).to(tl.float32) + tl.load(OUT_LO + ptrs, mask=mask, other=0.0).to(
+        tl.float32
+    )
     return tl.sum(do.to(tl.float32) * out, 1) / tl.where(den == 0.0, 1.0, den)
 
 
 @triton.jit
 def _chunk_rstate_kernel(
-    Q, DO, OUT, OUT_LO, W_HI, W_LO, C, CPREV, CQ, DEN, RB, RZ,
-    sq_n, sq_h, sq_l, sd_n, sd_h, sd_l,
-    H, L, D, DV, M, NT, half_inv_sqrt_d, RELU_SCALE, EPS,
-    KERNEL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_DV: tl.constexpr, STATE_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
+    Q,
+    DO,
+    OUT,
+    OUT_LO,
+    W_HI,
+    W_LO,
+    C,
+    CPREV,
+    CQ,
+    DEN,
+    RB,
+    RZ,
+    sq_n,
+    sq_h,
+    sq_l,
+    sd_n,
+    sd_h,
+    sd_l,
+    H,
+    L,
+    D,
+    DV,
+    M,
+    NT,
+    half_inv_sqrt_d,
+    RELU_SCALE,
+    EPS,
+    KERNEL: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    STATE_PASSES: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     """Per chunk and feature block: ``B_t = sum_i exp(c_prev - c_i) phi_q[i] (dout_i / den_i)^T`` and
     ``u_t = -sum_i exp(c_prev - c_i) phi_q[i] t_i``."""
@@ -263,17 +387,29 @@ def _chunk_rstate_kernel(
     c_ok = offs_c < L
     m_ok = offs_m < M
     wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
-    x = tl.load(Q + n * sq_n + h * sq_h + offs_c[:, None] * sq_l + offs_d[None, :],
-                mask=c_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + n * sd_n + h * sd_h + offs_c[:, None] * sd_l + offs_dv[None, :],
-                 mask=c_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    x = tl.load(
+        Q + n * sq_n + h * sq_h + offs_c[:, None] * sq_l + offs_d[None, :],
+        mask=c_ok[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    do = tl.load(
+        DO + n * sd_n + h * sd_h + offs_c[:, None] * sd_l + offs_dv[None, :],
+        mask=c_ok[:, None] & (offs_dv[None, :] < DV),
+        other=0.0,
+    )
     xf = x.to(tl.float32)
     sqx = tl.sum(xf * xf, 1) * half_inv_sqrt_d
     cq = tl.load(CQ + pid_nh * L + offs_c, mask=c_ok, other=0.0)
     cc = tl.load(C + pid_nh * L + offs_c, mask=c_ok, other=0.0)
     den = tl.load(DEN + pid_nh * L + offs_c, mask=c_ok, other=1.0)
-    t = _row_t(OUT, OUT_LO, do, den, n * sd_n + h * sd_h + offs_c[:, None] * sd_l + offs_dv[None, :],
-               c_ok[:, None] & (offs_dv[None, :] < DV))
+    t = _row_t(
+        OUT,
+        OUT_LO,
+        do,
+        den,
+        n * sd_n + h * sd_h + offs_c[:, None] * sd_l + offs_dv[None, :],
+        c_ok[:, None] & (offs_dv[None, :] < DV),
+    )
     cprev = tl.load(CPREV + pid_nh * NT + pid_t)
     phiq, proj = features_tile(x, sqx, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
     w = tl.where(c_ok, tl.exp(cprev - cc), 0.0)
@@ -281,19 +417,66 @@ def _chunk_rstate_kernel(
     p = phiq / tl.where(den == 0.0, 1.0, den)[:, None]
     acc = mm_exact_b(tl.trans(p), do, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), STATE_PASSES, FP32_DOT)
     base = pid_nh * NT + pid_t
-    tl.store(RB + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :], acc,
-             mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(
+        RB + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :], acc, mask=m_ok[:, None] & (offs_dv[None, :] < DV)
+    )
     tl.store(RZ + base * M + offs_m, -tl.sum(phiq * t[:, None], 0), mask=m_ok)
 
 
 @triton.jit
 def _chunk_grad_kernel(
-    Q, K, V, DO, OUT, OUT_LO, W_HI, W_LO, BIAS, C, CPREV, CEND, CQ, DEN, ST, SZ, RS, RZ, DQ, DK, DVO,
-    sq_n, sq_h, sq_l, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, sd_n, sd_h, sd_l,
-    H, L, D, DV, M, NT, half_inv_sqrt_d, RELU_SCALE, EPS,
-    HAS_BIAS: tl.constexpr, KERNEL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, STATE_PASSES: tl.constexpr,
-    MIXED_PASSES: tl.constexpr, GRADW_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    OUT,
+    OUT_LO,
+    W_HI,
+    W_LO,
+    BIAS,
+    C,
+    CPREV,
+    CEND,
+    CQ,
+    DEN,
+    ST,
+    SZ,
+    RS,
+    RZ,
+    DQ,
+    DK,
+    DVO,
+    sq_n,
+    sq_h,
+    sq_l,
+    sk_n,
+    sk_h,
+    sk_s,
+    sv_n,
+    sv_h,
+    sv_s,
+    sd_n,
+    sd_h,
+    sd_l,
+    H,
+    L,
+    D,
+    DV,
+    M,
+    NT,
+    half_inv_sqrt_d,
+    RELU_SCALE,
+    EPS,
+    HAS_BIAS: tl.constexpr,
+    KERNEL: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    STATE_PASSES: tl.constexpr,
+    MIXED_PASSES: tl.constexpr,
+    GRADW_PASSES: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_nh = tl.program_id(1)
@@ -303,14 +486,26 @@ def _chunk_grad_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     c_ok = offs_c < L
-    x = tl.load(Q + n * sq_n + h * sq_h + offs_c[:, None] * sq_l + offs_d[None, :],
-                mask=c_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    y = tl.load(K + n * sk_n + h * sk_h + offs_c[:, None] * sk_s + offs_d[None, :],
-                mask=c_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    vt = tl.load(V + n * sv_n + h * sv_h + offs_c[:, None] * sv_s + offs_dv[None, :],
-                 mask=c_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    do = tl.load(DO + n * sd_n + h * sd_h + offs_c[:, None] * sd_l + offs_dv[None, :],
-                 mask=c_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    x = tl.load(
+        Q + n * sq_n + h * sq_h + offs_c[:, None] * sq_l + offs_d[None, :],
+        mask=c_ok[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    y = tl.load(
+        K + n * sk_n + h * sk_h + offs_c[:, None] * sk_s + offs_d[None, :],
+        mask=c_ok[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    vt = tl.load(
+        V + n * sv_n + h * sv_h + offs_c[:, None] * sv_s + offs_dv[None, :],
+        mask=c_ok[:, None] & (offs_dv[None, :] < DV),
+        other=0.0,
+    )
+    do = tl.load(
+        DO + n * sd_n + h * sd_h + offs_c[:, None] * sd_l + offs_dv[None, :],
+        mask=c_ok[:, None] & (offs_dv[None, :] < DV),
+        other=0.0,
+    )
     if HAS_BIAS:
         b = tl.load(BIAS + n * L + offs_c, mask=c_ok, other=0.0)
     else:
@@ -323,8 +518,14 @@ def _chunk_grad_kernel(
     cq = tl.load(CQ + pid_nh * L + offs_c, mask=c_ok, other=0.0)
     den = tl.load(DEN + pid_nh * L + offs_c, mask=c_ok, other=1.0)
     inv_den = 1.0 / tl.where(den == 0.0, 1.0, den)
-    t = _row_t(OUT, OUT_LO, do, den, n * sd_n + h * sd_h + offs_c[:, None] * sd_l + offs_dv[None, :],
-               c_ok[:, None] & (offs_dv[None, :] < DV))
+    t = _row_t(
+        OUT,
+        OUT_LO,
+        do,
+        den,
+        n * sd_n + h * sd_h + offs_c[:, None] * sd_l + offs_dv[None, :],
+        c_ok[:, None] & (offs_dv[None, :] < DV),
+    )
     cprev = tl.load(CPREV + pid_nh * NT + pid_t)
     cend = tl.load(CEND + pid_nh * NT + pid_t)
     e_q = tl.exp(cprev - cc)  # inter-chunk factor of each query
@@ -349,28 +550,47 @@ def _chunk_grad_kernel(
         wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
         phiq, projq = features_tile(x, sqx, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
         if KERNEL == 0:
-            phik, projk = features_tile(y, sqy, wt_hi, wt_lo, m_ok, (cc - b)[:, None], KERNEL, FP32_DOT,
-                                        RELU_SCALE, EPS)
+            phik, projk = features_tile(
+                y, sqy, wt_hi, wt_lo, m_ok, (cc - b)[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS
+            )
         else:
             phik, projk = features_tile(y, sqy, wt_hi, wt_lo, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
             phik = phik * tl.exp(b)[:, None]
         phik = tl.where(c_ok[:, None], phik, 0.0)
         pp = mm_mixed(phiq, tl.trans(phik), pp, x, MIXED_PASSES, FP32_DOT)
         # query side: dphi_q = dAE phit_k + e_q (S_t dout / den - t z_t)
-        stt = tl.load(ST + base * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
-                      mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        stt = tl.load(
+            ST + base * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
+            mask=m_ok[None, :] & (offs_dv[:, None] < DV),
+            other=0.0,
+        )
         st_hi = stt.to(do.dtype)
-        g = mm_exact_a(do, st_hi, (stt - st_hi.to(tl.float32)).to(do.dtype),
-                       tl.zeros((BLOCK_C, BLOCK_M), tl.float32), STATE_PASSES, FP32_DOT)
+        g = mm_exact_a(
+            do,
+            st_hi,
+            (stt - st_hi.to(tl.float32)).to(do.dtype),
+            tl.zeros((BLOCK_C, BLOCK_M), tl.float32),
+            STATE_PASSES,
+            FP32_DOT,
+        )
         z = tl.load(SZ + base * M + offs_m, mask=m_ok, other=0.0)
         dphiq = (g * inv_den[:, None] - t[:, None] * z[None, :]) * e_q[:, None]
         dphiq = mm_mixed(dae, phik, dphiq, x, MIXED_PASSES, FP32_DOT)
         # key side: dphit_k = dAE^T phi_q + e_k (v R_t^T + u_t)
-        rtt = tl.load(RS + base * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
-                      mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        rtt = tl.load(
+            RS + base * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
+            mask=m_ok[None, :] & (offs_dv[:, None] < DV),
+            other=0.0,
+        )
         rt_hi = rtt.to(vt.dtype)
-        gk = mm_exact_a(vt, rt_hi, (rtt - rt_hi.to(tl.float32)).to(vt.dtype),
-                        tl.zeros((BLOCK_C, BLOCK_M), tl.float32), STATE_PASSES, FP32_DOT)
+        gk = mm_exact_a(
+            vt,
+            rt_hi,
+            (rtt - rt_hi.to(tl.float32)).to(vt.dtype),
+            tl.zeros((BLOCK_C, BLOCK_M), tl.float32),
+            STATE_PASSES,
+            FP32_DOT,
+        )
         u = tl.load(RZ + base * M + offs_m, mask=m_ok, other=0.0)
         dphik = (gk + u[None, :]) * e_k[:, None]
         dphik = mm_mixed(tl.trans(dae), phiq, dphik, x, MIXED_PASSES, FP32_DOT)
@@ -392,12 +612,17 @@ def _chunk_grad_kernel(
         dx = dx - rsq[:, None] * xf * (2.0 * half_inv_sqrt_d)
         dy = dy - rsk[:, None] * yf * (2.0 * half_inv_sqrt_d)
     rows = pid_nh * L + offs_c
-    tl.store(DQ + rows[:, None] * D + offs_d[None, :], dx.to(DQ.dtype.element_ty),
-             mask=c_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DK + rows[:, None] * D + offs_d[None, :], dy.to(DK.dtype.element_ty),
-             mask=c_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DVO + rows[:, None] * DV + offs_dv[None, :], dv.to(DVO.dtype.element_ty),
-             mask=c_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(
+        DQ + rows[:, None] * D + offs_d[None, :], dx.to(DQ.dtype.element_ty), mask=c_ok[:, None] & (offs_d[None, :] < D)
+    )
+    tl.store(
+        DK + rows[:, None] * D + offs_d[None, :], dy.to(DK.dtype.element_ty), mask=c_ok[:, None] & (offs_d[None, :] < D)
+    )
+    tl.store(
+        DVO + rows[:, None] * DV + offs_dv[None, :],
+        dv.to(DVO.dtype.element_ty),
+        mask=c_ok[:, None] & (offs_dv[None, :] < DV),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,8 +641,15 @@ def _store_dtype(dtype: torch.dtype) -> torch.dtype:
 def _sizes(q, v, projection, kernel_fn):
     d, dv, m = q.shape[-1], v.shape[-1], projection.shape[0]
     return dict(
-        d=d, dv=dv, m=m, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_M=_block_m(m),
-        KERNEL=KERNEL_CODES[kernel_fn], half=0.5 * d**-0.5, rscale=relu_scale(m),
+        d=d,
+        dv=dv,
+        m=m,
+        BLOCK_D=_pow2(d),
+        BLOCK_DV=_pow2(dv),
+        BLOCK_M=_block_m(m),
+        KERNEL=KERNEL_CODES[kernel_fn],
+        half=0.5 * d**-0.5,
+        rscale=relu_scale(m),
     )
 
 
@@ -425,8 +657,17 @@ def _scan(x, xz, decay, gain, nmb, sz, reverse):
     nh, nt = decay.shape
     block_dv = min(sz["BLOCK_DV"], 32)
     _scan_kernel[(nmb, triton.cdiv(sz["dv"], block_dv), nh)](
-        x, xz, decay, gain, nt, sz["m"], sz["dv"], nmb,
-        REVERSE=reverse, BLOCK_M=sz["BLOCK_M"], BLOCK_DV=block_dv,
+        x,
+        xz,
+        decay,
+        gain,
+        nt,
+        sz["m"],
+        sz["dv"],
+        nmb,
+        REVERSE=reverse,
+        BLOCK_M=sz["BLOCK_M"],
+        BLOCK_DV=block_dv,
         **launch_opts("scan"),
     )
 
@@ -444,11 +685,39 @@ def _stabilisers(k, v, w_hi, w_lo, key_bias, sz):
     rp = torch.empty(nh, length, nmb, **f32)
     bias = key_bias.contiguous() if key_bias is not None else a
     _chunk_state_kernel[(nmb, nt, nh)](
-        k, v, w_hi, w_lo, bias, a, za, mb, rp,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        h, length, sz["d"], sz["dv"], sz["m"], nt, nmb, sz["half"], sz["rscale"], RELU_FEATURE_EPS,
-        HAS_BIAS=key_bias is not None, KERNEL=sz["KERNEL"], BLOCK_C=CHUNK, BLOCK_D=sz["BLOCK_D"],
-        BLOCK_M=sz["BLOCK_M"], BLOCK_DV=sz["BLOCK_DV"], STATE_PASSES=PRECISION.fwd_state, FP32_DOT=PRECISION.fp32_dot,
+        k,
+        v,
+        w_hi,
+        w_lo,
+        bias,
+        a,
+        za,
+        mb,
+        rp,
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        h,
+        length,
+        sz["d"],
+        sz["dv"],
+        sz["m"],
+        nt,
+        nmb,
+        sz["half"],
+        sz["rscale"],
+        RELU_FEATURE_EPS,
+        HAS_BIAS=key_bias is not None,
+        KERNEL=sz["KERNEL"],
+        BLOCK_C=CHUNK,
+        BLOCK_D=sz["BLOCK_D"],
+        BLOCK_M=sz["BLOCK_M"],
+        BLOCK_DV=sz["BLOCK_DV"],
+        STATE_PASSES=PRECISION.fwd_state,
+        FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("chunk_state"),
     )
     c = torch.cummax(rp.amax(-1), dim=-1).values
@@ -492,13 +761,50 @@ def _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, out, out_lo, c
     nt = triton.cdiv(length, CHUNK)
     bias = key_bias.contiguous() if key_bias is not None else c
     _chunk_out_kernel[(nt, n * h)](
-        q, k, v, w_hi, w_lo, bias, c, cprev, st, szs, out, out_lo, cq, den,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        h, length, sz["d"], sz["dv"], sz["m"], nt, sz["half"], sz["rscale"], RELU_FEATURE_EPS,
-        HAS_BIAS=key_bias is not None, KERNEL=sz["KERNEL"], BLOCK_C=CHUNK,
-        BLOCK_D=sz["BLOCK_D"], BLOCK_M=sz["BLOCK_M"], BLOCK_DV=sz["BLOCK_DV"],
-        STATE_PASSES=PRECISION.fwd_state, MIXED_PASSES=PRECISION.fwd_mixed, FP32_DOT=PRECISION.fp32_dot,
+        q,
+        k,
+        v,
+        w_hi,
+        w_lo,
+        bias,
+        c,
+        cprev,
+        st,
+        szs,
+        out,
+        out_lo,
+        cq,
+        den,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        h,
+        length,
+        sz["d"],
+        sz["dv"],
+        sz["m"],
+        nt,
+        sz["half"],
+        sz["rscale"],
+        RELU_FEATURE_EPS,
+        HAS_BIAS=key_bias is not None,
+        KERNEL=sz["KERNEL"],
+        BLOCK_C=CHUNK,
+        BLOCK_D=sz["BLOCK_D"],
+        BLOCK_M=sz["BLOCK_M"],
+        BLOCK_DV=sz["BLOCK_DV"],
+        STATE_PASSES=PRECISION.fwd_state,
+        MIXED_PASSES=PRECISION.fwd_mixed,
+        FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("chunk_out"),
     )
 
@@ -518,11 +824,38 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, s
     rb = torch.empty(nh, nt, sz["m"], sz["dv"], **f32)
     rz = torch.empty(nh, nt, sz["m"], **f32)
     _chunk_rstate_kernel[(nmb, nt, nh)](
-        q, dout, out, out_lo, w_hi, w_lo, c, cprev, cq, den, rb, rz,
-        q.stride(0), q.stride(1), q.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        h, length, sz["d"], sz["dv"], sz["m"], nt, *consts,
-        KERNEL=sz["KERNEL"], BLOCK_C=CHUNK, BLOCK_D=sz["BLOCK_D"], BLOCK_M=sz["BLOCK_M"],
-        BLOCK_DV=sz["BLOCK_DV"], STATE_PASSES=PRECISION.state, FP32_DOT=PRECISION.fp32_dot,
+        q,
+        dout,
+        out,
+        out_lo,
+        w_hi,
+        w_lo,
+        c,
+        cprev,
+        cq,
+        den,
+        rb,
+        rz,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        dout.stride(0),
+        dout.stride(1),
+        dout.stride(2),
+        h,
+        length,
+        sz["d"],
+        sz["dv"],
+        sz["m"],
+        nt,
+        *consts,
+        KERNEL=sz["KERNEL"],
+        BLOCK_C=CHUNK,
+        BLOCK_D=sz["BLOCK_D"],
+        BLOCK_M=sz["BLOCK_M"],
+        BLOCK_DV=sz["BLOCK_DV"],
+        STATE_PASSES=PRECISION.state,
+        FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("chunk_rstate"),
     )
     _scan(rb, rz, torch.exp(cprev - cend).contiguous(), torch.ones(nh, nt, nmb, **f32), nmb, sz, True)
@@ -531,13 +864,56 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, s
     dv = torch.empty(n, h, length, sz["dv"], device=q.device, dtype=_store_dtype(v.dtype))
     bias = key_bias.contiguous() if key_bias is not None else c
     _chunk_grad_kernel[(nt, nh)](
-        q, k, v, dout, out, out_lo, w_hi, w_lo, bias, c, cprev, cend, cq, den, st, szs, rb, rz, dq, dk, dv,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        h, length, sz["d"], sz["dv"], sz["m"], nt, *consts,
-        HAS_BIAS=key_bias is not None, KERNEL=sz["KERNEL"], BLOCK_C=CHUNK, BLOCK_D=sz["BLOCK_D"],
-        BLOCK_M=sz["BLOCK_M"], BLOCK_DV=sz["BLOCK_DV"], STATE_PASSES=PRECISION.state,
-        MIXED_PASSES=PRECISION.mixed, GRADW_PASSES=PRECISION.grad_w, FP32_DOT=PRECISION.fp32_dot,
+        q,
+        k,
+        v,
+        dout,
+        out,
+        out_lo,
+        w_hi,
+        w_lo,
+        bias,
+        c,
+        cprev,
+        cend,
+        cq,
+        den,
+        st,
+        szs,
+        rb,
+        rz,
+        dq,
+        dk,
+        dv,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        dout.stride(0),
+        dout.stride(1),
+        dout.stride(2),
+        h,
+        length,
+        sz["d"],
+        sz["dv"],
+        sz["m"],
+        nt,
+        *consts,
+        HAS_BIAS=key_bias is not None,
+        KERNEL=sz["KERNEL"],
+        BLOCK_C=CHUNK,
+        BLOCK_D=sz["BLOCK_D"],
+        BLOCK_M=sz["BLOCK_M"],
+        BLOCK_DV=sz["BLOCK_DV"],
+        STATE_PASSES=PRECISION.state,
+        MIXED_PASSES=PRECISION.mixed,
+        GRADW_PASSES=PRECISION.grad_w,
+        FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("chunk_grad"),
     )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -549,10 +925,23 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, s
 
 @torch.library.custom_op("randattn::causal_fwd", mutates_args=())
 def _causal_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, kernel_fn: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    kernel_fn: str,
     key_bias: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor]:
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
     return _forward(q, k, v, projection, kernel_fn, key_bias)
 
 
@@ -563,17 +952,36 @@ def _(q, k, v, projection, kernel_fn, key_bias):
     nt = -(-length // CHUNK)
     f32 = dict(device=q.device, dtype=torch.float32)
     return (
-        q.new_empty(n, h, length, dv), q.new_empty(n, h, length, dv), torch.empty(n * h, nt, m, dv, **f32), torch.empty(n * h, nt, m, **f32),
-        torch.empty(n * h, length, **f32), torch.empty(n * h, nt, **f32), torch.empty(n * h, nt, **f32),
-        torch.empty(n * h, length, **f32), torch.empty(n * h, length, **f32),
+        q.new_empty(n, h, length, dv),
+        q.new_empty(n, h, length, dv),
+        torch.empty(n * h, nt, m, dv, **f32),
+        torch.empty(n * h, nt, m, **f32),
+        torch.empty(n * h, length, **f32),
+        torch.empty(n * h, nt, **f32),
+        torch.empty(n * h, nt, **f32),
+        torch.empty(n * h, length, **f32),
+        torch.empty(n * h, length, **f32),
     )
 
 
 @torch.library.custom_op("randattn::causal_bwd", mutates_args=())
 def _causal_bwd(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, out_lo: torch.Tensor,
-    projection: torch.Tensor, kernel_fn: str, key_bias: torch.Tensor | None, st: torch.Tensor, szs: torch.Tensor,
-    c: torch.Tensor, cprev: torch.Tensor, cend: torch.Tensor, cq: torch.Tensor, den: torch.Tensor,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    out_lo: torch.Tensor,
+    projection: torch.Tensor,
+    kernel_fn: str,
+    key_bias: torch.Tensor | None,
+    st: torch.Tensor,
+    szs: torch.Tensor,
+    c: torch.Tensor,
+    cprev: torch.Tensor,
+    cend: torch.Tensor,
+    cq: torch.Tensor,
+    den: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den)
 
@@ -581,8 +989,11 @@ def _causal_bwd(
 @_causal_bwd.register_fake
 def _(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den):
     fmt = torch.contiguous_format
-    return (torch.empty_like(q, memory_format=fmt), torch.empty_like(k, memory_format=fmt),
-            torch.empty_like(v, memory_format=fmt))
+    return (
+        torch.empty_like(q, memory_format=fmt),
+        torch.empty_like(k, memory_format=fmt),
+        torch.empty_like(v, memory_format=fmt),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -594,8 +1005,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_rule(ctx, dout, *unused):
     q, k, v, out, projection, key_bias, out_lo, *saved = ctx.saved_tensors
-    dq, dk, dv = torch.ops.randattn.causal_bwd(dout, q, k, v, out, out_lo, projection, ctx.kernel_fn, key_bias,
-                                               *saved)
+    dq, dk, dv = torch.ops.randattn.causal_bwd(dout, q, k, v, out, out_lo, projection, ctx.kernel_fn, key_bias, *saved)
     return dq, dk, dv, None, None, None
 
 
@@ -626,5 +1036,7 @@ def causal_attention(
         float16 inputs run the float32 kernels (see :func:`randattn.ops._triton_utils.kernel_dtype`).
     """
     dtype = kernel_dtype(q.dtype)
-    out = torch.ops.randattn.causal_fwd(q.to(dtype), k.to(dtype), v.to(dtype), projection.float(), kernel_fn, key_bias)[0]
+    out = torch.ops.randattn.causal_fwd(q.to(dtype), k.to(dtype), v.to(dtype), projection.float(), kernel_fn, key_bias)[
+        0
+    ]
     return out.to(q.dtype)

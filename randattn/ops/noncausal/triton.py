@@ -60,11 +60,38 @@ def _block_m(m: int) -> int:
 
 @triton.jit
 def _key_state_kernel(
-    K, V, W_HI, W_LO, BIAS, A, Z, MX,
-    sk_n, sk_h, sk_s, sv_n, sv_h, sv_s,
-    H, S, D, DV, M, KEYS_PER_SPLIT, NSPLIT, half_inv_sqrt_d, RELU_SCALE, EPS,
-    HAS_BIAS: tl.constexpr, KERNEL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, STATE_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
+    K,
+    V,
+    W_HI,
+    W_LO,
+    BIAS,
+    A,
+    Z,
+    MX,
+    sk_n,
+    sk_h,
+    sk_s,
+    sv_n,
+    sv_h,
+    sv_s,
+    H,
+    S,
+    D,
+    DV,
+    M,
+    KEYS_PER_SPLIT,
+    NSPLIT,
+    half_inv_sqrt_d,
+    RELU_SCALE,
+    EPS,
+    HAS_BIAS: tl.constexpr,
+    KERNEL: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    STATE_PASSES: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -86,10 +113,12 @@ def _key_state_kernel(
     for s0 in range(start, end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         s_ok = offs_s < end
-        y = tl.load(k_base + offs_s[:, None] * sk_s + offs_d[None, :],
-                    mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        vt = tl.load(v_base + offs_s[:, None] * sv_s + offs_dv[None, :],
-                     mask=s_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        y = tl.load(
+            k_base + offs_s[:, None] * sk_s + offs_d[None, :], mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0
+        )
+        vt = tl.load(
+            v_base + offs_s[:, None] * sv_s + offs_dv[None, :], mask=s_ok[:, None] & (offs_dv[None, :] < DV), other=0.0
+        )
         if HAS_BIAS:
             b = tl.load(BIAS + n * S + offs_s, mask=s_ok, other=0.0)
         else:
@@ -113,19 +142,45 @@ def _key_state_kernel(
     if KERNEL != 0:
         mx = 0.0
     part = pid_nh * NSPLIT + pid_split
-    tl.store(A + part * M * DV + offs_m[:, None] * DV + offs_dv[None, :], acc,
-             mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(
+        A + part * M * DV + offs_m[:, None] * DV + offs_dv[None, :], acc, mask=m_ok[:, None] & (offs_dv[None, :] < DV)
+    )
     tl.store(Z + part * M + offs_m, zacc, mask=m_ok)
     tl.store(MX + part * tl.num_programs(0) + pid_m, mx)
 
 
 @triton.jit
 def _query_out_kernel(
-    Q, W_HI, W_LO, ST, KS, OUT, OUT_LO, CQ, DEN,
-    sq_n, sq_h, sq_l, so_n, so_h, so_l,
-    H, L, D, DV, M, half_inv_sqrt_d, RELU_SCALE, EPS,
-    KERNEL: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_DV: tl.constexpr, MIXED_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
+    Q,
+    W_HI,
+    W_LO,
+    ST,
+    KS,
+    OUT,
+    OUT_LO,
+    CQ,
+    DEN,
+    sq_n,
+    sq_h,
+    sq_l,
+    so_n,
+    so_h,
+    so_l,
+    H,
+    L,
+    D,
+    DV,
+    M,
+    half_inv_sqrt_d,
+    RELU_SCALE,
+    EPS,
+    KERNEL: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    MIXED_PASSES: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     pid_l = tl.program_id(0)
     pid_nh = tl.program_id(1)
@@ -135,8 +190,11 @@ def _query_out_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     l_ok = offs_l < L
-    x = tl.load(Q + n * sq_n + h * sq_h + offs_l[:, None] * sq_l + offs_d[None, :],
-                mask=l_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    x = tl.load(
+        Q + n * sq_n + h * sq_h + offs_l[:, None] * sq_l + offs_d[None, :],
+        mask=l_ok[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
     xf = x.to(tl.float32)
     sq = tl.sum(xf * xf, 1) * half_inv_sqrt_d
     num = tl.zeros((BLOCK_L, BLOCK_DV), tl.float32)
@@ -157,8 +215,11 @@ def _query_out_kernel(
             cq = new
         else:
             phi = tl.where(m_ok[None, :], tl.maximum(proj, 0.0) * RELU_SCALE + EPS, 0.0)
-        st = tl.load(ST + pid_nh * M * DV + offs_m[:, None] * DV + offs_dv[None, :],
-                     mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        st = tl.load(
+            ST + pid_nh * M * DV + offs_m[:, None] * DV + offs_dv[None, :],
+            mask=m_ok[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )
         z = tl.load(KS + pid_nh * M + offs_m, mask=m_ok, other=0.0)
         num = mm_mixed(phi, st, num, x, MIXED_PASSES, FP32_DOT)
         den += tl.sum(phi * z[None, :], 1)
@@ -166,8 +227,11 @@ def _query_out_kernel(
     out_hi = out.to(OUT.dtype.element_ty)
     omask = l_ok[:, None] & (offs_dv[None, :] < DV)
     tl.store(OUT + n * so_n + h * so_h + offs_l[:, None] * so_l + offs_dv[None, :], out_hi, mask=omask)
-    tl.store(OUT_LO + n * so_n + h * so_h + offs_l[:, None] * so_l + offs_dv[None, :],
-             (out - out_hi.to(tl.float32)).to(OUT_LO.dtype.element_ty), mask=omask)
+    tl.store(
+        OUT_LO + n * so_n + h * so_h + offs_l[:, None] * so_l + offs_dv[None, :],
+        (out - out_hi.to(tl.float32)).to(OUT_LO.dtype.element_ty),
+        mask=omask,
+    )
     if KERNEL != 0:
         cq = tl.zeros((BLOCK_L,), tl.float32)
     tl.store(CQ + pid_nh * L + offs_l, cq, mask=l_ok)
@@ -176,11 +240,40 @@ def _query_out_kernel(
 
 @triton.jit
 def _query_grad_kernel(
-    Q, DO, OUT, OUT_LO, W_HI, W_LO, ST, KS, CQ, DEN, DQ, TV,
-    sq_n, sq_h, sq_l, sd_n, sd_h, sd_l,
-    H, L, D, DV, M, half_inv_sqrt_d, RELU_SCALE, EPS,
-    KERNEL: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_DV: tl.constexpr, STATE_PASSES: tl.constexpr, MIXED_PASSES: tl.constexpr, GRADW_PASSES: tl.constexpr,
+    Q,
+    DO,
+    OUT,
+    OUT_LO,
+    W_HI,
+    W_LO,
+    ST,
+    KS,
+    CQ,
+    DEN,
+    DQ,
+    TV,
+    sq_n,
+    sq_h,
+    sq_l,
+    sd_n,
+    sd_h,
+    sd_l,
+    H,
+    L,
+    D,
+    DV,
+    M,
+    half_inv_sqrt_d,
+    RELU_SCALE,
+    EPS,
+    KERNEL: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    STATE_PASSES: tl.constexpr,
+    MIXED_PASSES: tl.constexpr,
+    GRADW_PASSES: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
     pid_l = tl.program_id(0)
@@ -191,10 +284,16 @@ def _query_grad_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     l_ok = offs_l < L
-    x = tl.load(Q + n * sq_n + h * sq_h + offs_l[:, None] * sq_l + offs_d[None, :],
-                mask=l_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + n * sd_n + h * sd_h + offs_l[:, None] * sd_l + offs_dv[None, :],
-                 mask=l_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    x = tl.load(
+        Q + n * sq_n + h * sq_h + offs_l[:, None] * sq_l + offs_d[None, :],
+        mask=l_ok[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    do = tl.load(
+        DO + n * sd_n + h * sd_h + offs_l[:, None] * sd_l + offs_dv[None, :],
+        mask=l_ok[:, None] & (offs_dv[None, :] < DV),
+        other=0.0,
+    )
     xf = x.to(tl.float32)
     sq = tl.sum(xf * xf, 1) * half_inv_sqrt_d
     cq = tl.load(CQ + pid_nh * L + offs_l, mask=l_ok, other=0.0)
@@ -204,7 +303,8 @@ def _query_grad_kernel(
     o_ptrs = n * sd_n + h * sd_h + offs_l[:, None] * sd_l + offs_dv[None, :]
     omask = l_ok[:, None] & (offs_dv[None, :] < DV)
     out = tl.load(OUT + o_ptrs, mask=omask, other=0.0).to(tl.float32) + tl.load(
-        OUT_LO + o_ptrs, mask=omask, other=0.0).to(tl.float32)
+        OUT_LO + o_ptrs, mask=omask, other=0.0
+    ).to(tl.float32)
     t = tl.sum(do.to(tl.float32) * out, 1) * inv_den
     # dphi = g / den - z t ; ds = dphi * dphi/ds ; dx = ds W'
     dx = tl.zeros((BLOCK_L, BLOCK_D), tl.float32)
@@ -214,11 +314,20 @@ def _query_grad_kernel(
         m_ok = offs_m < M
         wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
         phi, proj = features_tile(x, sq, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
-        stt = tl.load(ST + pid_nh * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
-                      mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        stt = tl.load(
+            ST + pid_nh * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
+            mask=m_ok[None, :] & (offs_dv[:, None] < DV),
+            other=0.0,
+        )
         st_hi = stt.to(do.dtype)
-        g = mm_exact_a(do, st_hi, (stt - st_hi.to(tl.float32)).to(do.dtype),
-                       tl.zeros((BLOCK_L, BLOCK_M), tl.float32), STATE_PASSES, FP32_DOT)
+        g = mm_exact_a(
+            do,
+            st_hi,
+            (stt - st_hi.to(tl.float32)).to(do.dtype),
+            tl.zeros((BLOCK_L, BLOCK_M), tl.float32),
+            STATE_PASSES,
+            FP32_DOT,
+        )
         z = tl.load(KS + pid_nh * M + offs_m, mask=m_ok, other=0.0)
         dphi = g * inv_den[:, None] - z[None, :] * t[:, None]
         if KERNEL == 0:
@@ -230,18 +339,48 @@ def _query_grad_kernel(
         dx = mm_mixed_w(ds, w_hi, w_lo, dx, GRADW_PASSES, FP32_DOT)
     if KERNEL == 0:
         dx = dx - rs[:, None] * xf * (2.0 * half_inv_sqrt_d)
-    tl.store(DQ + pid_nh * L * D + offs_l[:, None] * D + offs_d[None, :], dx.to(DQ.dtype.element_ty),
-             mask=l_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(
+        DQ + pid_nh * L * D + offs_l[:, None] * D + offs_d[None, :],
+        dx.to(DQ.dtype.element_ty),
+        mask=l_ok[:, None] & (offs_d[None, :] < D),
+    )
     tl.store(TV + pid_nh * L + offs_l, t, mask=l_ok)
 
 
 @triton.jit
 def _query_state_grad_kernel(
-    Q, DO, W_HI, W_LO, CQ, DEN, TV, DST, DKS,
-    sq_n, sq_h, sq_l, sd_n, sd_h, sd_l,
-    H, L, D, DV, M, ROWS_PER_SPLIT, NSPLIT, half_inv_sqrt_d, RELU_SCALE, EPS,
-    KERNEL: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_DV: tl.constexpr, STATE_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
+    Q,
+    DO,
+    W_HI,
+    W_LO,
+    CQ,
+    DEN,
+    TV,
+    DST,
+    DKS,
+    sq_n,
+    sq_h,
+    sq_l,
+    sd_n,
+    sd_h,
+    sd_l,
+    H,
+    L,
+    D,
+    DV,
+    M,
+    ROWS_PER_SPLIT,
+    NSPLIT,
+    half_inv_sqrt_d,
+    RELU_SCALE,
+    EPS,
+    KERNEL: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    STATE_PASSES: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -260,10 +399,16 @@ def _query_state_grad_kernel(
     for l0 in range(start, end, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         l_ok = offs_l < end
-        x = tl.load(Q + n * sq_n + h * sq_h + offs_l[:, None] * sq_l + offs_d[None, :],
-                    mask=l_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        do = tl.load(DO + n * sd_n + h * sd_h + offs_l[:, None] * sd_l + offs_dv[None, :],
-                     mask=l_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        x = tl.load(
+            Q + n * sq_n + h * sq_h + offs_l[:, None] * sq_l + offs_d[None, :],
+            mask=l_ok[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        )
+        do = tl.load(
+            DO + n * sd_n + h * sd_h + offs_l[:, None] * sd_l + offs_dv[None, :],
+            mask=l_ok[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )
         xf = x.to(tl.float32)
         sq = tl.sum(xf * xf, 1) * half_inv_sqrt_d
         cq = tl.load(CQ + pid_nh * L + offs_l, mask=l_ok, other=0.0)
@@ -275,19 +420,48 @@ def _query_state_grad_kernel(
         acc = mm_exact_b(tl.trans(p), do, acc, STATE_PASSES, FP32_DOT)
         zacc -= tl.sum(phi * t[:, None], 0)
     part = pid_nh * NSPLIT + pid_split
-    tl.store(DST + part * M * DV + offs_m[:, None] * DV + offs_dv[None, :], acc,
-             mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(
+        DST + part * M * DV + offs_m[:, None] * DV + offs_dv[None, :], acc, mask=m_ok[:, None] & (offs_dv[None, :] < DV)
+    )
     tl.store(DKS + part * M + offs_m, zacc, mask=m_ok)
 
 
 @triton.jit
 def _key_grad_kernel(
-    K, V, W_HI, W_LO, BIAS, CK, DST, DKS, DK, DVO,
-    sk_n, sk_h, sk_s, sv_n, sv_h, sv_s,
-    H, S, D, DV, M, half_inv_sqrt_d, RELU_SCALE, EPS,
-    HAS_BIAS: tl.constexpr, KERNEL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, STATE_PASSES: tl.constexpr,
-    MIXED_PASSES: tl.constexpr, GRADW_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
+    K,
+    V,
+    W_HI,
+    W_LO,
+    BIAS,
+    CK,
+    DST,
+    DKS,
+    DK,
+    DVO,
+    sk_n,
+    sk_h,
+    sk_s,
+    sv_n,
+    sv_h,
+    sv_s,
+    H,
+    S,
+    D,
+    DV,
+    M,
+    half_inv_sqrt_d,
+    RELU_SCALE,
+    EPS,
+    HAS_BIAS: tl.constexpr,
+    KERNEL: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    STATE_PASSES: tl.constexpr,
+    MIXED_PASSES: tl.constexpr,
+    GRADW_PASSES: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_nh = tl.program_id(1)
@@ -297,10 +471,16 @@ def _key_grad_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     s_ok = offs_s < S
-    y = tl.load(K + n * sk_n + h * sk_h + offs_s[:, None] * sk_s + offs_d[None, :],
-                mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    vt = tl.load(V + n * sv_n + h * sv_h + offs_s[:, None] * sv_s + offs_dv[None, :],
-                 mask=s_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    y = tl.load(
+        K + n * sk_n + h * sk_h + offs_s[:, None] * sk_s + offs_d[None, :],
+        mask=s_ok[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    vt = tl.load(
+        V + n * sv_n + h * sv_h + offs_s[:, None] * sv_s + offs_dv[None, :],
+        mask=s_ok[:, None] & (offs_dv[None, :] < DV),
+        other=0.0,
+    )
     if HAS_BIAS:
         b = tl.load(BIAS + n * S + offs_s, mask=s_ok, other=0.0)
     else:
@@ -321,12 +501,24 @@ def _key_grad_kernel(
             phi, proj = features_tile(y, sq, wt_hi, wt_lo, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
             phi = phi * tl.exp(b)[:, None]
         phi = tl.where(s_ok[:, None], phi, 0.0)
-        dstt = tl.load(DST + pid_nh * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
-                       mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        dstt = tl.load(
+            DST + pid_nh * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
+            mask=m_ok[None, :] & (offs_dv[:, None] < DV),
+            other=0.0,
+        )
         dst_hi = dstt.to(vt.dtype)
         dz = tl.load(DKS + pid_nh * M + offs_m, mask=m_ok, other=0.0)
-        dphi = mm_exact_a(vt, dst_hi, (dstt - dst_hi.to(tl.float32)).to(vt.dtype),
-                          tl.zeros((BLOCK_S, BLOCK_M), tl.float32), STATE_PASSES, FP32_DOT) + dz[None, :]
+        dphi = (
+            mm_exact_a(
+                vt,
+                dst_hi,
+                (dstt - dst_hi.to(tl.float32)).to(vt.dtype),
+                tl.zeros((BLOCK_S, BLOCK_M), tl.float32),
+                STATE_PASSES,
+                FP32_DOT,
+            )
+            + dz[None, :]
+        )
         dv = mm_mixed(phi, tl.trans(dstt), dv, vt, MIXED_PASSES, FP32_DOT)
         if KERNEL == 0:
             ds = dphi * phi
@@ -337,10 +529,16 @@ def _key_grad_kernel(
         dy = mm_mixed_w(ds, w_hi, w_lo, dy, GRADW_PASSES, FP32_DOT)
     if KERNEL == 0:
         dy = dy - rs[:, None] * yf * (2.0 * half_inv_sqrt_d)
-    tl.store(DK + pid_nh * S * D + offs_s[:, None] * D + offs_d[None, :], dy.to(DK.dtype.element_ty),
-             mask=s_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DVO + pid_nh * S * DV + offs_s[:, None] * DV + offs_dv[None, :], dv.to(DVO.dtype.element_ty),
-             mask=s_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(
+        DK + pid_nh * S * D + offs_s[:, None] * D + offs_d[None, :],
+        dy.to(DK.dtype.element_ty),
+        mask=s_ok[:, None] & (offs_d[None, :] < D),
+    )
+    tl.store(
+        DVO + pid_nh * S * DV + offs_s[:, None] * DV + offs_dv[None, :],
+        dv.to(DVO.dtype.element_ty),
+        mask=s_ok[:, None] & (offs_dv[None, :] < DV),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,8 +573,15 @@ def _split_output(out: torch.Tensor, out_lo: torch.Tensor, dtype: torch.dtype):
 def _common(q, k, v, projection, kernel_fn):
     d, dv, m = q.shape[-1], v.shape[-1], projection.shape[0]
     return dict(
-        d=d, dv=dv, m=m, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_M=_block_m(m),
-        KERNEL=KERNEL_CODES[kernel_fn], half=0.5 * d**-0.5, rscale=relu_scale(m),
+        d=d,
+        dv=dv,
+        m=m,
+        BLOCK_D=_pow2(d),
+        BLOCK_DV=_pow2(dv),
+        BLOCK_M=_block_m(m),
+        KERNEL=KERNEL_CODES[kernel_fn],
+        half=0.5 * d**-0.5,
+        rscale=relu_scale(m),
     )
 
 
@@ -395,11 +600,38 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     mx = torch.empty(nh, nsplit, nmb, **f32)
     bias = key_bias.contiguous() if key_bias is not None else a
     _key_state_kernel[(nmb, nsplit, nh)](
-        k, v, w_hi, w_lo, bias, a, z, mx,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        h, s_len, c["d"], c["dv"], c["m"], per, nsplit, c["half"], c["rscale"], RELU_FEATURE_EPS,
-        HAS_BIAS=key_bias is not None, KERNEL=c["KERNEL"], BLOCK_S=BLOCK_ROWS, BLOCK_D=c["BLOCK_D"],
-        BLOCK_M=c["BLOCK_M"], BLOCK_DV=c["BLOCK_DV"], STATE_PASSES=PRECISION.fwd_state, FP32_DOT=PRECISION.fp32_dot,
+        k,
+        v,
+        w_hi,
+        w_lo,
+        bias,
+        a,
+        z,
+        mx,
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        h,
+        s_len,
+        c["d"],
+        c["dv"],
+        c["m"],
+        per,
+        nsplit,
+        c["half"],
+        c["rscale"],
+        RELU_FEATURE_EPS,
+        HAS_BIAS=key_bias is not None,
+        KERNEL=c["KERNEL"],
+        BLOCK_S=BLOCK_ROWS,
+        BLOCK_D=c["BLOCK_D"],
+        BLOCK_M=c["BLOCK_M"],
+        BLOCK_DV=c["BLOCK_DV"],
+        STATE_PASSES=PRECISION.fwd_state,
+        FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("key_state"),
     )
     ck = mx.amax(dim=(1, 2))
@@ -411,11 +643,36 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     cq = torch.empty(nh, length, **f32)
     den = torch.empty(nh, length, **f32)
     _query_out_kernel[(triton.cdiv(length, BLOCK_ROWS), nh)](
-        q, w_hi, w_lo, state, ksum, out, out_lo, cq, den,
-        q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        h, length, c["d"], c["dv"], c["m"], c["half"], c["rscale"], RELU_FEATURE_EPS,
-        KERNEL=c["KERNEL"], BLOCK_L=BLOCK_ROWS, BLOCK_D=c["BLOCK_D"], BLOCK_M=c["BLOCK_M"],
-        BLOCK_DV=c["BLOCK_DV"], MIXED_PASSES=PRECISION.fwd_mixed, FP32_DOT=PRECISION.fp32_dot,
+        q,
+        w_hi,
+        w_lo,
+        state,
+        ksum,
+        out,
+        out_lo,
+        cq,
+        den,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        h,
+        length,
+        c["d"],
+        c["dv"],
+        c["m"],
+        c["half"],
+        c["rscale"],
+        RELU_FEATURE_EPS,
+        KERNEL=c["KERNEL"],
+        BLOCK_L=BLOCK_ROWS,
+        BLOCK_D=c["BLOCK_D"],
+        BLOCK_M=c["BLOCK_M"],
+        BLOCK_DV=c["BLOCK_DV"],
+        MIXED_PASSES=PRECISION.fwd_mixed,
+        FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("query_out"),
     )
     out, out_lo = _split_output(out, out_lo, q.dtype)
@@ -436,11 +693,38 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, state
     dq = torch.empty(n, h, length, c["d"], device=q.device, dtype=_store_dtype(q.dtype))
     tv = torch.empty(nh, length, **f32)
     _query_grad_kernel[(triton.cdiv(length, BLOCK_ROWS), nh)](
-        q, dout, out, out_lo, w_hi, w_lo, state, ksum, cq, den, dq, tv,
-        q.stride(0), q.stride(1), q.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        h, length, c["d"], c["dv"], c["m"], *common_consts,
-        KERNEL=c["KERNEL"], BLOCK_L=BLOCK_ROWS, BLOCK_D=c["BLOCK_D"], BLOCK_M=c["BLOCK_M"],
-        BLOCK_DV=c["BLOCK_DV"], STATE_PASSES=PRECISION.state, MIXED_PASSES=PRECISION.mixed, GRADW_PASSES=PRECISION.grad_w,
+        q,
+        dout,
+        out,
+        out_lo,
+        w_hi,
+        w_lo,
+        state,
+        ksum,
+        cq,
+        den,
+        dq,
+        tv,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        dout.stride(0),
+        dout.stride(1),
+        dout.stride(2),
+        h,
+        length,
+        c["d"],
+        c["dv"],
+        c["m"],
+        *common_consts,
+        KERNEL=c["KERNEL"],
+        BLOCK_L=BLOCK_ROWS,
+        BLOCK_D=c["BLOCK_D"],
+        BLOCK_M=c["BLOCK_M"],
+        BLOCK_DV=c["BLOCK_DV"],
+        STATE_PASSES=PRECISION.state,
+        MIXED_PASSES=PRECISION.mixed,
+        GRADW_PASSES=PRECISION.grad_w,
         FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("query_grad"),
     )
@@ -449,11 +733,36 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, state
     dst = torch.empty(nh, nsplit, c["m"], c["dv"], **f32)
     dks = torch.empty(nh, nsplit, c["m"], **f32)
     _query_state_grad_kernel[(nmb, nsplit, nh)](
-        q, dout, w_hi, w_lo, cq, den, tv, dst, dks,
-        q.stride(0), q.stride(1), q.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        h, length, c["d"], c["dv"], c["m"], per, nsplit, *common_consts,
-        KERNEL=c["KERNEL"], BLOCK_L=BLOCK_ROWS, BLOCK_D=c["BLOCK_D"], BLOCK_M=c["BLOCK_M"],
-        BLOCK_DV=c["BLOCK_DV"], STATE_PASSES=PRECISION.state, FP32_DOT=PRECISION.fp32_dot,
+        q,
+        dout,
+        w_hi,
+        w_lo,
+        cq,
+        den,
+        tv,
+        dst,
+        dks,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        dout.stride(0),
+        dout.stride(1),
+        dout.stride(2),
+        h,
+        length,
+        c["d"],
+        c["dv"],
+        c["m"],
+        per,
+        nsplit,
+        *common_consts,
+        KERNEL=c["KERNEL"],
+        BLOCK_L=BLOCK_ROWS,
+        BLOCK_D=c["BLOCK_D"],
+        BLOCK_M=c["BLOCK_M"],
+        BLOCK_DV=c["BLOCK_DV"],
+        STATE_PASSES=PRECISION.state,
+        FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("query_state_grad"),
     )
     dst = dst.sum(1)
@@ -462,12 +771,38 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, state
     dv = torch.empty(n, h, s_len, c["dv"], device=q.device, dtype=_store_dtype(v.dtype))
     bias = key_bias.contiguous() if key_bias is not None else dst
     _key_grad_kernel[(triton.cdiv(s_len, BLOCK_ROWS), nh)](
-        k, v, w_hi, w_lo, bias, ck, dst, dks, dk, dv,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        h, s_len, c["d"], c["dv"], c["m"], *common_consts,
-        HAS_BIAS=key_bias is not None, KERNEL=c["KERNEL"], BLOCK_S=BLOCK_ROWS, BLOCK_D=c["BLOCK_D"],
-        BLOCK_M=c["BLOCK_M"], BLOCK_DV=c["BLOCK_DV"], STATE_PASSES=PRECISION.state,
-        MIXED_PASSES=PRECISION.mixed, GRADW_PASSES=PRECISION.grad_w, FP32_DOT=PRECISION.fp32_dot,
+        k,
+        v,
+        w_hi,
+        w_lo,
+        bias,
+        ck,
+        dst,
+        dks,
+        dk,
+        dv,
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        h,
+        s_len,
+        c["d"],
+        c["dv"],
+        c["m"],
+        *common_consts,
+        HAS_BIAS=key_bias is not None,
+        KERNEL=c["KERNEL"],
+        BLOCK_S=BLOCK_ROWS,
+        BLOCK_D=c["BLOCK_D"],
+        BLOCK_M=c["BLOCK_M"],
+        BLOCK_DV=c["BLOCK_DV"],
+        STATE_PASSES=PRECISION.state,
+        MIXED_PASSES=PRECISION.mixed,
+        GRADW_PASSES=PRECISION.grad_w,
+        FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("key_grad"),
     )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -479,7 +814,11 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, state
 
 @torch.library.custom_op("randattn::noncausal_fwd", mutates_args=())
 def _noncausal_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, kernel_fn: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    kernel_fn: str,
     key_bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, projection, kernel_fn, key_bias)
@@ -491,26 +830,43 @@ def _(q, k, v, projection, kernel_fn, key_bias):
     m, dv = projection.shape[0], v.shape[-1]
     f32 = dict(device=q.device, dtype=torch.float32)
     return (
-        q.new_empty(n, h, length, dv), q.new_empty(n, h, length, dv), q.new_empty(n * h, m, dv, dtype=torch.float32),
-        torch.empty(n * h, m, **f32), torch.empty(n * h, **f32), torch.empty(n * h, length, **f32),
+        q.new_empty(n, h, length, dv),
+        q.new_empty(n, h, length, dv),
+        q.new_empty(n * h, m, dv, dtype=torch.float32),
+        torch.empty(n * h, m, **f32),
+        torch.empty(n * h, **f32),
+        torch.empty(n * h, length, **f32),
         torch.empty(n * h, length, **f32),
     )
 
 
 @torch.library.custom_op("randattn::noncausal_bwd", mutates_args=())
 def _noncausal_bwd(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, out_lo: torch.Tensor,
-    projection: torch.Tensor, kernel_fn: str, key_bias: torch.Tensor | None, state: torch.Tensor, ksum: torch.Tensor,
-    ck: torch.Tensor, cq: torch.Tensor, den: torch.Tensor,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    out_lo: torch.Tensor,
+    projection: torch.Tensor,
+    kernel_fn: str,
+    key_bias: torch.Tensor | None,
+    state: torch.Tensor,
+    ksum: torch.Tensor,
+    ck: torch.Tensor,
+    cq: torch.Tensor,
+    den: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, state, ksum, ck, cq, den)
 
 
 @_noncausal_bwd.register_fake
 def _(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, state, ksum, ck, cq, den):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
-        k, memory_format=torch.contiguous_format
-    ), torch.empty_like(v, memory_format=torch.contiguous_format)
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -556,5 +912,7 @@ def noncausal_attention(
         the float32 kernels (see :func:`randattn.ops._triton_utils.kernel_dtype`).
     """
     dtype = kernel_dtype(q.dtype)
-    out = torch.ops.randattn.noncausal_fwd(q.to(dtype), k.to(dtype), v.to(dtype), projection.float(), kernel_fn, key_bias)[0]
+    out = torch.ops.randattn.noncausal_fwd(
+        q.to(dtype), k.to(dtype), v.to(dtype), projection.float(), kernel_fn, key_bias
+    )[0]
     return out.to(q.dtype)

@@ -31,11 +31,13 @@ def triton_available() -> bool:
 
 
 def check_kernel_fn(kernel_fn: str) -> None:
+    """Raise ``ValueError`` naming ``kernel_fn`` unless it is one of :data:`KERNEL_FNS`."""
     if kernel_fn not in KERNEL_FNS:
         raise ValueError(f"kernel_fn must be one of {KERNEL_FNS}, got {kernel_fn!r}")
 
 
 def check_backend(backend: str) -> None:
+    """Raise ``ValueError`` naming ``backend`` unless it is one of :data:`BACKENDS`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 

@@ -119,6 +119,21 @@ for _item in filter(None, os.environ.get("RANDATTN_TRITON_LAUNCH", "").split(";"
 BLOCK_FEATURES = int(os.environ.get("RANDATTN_TRITON_BLOCK_M", "64"))
 
 
+def pow2_block(x: int) -> int:
+    """Smallest power of two >= ``x``, at least 16 (the smallest tensor-core tile side)."""
+    return max(16, triton.next_power_of_2(x))
+
+
+def feature_block(m: int) -> int:
+    """Features per block: the padded ``m``, capped at :data:`BLOCK_FEATURES`."""
+    return min(BLOCK_FEATURES, pow2_block(m))
+
+
+def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with unit stride along its last dimension (copied only when needed)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def launch_opts(name: str) -> dict:
     """``num_warps`` and ``num_stages`` of kernel ``name`` (see :data:`LAUNCH`)."""
     warps, stages = LAUNCH.get(name, LAUNCH["*"])

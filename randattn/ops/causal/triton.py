@@ -29,11 +29,11 @@ import triton
 import triton.language as tl
 
 from .._triton_utils import (
-    BLOCK_FEATURES,
     KERNEL_CODES,
     NEG_BIG,
     PRECISION,
     RELU_FEATURE_EPS,
+    feature_block,
     features_tile,
     interpreting,
     kernel_dtype,
@@ -44,22 +44,16 @@ from .._triton_utils import (
     mm_exact_b,
     mm_mixed,
     mm_mixed_w,
+    pow2_block,
     prepare_projection,
     relu_scale,
+    rows_contiguous,
 )
 
 __all__ = ["causal_attention", "CHUNK"]
 
 #: Positions per chunk of the kernels.
 CHUNK = 64
-
-
-def _pow2(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
-
-
-def _block_m(m: int) -> int:
-    return min(BLOCK_FEATURES, _pow2(m))
 
 
 @triton.jit
@@ -629,10 +623,6 @@ def _chunk_grad_kernel(
 # launchers
 
 
-def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _store_dtype(dtype: torch.dtype) -> torch.dtype:
     """The interpreter rounds float32 to bfloat16 by truncation: there, kernels write float32."""
     return torch.float32 if dtype == torch.bfloat16 and interpreting() else dtype
@@ -644,9 +634,9 @@ def _sizes(q, v, projection, kernel_fn):
         d=d,
         dv=dv,
         m=m,
-        BLOCK_D=_pow2(d),
-        BLOCK_DV=_pow2(dv),
-        BLOCK_M=_block_m(m),
+        BLOCK_D=pow2_block(d),
+        BLOCK_DV=pow2_block(dv),
+        BLOCK_M=feature_block(m),
         KERNEL=KERNEL_CODES[kernel_fn],
         half=0.5 * d**-0.5,
         rscale=relu_scale(m),
@@ -736,7 +726,7 @@ def _split_output(out: torch.Tensor, out_lo: torch.Tensor, dtype: torch.dtype):
 
 
 def _forward(q, k, v, projection, kernel_fn, key_bias):
-    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     n, h, length, _ = q.shape
     nh = n * h
     triton.cdiv(length, CHUNK)
@@ -810,7 +800,7 @@ def _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, out, out_lo, c
 
 
 def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den):
-    q, k, v, dout = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v), _rows_contiguous(dout)
+    q, k, v, dout = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v), rows_contiguous(dout)
     if out.stride() != dout.stride():
         out, out_lo, dout = out.contiguous(), out_lo.contiguous(), dout.contiguous()
     n, h, length, _ = q.shape

@@ -25,11 +25,11 @@ import triton
 import triton.language as tl
 
 from .._triton_utils import (
-    BLOCK_FEATURES,
     KERNEL_CODES,
     NEG_BIG,
     PRECISION,
     RELU_FEATURE_EPS,
+    feature_block,
     features_tile,
     fixed_grid_size,
     interpreting,
@@ -41,21 +41,15 @@ from .._triton_utils import (
     mm_exact_b,
     mm_mixed,
     mm_mixed_w,
+    pow2_block,
     prepare_projection,
     relu_scale,
+    rows_contiguous,
 )
 
 __all__ = ["noncausal_attention"]
 
 BLOCK_ROWS = 64
-
-
-def _pow2(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
-
-
-def _block_m(m: int) -> int:
-    return min(BLOCK_FEATURES, _pow2(m))
 
 
 @triton.jit
@@ -545,10 +539,6 @@ def _key_grad_kernel(
 # launchers
 
 
-def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _store_dtype(dtype: torch.dtype) -> torch.dtype:
     """The interpreter rounds float32 to bfloat16 by truncation: there, kernels write float32."""
     return torch.float32 if dtype == torch.bfloat16 and interpreting() else dtype
@@ -576,9 +566,9 @@ def _common(q, k, v, projection, kernel_fn):
         d=d,
         dv=dv,
         m=m,
-        BLOCK_D=_pow2(d),
-        BLOCK_DV=_pow2(dv),
-        BLOCK_M=_block_m(m),
+        BLOCK_D=pow2_block(d),
+        BLOCK_DV=pow2_block(dv),
+        BLOCK_M=feature_block(m),
         KERNEL=KERNEL_CODES[kernel_fn],
         half=0.5 * d**-0.5,
         rscale=relu_scale(m),
@@ -586,7 +576,7 @@ def _common(q, k, v, projection, kernel_fn):
 
 
 def _forward(q, k, v, projection, kernel_fn, key_bias):
-    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     n, h, length, _ = q.shape
     s_len = k.shape[2]
     c = _common(q, k, v, projection, kernel_fn)
@@ -680,7 +670,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
 
 
 def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, state, ksum, ck, cq, den):
-    q, k, v, dout = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v), _rows_contiguous(dout)
+    q, k, v, dout = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v), rows_contiguous(dout)
     if out.stride() != dout.stride():
         out, out_lo, dout = out.contiguous(), out_lo.contiguous(), dout.contiguous()
     n, h, length, _ = q.shape

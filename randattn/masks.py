@@ -8,11 +8,12 @@ from .functional import key_padding_bias
 
 
 def batch_first_inputs(query, key, value, key_padding_mask, batch_first, embed_dim, kdim, vdim):
-    """Validate the inputs and bring them to ``(N, L, E)``.
+    """Validate the inputs, bring them to ``(N, L, E)`` and turn the key padding mask into a key bias.
 
     Returns:
-        ``(query, key, value, key_padding_mask, unbatched)`` with the tensors ``(N, L|S, E)`` and the
-        mask ``(N, S)`` or ``None``.
+        ``(query, key, value, key_bias, unbatched)`` with the tensors ``(N, L|S, E)`` and the additive
+        float key bias ``(N, S)`` (``-inf`` for ignored keys, see
+        :func:`randattn.functional.key_padding_bias`) or ``None``.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
@@ -50,11 +51,10 @@ def batch_first_inputs(query, key, value, key_padding_mask, batch_first, embed_d
         )
     if key.shape[1] != value.shape[1]:
         raise ValueError(f"key and value must have the same sequence length, got {key.shape[1]} and {value.shape[1]}")
-    if key_padding_mask is not None:
-        key_padding_bias(key_padding_mask, key.shape[0], key.shape[1])  # shape and dtype check
-        if key_padding_mask.device != query.device:
-            raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, query on {query.device}")
-    return query, key, value, key_padding_mask, unbatched
+    if key_padding_mask is not None and key_padding_mask.device != query.device:
+        raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, query on {query.device}")
+    key_bias = key_padding_bias(key_padding_mask, key.shape[0], key.shape[1])
+    return query, key, value, key_bias, unbatched
 
 
 def is_causal_mask(attn_mask: torch.Tensor, length: int) -> bool:
@@ -95,15 +95,8 @@ def resolve_causal(
     return causal
 
 
-def pad_key_mask(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Append one kept key to a ``(N, S)`` mask (for ``add_bias_kv`` / ``add_zero_attn``)."""
-    if key_padding_mask is None:
+def pad_key_bias(key_bias: torch.Tensor | None) -> torch.Tensor | None:
+    """Append one kept key (bias 0) to a ``(N, S)`` key bias (for ``add_bias_kv`` / ``add_zero_attn``)."""
+    if key_bias is None:
         return None
-    return torch.nn.functional.pad(key_padding_mask, (0, 1))
-
-
-def as_bias(key_padding_mask: torch.Tensor) -> torch.Tensor:
-    """``(N, S)`` mask to float32 additive bias (``-inf`` for ignored keys)."""
-    bias = key_padding_bias(key_padding_mask, key_padding_mask.shape[0], key_padding_mask.shape[1])
-    assert bias is not None
-    return bias
+    return torch.nn.functional.pad(key_bias, (0, 1))

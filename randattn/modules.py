@@ -262,7 +262,7 @@ class RandMultiHeadAttention(nn.Module):
             if self._training_forwards and self._training_forwards % self.feature_redraw_interval == 0:
                 self.redraw_features()
             self._training_forwards += 1
-        query, key, value, key_padding_mask, unbatched = masks.batch_first_inputs(
+        query, key, value, key_bias, unbatched = masks.batch_first_inputs(
             query, key, value, key_padding_mask, self.batch_first, self.embed_dim, self.kdim, self.vdim
         )
         causal = masks.resolve_causal(self.causal, is_causal, attn_mask, query.shape[1], key.shape[1])
@@ -271,12 +271,12 @@ class RandMultiHeadAttention(nn.Module):
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(n, 1, -1).to(k.dtype)], dim=1)
             v = torch.cat([v, self.bias_v.expand(n, 1, -1).to(v.dtype)], dim=1)
-            key_padding_mask = masks.pad_key_mask(key_padding_mask)
+            key_bias = masks.pad_key_bias(key_bias)
         q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2) for t in (q, k, v))
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(k.shape[:2] + (1, k.shape[-1]))], dim=2)
             v = torch.cat([v, v.new_zeros(v.shape[:2] + (1, v.shape[-1]))], dim=2)
-            key_padding_mask = masks.pad_key_mask(key_padding_mask)
+            key_bias = masks.pad_key_bias(key_bias)
         if causal and k.shape[2] != length:
             raise ValueError("causal attention cannot be combined with add_bias_kv or add_zero_attn")
         projection = self.projection
@@ -290,14 +290,13 @@ class RandMultiHeadAttention(nn.Module):
             projection,
             kernel_fn=self.kernel_fn,
             causal=causal,
-            key_padding_mask=key_padding_mask,
+            key_padding_mask=key_bias,
             backend=self.backend,
         )
         out = self.out_proj(out.transpose(1, 2).flatten(2))
         weights = None
         if need_weights:
-            bias = None if key_padding_mask is None else masks.as_bias(key_padding_mask)
-            weights = attention_weights(q, k, projection.float(), self.kernel_fn, causal, bias).to(out.dtype)
+            weights = attention_weights(q, k, projection.float(), self.kernel_fn, causal, key_bias).to(out.dtype)
             if average_attn_weights:
                 weights = weights.mean(dim=1)
             if unbatched:

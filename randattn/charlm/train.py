@@ -57,7 +57,7 @@ class TrainConfig:
 
     d_model: int = 256
     n_layers: int = 4
-    n_heads: int = 4
+    n_heads: int = 8
     context: int = 256
     batch_size: int = 64
     steps: int = 2000
@@ -78,7 +78,7 @@ class TrainConfig:
 
 
 #: Attention variants of the full study.
-DEFAULT_STUDY = ("exact", "softmax:64", "softmax:128", "softmax:256", "relu:128")
+DEFAULT_STUDY = ("exact", "softmax:64", "softmax:256", "softmax:512", "relu:256")
 
 #: A CPU-sized configuration (seconds) for tests and the documentation build.
 TINY_STUDY = TrainConfig(

@@ -252,6 +252,40 @@ def profile(args) -> None:
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40))
 
 
+def host(args) -> None:
+    """Where the time of a short sequence goes: module forward+backward (bf16 autocast) profiled on the
+    host and the GPU, and the wall time per call against the summed GPU time of its kernels."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for causal in args.modes:
+        for impl in ("rand_triton", "mha"):
+            length = args.lengths[0]
+            model = build(impl, causal, "cuda")
+            x = torch.randn(BATCH, length, EMBED, device="cuda", requires_grad=True)
+
+            def step(model=model, x=x):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = model(x, x, x, need_weights=False)[0]
+                out.float().sum().backward()
+
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                step()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) / 20 * 1e3
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+            events = prof.key_averages()
+            gpu_ms = sum(e.self_device_time_total for e in events) / 1e3
+            print(f"HOST causal={causal} L={length} {impl}: wall {wall:.3f} ms per fwd+bwd, GPU kernels {gpu_ms:.3f} ms")
+            print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=55))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
@@ -265,6 +299,7 @@ def main() -> int:
     p.add_argument("--tune", action="store_true", help="time the op alone (bf16) with the current settings")
     p.add_argument("--profile", action="store_true", help="per-kernel times of the op (bf16)")
     p.add_argument("--diagnose", action="store_true", help="causal errors at one shape (bf16)")
+    p.add_argument("--host", action="store_true", help="host vs GPU time of the module at the first length")
     args = p.parse_args()
     args.modes = [m == "causal" for m in args.modes]
     if args.accuracy:
@@ -278,6 +313,9 @@ def main() -> int:
         return 0
     if args.diagnose:
         diagnose(args)
+        return 0
+    if args.host:
+        host(args)
         return 0
     rows = bench(args)
     print("\nFINAL TABLE")

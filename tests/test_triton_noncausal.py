@@ -63,6 +63,28 @@ def test_non_contiguous_heads(gen):
         torch.testing.assert_close(x, y)
 
 
+def test_heads_merge_without_copy_and_output_not_saved(gen):
+    """Output and input gradients are stored heads-last, so ``(N, L, H * d)`` is a view of them; the
+    backward keeps q, k, v and O(N H (m d_v + L)) floats, not the output."""
+    from randattn.ops.noncausal.triton import noncausal_attention
+
+    n, h, length, s_len, d, dv, m = 2, 3, 40, 24, 16, 32, 32
+    q, k, v, projection, dout, _ = make_inputs(n, h, length, s_len, d, dv, m, torch.float32, gen)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = noncausal_attention(q, k, v, projection, "softmax", None)
+    assert out.shape == (n, h, length, dv) and out.transpose(1, 2).is_contiguous()
+    ptrs = {t.untyped_storage().data_ptr() for t in saved}
+    assert out.untyped_storage().data_ptr() not in ptrs
+    extra = sum(t.numel() for t in saved if t.untyped_storage().data_ptr() not in
+                {x.untyped_storage().data_ptr() for x in (q, k, v, projection)})
+    assert extra <= n * h * (m * dv + m + 1 + 2 * length)
+    dq, dk, dv_ = torch.autograd.grad(out, (q, k, v), dout)
+    for g in (dq, dk, dv_):
+        assert g.transpose(1, 2).is_contiguous()
+
+
 # ---- GPU sizes ---------------------------------------------------------------------------------
 
 GPU_SHAPES = [(2, 4, 1000, 1000, 64, 64, 256), (1, 2, 4096, 3000, 128, 64, 512), (2, 2, 2048, 2048, 32, 32, 64)]

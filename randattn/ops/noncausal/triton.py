@@ -11,9 +11,12 @@ Forward (the ``(N, H, L, m)`` features never reach device memory):
    feature blocks), ``out = phi_q S / phi_q z``; also keeps the row stabiliser and denominator
    (``(N, H, L)`` float32 each) for the backward.
 
-Backward (features recomputed): ``_query_grad_kernel`` (``dq`` and the per-row scalar
-``t = dout . num / den^2 = dout . out / den``, from the output kept as ``hi + lo`` in the input dtype,
-which is float32-accurate), ``_query_state_grad_kernel`` (``dS = phi_q^T (dout / den)``,
+Outputs and input gradients are ``(N, H, L, d)`` views of ``(N, L, H, d)`` storage (:func:`heads_last`),
+so that the heads merge back into ``(N, L, E)`` for the projections without a copy.
+
+Backward (features recomputed, the output not kept): ``_query_grad_kernel`` (``dq`` and the
+per-row scalar ``t = dout . num / den^2``, with ``dout . num = sum_m phi_m (dout S^T)_m`` from a first
+pass over the feature blocks, float32-accurate), ``_query_state_grad_kernel`` (``dS = phi_q^T (dout / den)``,
 ``dz = -phi_q^T t``, reduced over query splits) and ``_key_grad_kernel`` (``dk``, ``dv``).
 The projection gets no gradient.
 """
@@ -151,7 +154,6 @@ def _query_out_kernel(
     ST,
     KS,
     OUT,
-    OUT_LO,
     CQ,
     DEN,
     sq_n,
@@ -218,12 +220,10 @@ def _query_out_kernel(
         num = mm_mixed(phi, st, num, x, MIXED_PASSES, FP32_DOT)
         den += tl.sum(phi * z[None, :], 1)
     out = num / tl.where(den == 0.0, 1.0, den)[:, None]
-    out_hi = out.to(OUT.dtype.element_ty)
     omask = l_ok[:, None] & (offs_dv[None, :] < DV)
-    tl.store(OUT + n * so_n + h * so_h + offs_l[:, None] * so_l + offs_dv[None, :], out_hi, mask=omask)
     tl.store(
-        OUT_LO + n * so_n + h * so_h + offs_l[:, None] * so_l + offs_dv[None, :],
-        (out - out_hi.to(tl.float32)).to(OUT_LO.dtype.element_ty),
+        OUT + n * so_n + h * so_h + offs_l[:, None] * so_l + offs_dv[None, :],
+        out.to(OUT.dtype.element_ty),
         mask=omask,
     )
     if KERNEL != 0:
@@ -233,11 +233,28 @@ def _query_out_kernel(
 
 
 @triton.jit
+def _state_rows(do, ST, pid_nh, offs_m, m_ok, offs_dv, DV, M, STATE_PASSES: tl.constexpr, FP32_DOT: tl.constexpr):
+    """``g = dout S^T`` for one block of features: ``(BLOCK_L, BLOCK_M)``, the state split in two parts."""
+    stt = tl.load(
+        ST + pid_nh * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
+        mask=m_ok[None, :] & (offs_dv[:, None] < DV),
+        other=0.0,
+    )
+    st_hi = stt.to(do.dtype)
+    return mm_exact_a(
+        do,
+        st_hi,
+        (stt - st_hi.to(tl.float32)).to(do.dtype),
+        tl.zeros((do.shape[0], offs_m.shape[0]), tl.float32),
+        STATE_PASSES,
+        FP32_DOT,
+    )
+
+
+@triton.jit
 def _query_grad_kernel(
     Q,
     DO,
-    OUT,
-    OUT_LO,
     W_HI,
     W_LO,
     ST,
@@ -252,6 +269,9 @@ def _query_grad_kernel(
     sd_n,
     sd_h,
     sd_l,
+    sg_n,
+    sg_h,
+    sg_l,
     H,
     L,
     D,
@@ -266,7 +286,6 @@ def _query_grad_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     STATE_PASSES: tl.constexpr,
-    MIXED_PASSES: tl.constexpr,
     GRADW_PASSES: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
@@ -293,13 +312,17 @@ def _query_grad_kernel(
     cq = tl.load(CQ + pid_nh * L + offs_l, mask=l_ok, other=0.0)
     den = tl.load(DEN + pid_nh * L + offs_l, mask=l_ok, other=1.0)
     inv_den = 1.0 / tl.where(den == 0.0, 1.0, den)
-    # t_i = dout_i . num_i / den_i^2 = dout_i . out_i / den_i, with out = out_hi + out_lo (float32 accurate)
-    o_ptrs = n * sd_n + h * sd_h + offs_l[:, None] * sd_l + offs_dv[None, :]
-    omask = l_ok[:, None] & (offs_dv[None, :] < DV)
-    out = tl.load(OUT + o_ptrs, mask=omask, other=0.0).to(tl.float32) + tl.load(
-        OUT_LO + o_ptrs, mask=omask, other=0.0
-    ).to(tl.float32)
-    t = tl.sum(do.to(tl.float32) * out, 1) * inv_den
+    # t_i = dout_i . num_i / den_i^2 with dout_i . num_i = sum_m phi_im g_im, g = dout S^T: a first pass
+    # over the feature blocks (float32 accurate; nothing of the forward's output is kept for it)
+    u = tl.zeros((BLOCK_L,), tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
+        phi, proj = features_tile(x, sq, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+        g = _state_rows(do, ST, pid_nh, offs_m, m_ok, offs_dv, DV, M, STATE_PASSES, FP32_DOT)
+        u += tl.sum(phi * g, 1)
+    t = u * inv_den * inv_den
     # dphi = g / den - z t ; ds = dphi * dphi/ds ; dx = ds W'
     dx = tl.zeros((BLOCK_L, BLOCK_D), tl.float32)
     rs = tl.zeros((BLOCK_L,), tl.float32)
@@ -308,20 +331,7 @@ def _query_grad_kernel(
         m_ok = offs_m < M
         wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
         phi, proj = features_tile(x, sq, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
-        stt = tl.load(
-            ST + pid_nh * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
-            mask=m_ok[None, :] & (offs_dv[:, None] < DV),
-            other=0.0,
-        )
-        st_hi = stt.to(do.dtype)
-        g = mm_exact_a(
-            do,
-            st_hi,
-            (stt - st_hi.to(tl.float32)).to(do.dtype),
-            tl.zeros((BLOCK_L, BLOCK_M), tl.float32),
-            STATE_PASSES,
-            FP32_DOT,
-        )
+        g = _state_rows(do, ST, pid_nh, offs_m, m_ok, offs_dv, DV, M, STATE_PASSES, FP32_DOT)
         z = tl.load(KS + pid_nh * M + offs_m, mask=m_ok, other=0.0)
         dphi = g * inv_den[:, None] - z[None, :] * t[:, None]
         if KERNEL == 0:
@@ -334,7 +344,7 @@ def _query_grad_kernel(
     if KERNEL == 0:
         dx = dx - rs[:, None] * xf * (2.0 * half_inv_sqrt_d)
     tl.store(
-        DQ + pid_nh * L * D + offs_l[:, None] * D + offs_d[None, :],
+        DQ + n * sg_n + h * sg_h + offs_l[:, None] * sg_l + offs_d[None, :],
         dx.to(DQ.dtype.element_ty),
         mask=l_ok[:, None] & (offs_d[None, :] < D),
     )
@@ -438,6 +448,12 @@ def _key_grad_kernel(
     sv_n,
     sv_h,
     sv_s,
+    sgk_n,
+    sgk_h,
+    sgk_s,
+    sgv_n,
+    sgv_h,
+    sgv_s,
     H,
     S,
     D,
@@ -524,12 +540,12 @@ def _key_grad_kernel(
     if KERNEL == 0:
         dy = dy - rs[:, None] * yf * (2.0 * half_inv_sqrt_d)
     tl.store(
-        DK + pid_nh * S * D + offs_s[:, None] * D + offs_d[None, :],
+        DK + n * sgk_n + h * sgk_h + offs_s[:, None] * sgk_s + offs_d[None, :],
         dy.to(DK.dtype.element_ty),
         mask=s_ok[:, None] & (offs_d[None, :] < D),
     )
     tl.store(
-        DVO + pid_nh * S * DV + offs_s[:, None] * DV + offs_dv[None, :],
+        DVO + n * sgv_n + h * sgv_h + offs_s[:, None] * sgv_s + offs_dv[None, :],
         dv.to(DVO.dtype.element_ty),
         mask=s_ok[:, None] & (offs_dv[None, :] < DV),
     )
@@ -552,12 +568,13 @@ def _split(rows: int, blocks_per_row_group: int, device: torch.device) -> tuple[
     return triton.cdiv(rows, per), per
 
 
-def _split_output(out: torch.Tensor, out_lo: torch.Tensor, dtype: torch.dtype):
-    """``(hi, lo)`` in ``dtype`` with ``hi + lo`` the float32 output (split on the host after the interpreter)."""
-    if out.dtype == dtype:
-        return out, out_lo
-    hi = out.to(dtype)
-    return hi, (out - hi.float()).to(dtype)
+def heads_last(n: int, h: int, length: int, dim: int, *, device, dtype) -> torch.Tensor:
+    """An ``(N, H, L, dim)`` tensor stored as ``(N, L, H, dim)``.
+
+    Outputs and input gradients use this layout so that merging the heads back into ``(N, L, H * dim)``
+    (for the out-projection, or the gradient of the in-projection) is a view, not a copy.
+    """
+    return torch.empty(n, length, h, dim, device=device, dtype=dtype).transpose(1, 2)
 
 
 def _common(q, k, v, projection, kernel_fn):
@@ -628,8 +645,8 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     scale = torch.exp(mx - ck[:, None, None]).repeat_interleave(c["BLOCK_M"], dim=2)[:, :, : c["m"]]
     state = (a * scale[..., None]).sum(1)
     ksum = (z * scale).sum(1)
-    out = torch.empty(n, h, length, c["dv"], device=q.device, dtype=_store_dtype(q.dtype))
-    out_lo = torch.empty_like(out)
+    del a, z, mx, scale
+    out = heads_last(n, h, length, c["dv"], device=q.device, dtype=_store_dtype(q.dtype))
     cq = torch.empty(nh, length, **f32)
     den = torch.empty(nh, length, **f32)
     _query_out_kernel[(triton.cdiv(length, BLOCK_ROWS), nh)](
@@ -639,7 +656,6 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
         state,
         ksum,
         out,
-        out_lo,
         cq,
         den,
         q.stride(0),
@@ -665,14 +681,11 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
         FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("query_out"),
     )
-    out, out_lo = _split_output(out, out_lo, q.dtype)
-    return out, out_lo, state, ksum, ck, cq, den
+    return out.to(q.dtype), state, ksum, ck, cq, den
 
 
-def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, state, ksum, ck, cq, den):
+def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, cq, den):
     q, k, v, dout = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v), rows_contiguous(dout)
-    if out.stride() != dout.stride():
-        out, out_lo, dout = out.contiguous(), out_lo.contiguous(), dout.contiguous()
     n, h, length, _ = q.shape
     s_len = k.shape[2]
     nh = n * h
@@ -680,13 +693,11 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, state
     w_hi, w_lo = prepare_projection(projection, c["d"], q.dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
     common_consts = (c["half"], c["rscale"], RELU_FEATURE_EPS)
-    dq = torch.empty(n, h, length, c["d"], device=q.device, dtype=_store_dtype(q.dtype))
+    dq = heads_last(n, h, length, c["d"], device=q.device, dtype=_store_dtype(q.dtype))
     tv = torch.empty(nh, length, **f32)
     _query_grad_kernel[(triton.cdiv(length, BLOCK_ROWS), nh)](
         q,
         dout,
-        out,
-        out_lo,
         w_hi,
         w_lo,
         state,
@@ -701,6 +712,9 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, state
         dout.stride(0),
         dout.stride(1),
         dout.stride(2),
+        dq.stride(0),
+        dq.stride(1),
+        dq.stride(2),
         h,
         length,
         c["d"],
@@ -713,7 +727,6 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, state
         BLOCK_M=c["BLOCK_M"],
         BLOCK_DV=c["BLOCK_DV"],
         STATE_PASSES=PRECISION.state,
-        MIXED_PASSES=PRECISION.mixed,
         GRADW_PASSES=PRECISION.grad_w,
         FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("query_grad"),
@@ -757,8 +770,8 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, state
     )
     dst = dst.sum(1)
     dks = dks.sum(1)
-    dk = torch.empty(n, h, s_len, c["d"], device=q.device, dtype=_store_dtype(k.dtype))
-    dv = torch.empty(n, h, s_len, c["dv"], device=q.device, dtype=_store_dtype(v.dtype))
+    dk = heads_last(n, h, s_len, c["d"], device=q.device, dtype=_store_dtype(k.dtype))
+    dv = heads_last(n, h, s_len, c["dv"], device=q.device, dtype=_store_dtype(v.dtype))
     bias = key_bias.contiguous() if key_bias is not None else dst
     _key_grad_kernel[(triton.cdiv(s_len, BLOCK_ROWS), nh)](
         k,
@@ -777,6 +790,12 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, state
         v.stride(0),
         v.stride(1),
         v.stride(2),
+        dk.stride(0),
+        dk.stride(1),
+        dk.stride(2),
+        dv.stride(0),
+        dv.stride(1),
+        dv.stride(2),
         h,
         s_len,
         c["d"],
@@ -810,7 +829,7 @@ def _noncausal_fwd(
     projection: torch.Tensor,
     kernel_fn: str,
     key_bias: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, projection, kernel_fn, key_bias)
 
 
@@ -820,9 +839,8 @@ def _(q, k, v, projection, kernel_fn, key_bias):
     m, dv = projection.shape[0], v.shape[-1]
     f32 = dict(device=q.device, dtype=torch.float32)
     return (
-        q.new_empty(n, h, length, dv),
-        q.new_empty(n, h, length, dv),
-        q.new_empty(n * h, m, dv, dtype=torch.float32),
+        heads_last(n, h, length, dv, device=q.device, dtype=q.dtype),
+        torch.empty(n * h, m, dv, **f32),
         torch.empty(n * h, m, **f32),
         torch.empty(n * h, **f32),
         torch.empty(n * h, length, **f32),
@@ -836,8 +854,6 @@ def _noncausal_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    out: torch.Tensor,
-    out_lo: torch.Tensor,
     projection: torch.Tensor,
     kernel_fn: str,
     key_bias: torch.Tensor | None,
@@ -847,30 +863,32 @@ def _noncausal_bwd(
     cq: torch.Tensor,
     den: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, state, ksum, ck, cq, den)
+    return _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, cq, den)
 
 
 @_noncausal_bwd.register_fake
-def _(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, state, ksum, ck, cq, den):
+def _(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, cq, den):
+    n, h, length, d = q.shape
+    s_len, dv = v.shape[2], v.shape[3]
     return (
-        torch.empty_like(q, memory_format=torch.contiguous_format),
-        torch.empty_like(k, memory_format=torch.contiguous_format),
-        torch.empty_like(v, memory_format=torch.contiguous_format),
+        heads_last(n, h, length, d, device=q.device, dtype=q.dtype),
+        heads_last(n, h, s_len, d, device=k.device, dtype=k.dtype),
+        heads_last(n, h, s_len, dv, device=v.device, dtype=v.dtype),
     )
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, projection, kernel_fn, key_bias = inputs
-    out, out_lo, state, ksum, ck, cq, den = output
     ctx.kernel_fn = kernel_fn
-    ctx.save_for_backward(q, k, v, out, out_lo, projection, key_bias, state, ksum, ck, cq, den)
+    # the output itself is not needed: the backward recomputes what it needs from the states
+    ctx.save_for_backward(q, k, v, projection, key_bias, *output[1:])
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward_rule(ctx, dout, *unused):
-    q, k, v, out, out_lo, projection, key_bias, state, ksum, ck, cq, den = ctx.saved_tensors
+    q, k, v, projection, key_bias, state, ksum, ck, cq, den = ctx.saved_tensors
     dq, dk, dv = torch.ops.randattn.noncausal_bwd(
-        dout, q, k, v, out, out_lo, projection, ctx.kernel_fn, key_bias, state, ksum, ck, cq, den
+        dout, q, k, v, projection, ctx.kernel_fn, key_bias, state, ksum, ck, cq, den
     )
     return dq, dk, dv, None, None, None
 

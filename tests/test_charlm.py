@@ -86,6 +86,28 @@ def test_model_is_causal(corpus, kind):
         model(torch.zeros(1, 17, dtype=torch.long))
 
 
+def test_attention_spec_with_redraw_redraws_during_training_only():
+    spec = AttentionSpec.parse("softmax:8@3")
+    assert spec == AttentionSpec("softmax", 8, 3) and spec.label == "softmax m=8 redraw 3"
+    with pytest.raises(ValueError, match="redraw_interval"):
+        AttentionSpec("exact", None, 5)
+    model = CausalTransformer(11, 8, d_model=16, n_layers=1, n_heads=2, attention=spec)
+    layer = model.attention_layers()[0]
+    x = torch.randint(0, 11, (1, 8))
+    first = layer.projection.clone()
+    model.eval()
+    for _ in range(4):
+        model(x)
+    assert torch.equal(layer.projection, first)
+    model.train()
+    seen = []
+    for _ in range(7):
+        model(x)
+        seen.append(layer.projection.clone())
+    assert torch.equal(seen[2], first) and not torch.equal(seen[3], first)  # 4th training forward redraws
+    assert torch.equal(seen[3], seen[5]) and not torch.equal(seen[6], seen[5])
+
+
 def test_attention_spec_parsing_and_errors():
     assert AttentionSpec.parse("softmax:128") == AttentionSpec("softmax", 128)
     assert AttentionSpec.parse("exact").label == "exact"

@@ -25,10 +25,13 @@ class AttentionSpec:
         kind: one of :data:`ATTENTION_KINDS`.
         num_features: ``m`` for random-feature attention (``None``: the library default for the
             head dimension); must be ``None`` for ``"exact"``.
+        redraw_interval: redraw the random features every this many training steps
+            (``feature_redraw_interval`` of :class:`~randattn.RandMultiHeadAttention`); ``None`` keeps one draw.
     """
 
     kind: str = "exact"
     num_features: int | None = None
+    redraw_interval: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ATTENTION_KINDS:
@@ -37,19 +40,24 @@ class AttentionSpec:
             raise ValueError("num_features must be None for exact attention")
         if self.num_features is not None and self.num_features < 1:
             raise ValueError(f"num_features must be >= 1, got {self.num_features}")
+        if self.redraw_interval is not None and (self.kind == "exact" or self.redraw_interval < 1):
+            raise ValueError(f"redraw_interval must be None, or >= 1 for random features; got {self.redraw_interval}")
 
     @property
     def label(self) -> str:
         """Short name, e.g. ``"exact"``, ``"softmax m=128"``, ``"relu m=default"``."""
         if self.kind == "exact":
             return "exact"
-        return f"{self.kind} m={self.num_features if self.num_features is not None else 'default'}"
+        label = f"{self.kind} m={self.num_features if self.num_features is not None else 'default'}"
+        return label if self.redraw_interval is None else f"{label} redraw {self.redraw_interval}"
 
     @classmethod
     def parse(cls, text: str) -> AttentionSpec:
-        """Parse ``"exact"``, ``"softmax"``, ``"softmax:128"`` or ``"relu:64"``."""
+        """Parse ``"exact"``, ``"softmax"``, ``"softmax:128"``, ``"relu:64"`` or ``"softmax:256@100"``
+        (redraw every 100 steps)."""
+        text, _, redraw = text.partition("@")
         kind, _, m = text.partition(":")
-        return cls(kind.strip(), int(m) if m else None)
+        return cls(kind.strip(), int(m) if m else None, int(redraw) if redraw else None)
 
 
 class _Block(nn.Module):
@@ -68,6 +76,7 @@ class _Block(nn.Module):
                 kernel_fn=attention.kind,
                 causal=True,
                 seed=feature_seed,
+                feature_redraw_interval=attention.redraw_interval,
             )
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
         self.drop = nn.Dropout(dropout)

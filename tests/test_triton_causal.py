@@ -86,6 +86,18 @@ def test_non_contiguous_heads(gen):
         torch.testing.assert_close(x, y)
 
 
+def test_heads_merge_without_copy(gen):
+    """Output and input gradients are stored heads-last: ``(N, L, H * d)`` is a view of them."""
+    from randattn.ops.causal.triton import causal_attention
+
+    q, k, v, projection, dout, _ = make_inputs(2, 3, 70, 70, 16, 32, 32, torch.float32, gen)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = causal_attention(q, k, v, projection, "softmax", None)
+    assert out.transpose(1, 2).is_contiguous()
+    for g in torch.autograd.grad(out, (q, k, v), dout):
+        assert g.transpose(1, 2).is_contiguous()
+
+
 # ---- GPU sizes ---------------------------------------------------------------------------------
 
 GPU_SHAPES = [(2, 4, 1000, 1000, 64, 64, 256), (1, 2, 4096, 4096, 128, 64, 512), (2, 2, 2048, 2048, 32, 32, 64)]

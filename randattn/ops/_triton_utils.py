@@ -36,6 +36,7 @@ __all__ = [
     "prepare_projection",
     "interpreting",
     "fixed_grid_size",
+    "heads_last",
 ]
 
 #: Kernel function codes passed to the kernels as a compile-time constant.
@@ -168,6 +169,15 @@ def prepare_projection(
     hi = w.to(dtype)
     lo = (w - hi.float()).to(dtype)
     return hi.contiguous(), lo.contiguous()
+
+
+def heads_last(n: int, h: int, length: int, dim: int, *, device, dtype) -> torch.Tensor:
+    """An ``(N, H, L, dim)`` tensor stored as ``(N, L, H, dim)``.
+
+    Outputs and input gradients use this layout so that merging the heads back into ``(N, L, H * dim)``
+    (for the out-projection, or the gradient of the in-projection) is a view, not a copy.
+    """
+    return torch.empty(n, length, h, dim, device=device, dtype=dtype).transpose(1, 2)
 
 
 def fixed_grid_size(device: torch.device) -> int:

@@ -35,6 +35,7 @@ from .._triton_utils import (
     RELU_FEATURE_EPS,
     feature_block,
     features_tile,
+    heads_last,
     interpreting,
     kernel_dtype,
     launch_opts,
@@ -605,7 +606,8 @@ def _chunk_grad_kernel(
     if KERNEL == 0:
         dx = dx - rsq[:, None] * xf * (2.0 * half_inv_sqrt_d)
         dy = dy - rsk[:, None] * yf * (2.0 * half_inv_sqrt_d)
-    rows = pid_nh * L + offs_c
+    # gradients are stored heads-last: (N, L, H, d) storage (see heads_last)
+    rows = (n * L + offs_c) * H + h
     tl.store(
         DQ + rows[:, None] * D + offs_d[None, :], dx.to(DQ.dtype.element_ty), mask=c_ok[:, None] & (offs_d[None, :] < D)
     )
@@ -737,8 +739,8 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     # states at the scale of the previous chunk's end
     _scan(a, za, torch.exp(cprev - cend).contiguous(), torch.exp(mb - cend[..., None]).contiguous(), nmb, sz, False)
     f32 = dict(device=q.device, dtype=torch.float32)
-    out = torch.empty(n, h, length, sz["dv"], device=q.device, dtype=_store_dtype(q.dtype))
-    out_lo = torch.empty_like(out)
+    out = heads_last(n, h, length, sz["dv"], device=q.device, dtype=_store_dtype(q.dtype))
+    out_lo = heads_last(n, h, length, sz["dv"], device=q.device, dtype=_store_dtype(q.dtype))
     cq = torch.empty(nh, length, **f32)
     den = torch.empty(nh, length, **f32)
     _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, a, za, out, out_lo, cq, den, sz)
@@ -849,9 +851,9 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, s
         **launch_opts("chunk_rstate"),
     )
     _scan(rb, rz, torch.exp(cprev - cend).contiguous(), torch.ones(nh, nt, nmb, **f32), nmb, sz, True)
-    dq = torch.empty(n, h, length, sz["d"], device=q.device, dtype=_store_dtype(q.dtype))
-    dk = torch.empty(n, h, length, sz["d"], device=q.device, dtype=_store_dtype(k.dtype))
-    dv = torch.empty(n, h, length, sz["dv"], device=q.device, dtype=_store_dtype(v.dtype))
+    dq = heads_last(n, h, length, sz["d"], device=q.device, dtype=_store_dtype(q.dtype))
+    dk = heads_last(n, h, length, sz["d"], device=q.device, dtype=_store_dtype(k.dtype))
+    dv = heads_last(n, h, length, sz["dv"], device=q.device, dtype=_store_dtype(v.dtype))
     bias = key_bias.contiguous() if key_bias is not None else c
     _chunk_grad_kernel[(nt, nh)](
         q,
@@ -942,8 +944,8 @@ def _(q, k, v, projection, kernel_fn, key_bias):
     nt = -(-length // CHUNK)
     f32 = dict(device=q.device, dtype=torch.float32)
     return (
-        q.new_empty(n, h, length, dv),
-        q.new_empty(n, h, length, dv),
+        heads_last(n, h, length, dv, device=q.device, dtype=q.dtype),
+        heads_last(n, h, length, dv, device=q.device, dtype=q.dtype),
         torch.empty(n * h, nt, m, dv, **f32),
         torch.empty(n * h, nt, m, **f32),
         torch.empty(n * h, length, **f32),
@@ -978,11 +980,11 @@ def _causal_bwd(
 
 @_causal_bwd.register_fake
 def _(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den):
-    fmt = torch.contiguous_format
+    n, h, length, d = q.shape
     return (
-        torch.empty_like(q, memory_format=fmt),
-        torch.empty_like(k, memory_format=fmt),
-        torch.empty_like(v, memory_format=fmt),
+        heads_last(n, h, length, d, device=q.device, dtype=q.dtype),
+        heads_last(n, h, length, d, device=k.device, dtype=k.dtype),
+        heads_last(n, h, length, v.shape[-1], device=v.device, dtype=v.dtype),
     )
 
 

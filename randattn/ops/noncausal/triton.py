@@ -35,6 +35,7 @@ from .._triton_utils import (
     feature_block,
     features_tile,
     fixed_grid_size,
+    heads_last,
     interpreting,
     kernel_dtype,
     launch_opts,
@@ -566,15 +567,6 @@ def _split(rows: int, blocks_per_row_group: int, device: torch.device) -> tuple[
     nsplit = max(1, min(want, triton.cdiv(rows, BLOCK_ROWS)))
     per = triton.cdiv(triton.cdiv(rows, nsplit), BLOCK_ROWS) * BLOCK_ROWS
     return triton.cdiv(rows, per), per
-
-
-def heads_last(n: int, h: int, length: int, dim: int, *, device, dtype) -> torch.Tensor:
-    """An ``(N, H, L, dim)`` tensor stored as ``(N, L, H, dim)``.
-
-    Outputs and input gradients use this layout so that merging the heads back into ``(N, L, H * dim)``
-    (for the out-projection, or the gradient of the in-projection) is a view, not a copy.
-    """
-    return torch.empty(n, length, h, dim, device=device, dtype=dtype).transpose(1, 2)
 
 
 def _common(q, k, v, projection, kernel_fn):

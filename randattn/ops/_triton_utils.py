@@ -135,9 +135,16 @@ def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def launch_opts(name: str) -> dict:
-    """``num_warps`` and ``num_stages`` of kernel ``name`` (see :data:`LAUNCH`)."""
+def launch_opts(name: str, sizes: dict | None = None) -> dict:
+    """``num_warps`` and ``num_stages`` of kernel ``name`` (see :data:`LAUNCH`).
+
+    ``sizes`` (the launch's block sizes, with ``fp32`` true for float32 operands) caps ``num_stages``
+    at 1 for float32 tiles of head dim 128: pipelined loads of those tiles need more shared memory than
+    an H100 has (measured there: 246,016 of 232,448 bytes for the query-gradient kernel).
+    """
     warps, stages = LAUNCH.get(name, LAUNCH["*"])
+    if sizes is not None and sizes["fp32"] and max(sizes["BLOCK_D"], sizes["BLOCK_DV"]) >= 128:
+        stages = 1
     return {"num_warps": warps, "num_stages": stages}
 
 

@@ -636,6 +636,7 @@ def _sizes(q, v, projection, kernel_fn):
         d=d,
         dv=dv,
         m=m,
+        fp32=q.dtype == torch.float32,
         BLOCK_D=pow2_block(d),
         BLOCK_DV=pow2_block(dv),
         BLOCK_M=feature_block(m),
@@ -710,7 +711,7 @@ def _stabilisers(k, v, w_hi, w_lo, key_bias, sz):
         BLOCK_DV=sz["BLOCK_DV"],
         STATE_PASSES=PRECISION.fwd_state,
         FP32_DOT=PRECISION.fp32_dot,
-        **launch_opts("chunk_state"),
+        **launch_opts("chunk_state", sz),
     )
     c = torch.cummax(rp.amax(-1), dim=-1).values
     last = torch.clamp(torch.arange(nt, device=k.device) * CHUNK + CHUNK - 1, max=length - 1)
@@ -797,7 +798,7 @@ def _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, out, out_lo, c
         STATE_PASSES=PRECISION.fwd_state,
         MIXED_PASSES=PRECISION.fwd_mixed,
         FP32_DOT=PRECISION.fp32_dot,
-        **launch_opts("chunk_out"),
+        **launch_opts("chunk_out", sz),
     )
 
 
@@ -848,7 +849,7 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, s
         BLOCK_DV=sz["BLOCK_DV"],
         STATE_PASSES=PRECISION.state,
         FP32_DOT=PRECISION.fp32_dot,
-        **launch_opts("chunk_rstate"),
+        **launch_opts("chunk_rstate", sz),
     )
     _scan(rb, rz, torch.exp(cprev - cend).contiguous(), torch.ones(nh, nt, nmb, **f32), nmb, sz, True)
     dq = heads_last(n, h, length, sz["d"], device=q.device, dtype=_store_dtype(q.dtype))
@@ -906,7 +907,7 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, s
         MIXED_PASSES=PRECISION.mixed,
         GRADW_PASSES=PRECISION.grad_w,
         FP32_DOT=PRECISION.fp32_dot,
-        **launch_opts("chunk_grad"),
+        **launch_opts("chunk_grad", sz),
     )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 

@@ -575,6 +575,7 @@ def _common(q, k, v, projection, kernel_fn):
         d=d,
         dv=dv,
         m=m,
+        fp32=q.dtype == torch.float32,
         BLOCK_D=pow2_block(d),
         BLOCK_DV=pow2_block(dv),
         BLOCK_M=feature_block(m),
@@ -631,7 +632,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
         BLOCK_DV=c["BLOCK_DV"],
         STATE_PASSES=PRECISION.fwd_state,
         FP32_DOT=PRECISION.fp32_dot,
-        **launch_opts("key_state"),
+        **launch_opts("key_state", c),
     )
     ck = mx.amax(dim=(1, 2))
     scale = torch.exp(mx - ck[:, None, None]).repeat_interleave(c["BLOCK_M"], dim=2)[:, :, : c["m"]]
@@ -671,7 +672,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
         BLOCK_DV=c["BLOCK_DV"],
         MIXED_PASSES=PRECISION.fwd_mixed,
         FP32_DOT=PRECISION.fp32_dot,
-        **launch_opts("query_out"),
+        **launch_opts("query_out", c),
     )
     return out.to(q.dtype), state, ksum, ck, cq, den
 
@@ -721,7 +722,7 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
         STATE_PASSES=PRECISION.state,
         GRADW_PASSES=PRECISION.grad_w,
         FP32_DOT=PRECISION.fp32_dot,
-        **launch_opts("query_grad"),
+        **launch_opts("query_grad", c),
     )
     nmb = triton.cdiv(c["m"], c["BLOCK_M"])
     nsplit, per = _split(length, nmb * nh, q.device)
@@ -758,7 +759,7 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
         BLOCK_DV=c["BLOCK_DV"],
         STATE_PASSES=PRECISION.state,
         FP32_DOT=PRECISION.fp32_dot,
-        **launch_opts("query_state_grad"),
+        **launch_opts("query_state_grad", c),
     )
     dst = dst.sum(1)
     dks = dks.sum(1)
@@ -804,7 +805,7 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
         MIXED_PASSES=PRECISION.mixed,
         GRADW_PASSES=PRECISION.grad_w,
         FP32_DOT=PRECISION.fp32_dot,
-        **launch_opts("key_grad"),
+        **launch_opts("key_grad", c),
     )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 

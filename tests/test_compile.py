@@ -84,3 +84,35 @@ def test_fake_implementations_give_shapes():
         kc, vc = torch.empty(2, 3, 50, 16, dtype=torch.bfloat16), torch.empty(2, 3, 50, 8, dtype=torch.bfloat16)
         out = torch.ops.randattn.causal_fwd(q, kc, vc, w, "relu", None)[0]
         assert out.shape == (2, 3, 50, 8) and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_eager_path_equals_custom_ops(causal):
+    """Outside ``torch.compile`` the kernels are called through an ``autograd.Function`` (less host
+    overhead); its output and gradients equal those of the custom ops, strides included."""
+    pytest.importorskip("triton")
+    if DEVICE == "cpu":
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    from randattn.features import draw_projection
+    from randattn.ops.causal.triton import causal_attention
+    from randattn.ops.noncausal.triton import noncausal_attention
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 70, 16, generator=gen).to(DEVICE) for _ in range(3))
+    dout = torch.randn(2, 2, 70, 16, generator=gen).to(DEVICE)
+    w = draw_projection(32, 16, generator=gen).to(DEVICE)
+    bias = torch.zeros(2, 70, device=DEVICE)
+    bias[1, :5] = float("-inf")
+    eager = causal_attention if causal else noncausal_attention
+    op = torch.ops.randattn.causal_fwd if causal else torch.ops.randattn.noncausal_fwd
+    results = []
+    for fn in (lambda *a: eager(*a), lambda *a: op(*a)[0]):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        out = fn(qq, kk, vv, w, "softmax", bias)
+        results.append((out, *torch.autograd.grad(out, (qq, kk, vv), dout)))
+    for a, b in zip(*results):
+        assert a.stride() == b.stride()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

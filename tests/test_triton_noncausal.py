@@ -111,3 +111,18 @@ def test_gpu_long_sequence_large_logits_finite(dtype, gen):
     out, dq, dk, dv = run("triton", q, k, v, projection, dout, None, "softmax", False)
     for g in (out, dq, dk, dv):
         assert torch.isfinite(g).all()
+
+
+def test_prepared_projection_is_reused_until_the_projection_changes():
+    from randattn.ops._triton_utils import prepare_projection
+
+    w = torch.randn(16, 8)
+    a = prepare_projection(w, 8, torch.bfloat16)
+    assert prepare_projection(w, 8, torch.bfloat16)[0] is a[0]
+    torch.testing.assert_close(a[0].float() + a[1].float(), w * 8**-0.25, rtol=1e-5, atol=0)
+    w.mul_(-1)  # in place: the version counter moves
+    b = prepare_projection(w, 8, torch.bfloat16)
+    assert b[0] is not a[0]
+    torch.testing.assert_close(b[0].float() + b[1].float(), w * 8**-0.25, rtol=1e-5, atol=0)
+    assert prepare_projection(w, 8, torch.float32)[0].dtype == torch.float32
+    assert prepare_projection(w.clone(), 8, torch.bfloat16)[0] is not b[0]

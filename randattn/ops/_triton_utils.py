@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import weakref
 
 import torch
 import triton
@@ -162,20 +163,44 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+#: Prepared projections: ``id(tensor) -> (weakref to it, version, head_dim, dtype, (hi, lo))``.
+_PREPARED: dict[int, tuple] = {}
+_PREPARED_MAX = 64
+
+
 def prepare_projection(
     projection: torch.Tensor, head_dim: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled projection ``W' = W d^{-1/4}`` as ``(hi, lo)`` of shape ``(m, d)`` in the operand dtype.
 
-    For float32 inputs ``hi`` is ``W'`` and ``lo`` is unused (a copy of ``hi``).
+    For float32 inputs ``hi`` is ``W'`` and ``lo`` is unused (a copy of ``hi``). The result is kept
+    for the same projection tensor while it is alive and unchanged (same version counter), so the
+    forward and backward of a layer prepare it once.
     """
+    try:
+        version = projection._version
+    except RuntimeError:  # inference tensors have no version counter
+        version = None
+    entry = _PREPARED.get(id(projection))
+    if (
+        version is not None
+        and entry is not None
+        and entry[0]() is projection
+        and entry[1:4] == (version, head_dim, dtype)
+    ):
+        return entry[4]
     w = projection.float() * (head_dim**-0.25)
     if dtype == torch.float32:
         w = w.contiguous()
-        return w, w
-    hi = w.to(dtype)
-    lo = (w - hi.float()).to(dtype)
-    return hi.contiguous(), lo.contiguous()
+        result = (w, w)
+    else:
+        hi = w.to(dtype)
+        result = (hi.contiguous(), (w - hi.float()).to(dtype).contiguous())
+    if version is not None:
+        if len(_PREPARED) >= _PREPARED_MAX:
+            _PREPARED.pop(next(iter(_PREPARED)))
+        _PREPARED[id(projection)] = (weakref.ref(projection), version, head_dim, dtype, result)
+    return result
 
 
 def heads_last(n: int, h: int, length: int, dim: int, *, device, dtype) -> torch.Tensor:

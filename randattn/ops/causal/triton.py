@@ -1005,6 +1005,24 @@ def _backward_rule(ctx, dout, *unused):
 _causal_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
+class _EagerCausal(torch.autograd.Function):
+    """Outside ``torch.compile``: the same forward and backward as the custom ops, called directly,
+    which saves the custom-op dispatch on the host."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, projection, kernel_fn, key_bias):
+        out, *saved = _forward(q, k, v, projection, kernel_fn, key_bias)
+        ctx.kernel_fn = kernel_fn
+        ctx.save_for_backward(q, k, v, out, projection, key_bias, *saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, projection, key_bias, *saved = ctx.saved_tensors
+        dq, dk, dv = _backward(dout, q, k, v, out, saved[0], projection, ctx.kernel_fn, key_bias, *saved[1:])
+        return dq, dk, dv, None, None, None
+
+
 def causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1029,7 +1047,9 @@ def causal_attention(
         float16 inputs run the float32 kernels (see :func:`randattn.ops._triton_utils.kernel_dtype`).
     """
     dtype = kernel_dtype(q.dtype)
-    out = torch.ops.randattn.causal_fwd(q.to(dtype), k.to(dtype), v.to(dtype), projection.float(), kernel_fn, key_bias)[
-        0
-    ]
+    args = (q.to(dtype), k.to(dtype), v.to(dtype), projection.float(), kernel_fn, key_bias)
+    if torch.compiler.is_compiling():
+        out = torch.ops.randattn.causal_fwd(*args)[0]
+    else:
+        out = _EagerCausal.apply(*args)
     return out.to(q.dtype)

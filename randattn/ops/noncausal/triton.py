@@ -889,6 +889,24 @@ def _backward_rule(ctx, dout, *unused):
 _noncausal_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
+class _EagerNoncausal(torch.autograd.Function):
+    """Outside ``torch.compile``: the same forward and backward as the custom ops, called directly,
+    which saves the custom-op dispatch on the host (about 0.1 ms per forward and backward)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, projection, kernel_fn, key_bias):
+        out, *saved = _forward(q, k, v, projection, kernel_fn, key_bias)
+        ctx.kernel_fn = kernel_fn
+        ctx.save_for_backward(q, k, v, projection, key_bias, *saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, projection, key_bias, *saved = ctx.saved_tensors
+        dq, dk, dv = _backward(dout, q, k, v, projection, ctx.kernel_fn, key_bias, *saved)
+        return dq, dk, dv, None, None, None
+
+
 def noncausal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -913,7 +931,9 @@ def noncausal_attention(
         the float32 kernels (see :func:`randattn.ops._triton_utils.kernel_dtype`).
     """
     dtype = kernel_dtype(q.dtype)
-    out = torch.ops.randattn.noncausal_fwd(
-        q.to(dtype), k.to(dtype), v.to(dtype), projection.float(), kernel_fn, key_bias
-    )[0]
+    args = (q.to(dtype), k.to(dtype), v.to(dtype), projection.float(), kernel_fn, key_bias)
+    if torch.compiler.is_compiling():
+        out = torch.ops.randattn.noncausal_fwd(*args)[0]
+    else:
+        out = _EagerNoncausal.apply(*args)
     return out.to(q.dtype)

@@ -5,7 +5,7 @@ Forward (the ``(N, H, L, m)`` features never reach device memory):
 1. ``_key_state_kernel``: per ``(n, h)``, key split and block of features, the key features are
    computed on chip from ``k`` tiles and the projection and reduced into a partial state
    ``A = phi_k^T v`` ``(m, d_v)`` and key sum ``(m)``, under a running maximum of the logits
-   (rescaling as it grows). The partials are merged on the host at the largest maximum ``c``, the
+   (rescaling as it grows). ``_merge_kernel`` merges the partials at the largest maximum ``c``, the
    key stabiliser of the reference.
 2. ``_query_out_kernel``: per block of queries, query features on chip (online row maximum over the
    feature blocks), ``out = phi_q S / phi_q z``; also keeps the row stabiliser and denominator
@@ -145,6 +145,44 @@ def _key_state_kernel(
     )
     tl.store(Z + part * M + offs_m, zacc, mask=m_ok)
     tl.store(MX + part * tl.num_programs(0) + pid_m, mx)
+
+
+@triton.jit
+def _merge_kernel(
+    A,
+    Z,
+    MX,
+    ST,
+    KS,
+    CK,
+    NSPLIT,
+    NMB,
+    M,
+    DV,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Merge the key splits' partial states at the largest maximum ``c_k`` of the head."""
+    pid_m = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    offs_p = tl.arange(0, BLOCK_P)
+    ck = tl.max(tl.load(MX + pid_nh * NSPLIT * NMB + offs_p, mask=offs_p < NSPLIT * NMB, other=NEG_BIG), 0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < M
+    mask = m_ok[:, None] & (offs_dv[None, :] < DV)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    acc_z = tl.zeros((BLOCK_M,), tl.float32)
+    for sp in range(NSPLIT):
+        part = pid_nh * NSPLIT + sp
+        scale = tl.exp(tl.load(MX + part * NMB + pid_m) - ck)
+        acc += scale * tl.load(A + (part * M + offs_m[:, None]) * DV + offs_dv[None, :], mask=mask, other=0.0)
+        acc_z += scale * tl.load(Z + part * M + offs_m, mask=m_ok, other=0.0)
+    tl.store(ST + (pid_nh * M + offs_m[:, None]) * DV + offs_dv[None, :], acc, mask=mask)
+    tl.store(KS + pid_nh * M + offs_m, acc_z, mask=m_ok)
+    if pid_m == 0:
+        tl.store(CK + pid_nh, ck)
 
 
 @triton.jit
@@ -634,11 +672,25 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
         FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("key_state", c),
     )
-    ck = mx.amax(dim=(1, 2))
-    scale = torch.exp(mx - ck[:, None, None]).repeat_interleave(c["BLOCK_M"], dim=2)[:, :, : c["m"]]
-    state = (a * scale[..., None]).sum(1)
-    ksum = (z * scale).sum(1)
-    del a, z, mx, scale
+    state = torch.empty(nh, c["m"], c["dv"], **f32)
+    ksum = torch.empty(nh, c["m"], **f32)
+    ck = torch.empty(nh, **f32)
+    _merge_kernel[(nmb, nh)](
+        a,
+        z,
+        mx,
+        state,
+        ksum,
+        ck,
+        nsplit,
+        nmb,
+        c["m"],
+        c["dv"],
+        BLOCK_M=c["BLOCK_M"],
+        BLOCK_DV=c["BLOCK_DV"],
+        BLOCK_P=triton.next_power_of_2(nsplit * nmb),
+    )
+    del a, z, mx
     out = heads_last(n, h, length, c["dv"], device=q.device, dtype=_store_dtype(q.dtype))
     cq = torch.empty(nh, length, **f32)
     den = torch.empty(nh, length, **f32)

@@ -38,6 +38,9 @@ __all__ = [
     "interpreting",
     "fixed_grid_size",
     "heads_last",
+    "store_dtype",
+    "gradient_buffers",
+    "finish_gradients",
 ]
 
 #: Kernel function codes passed to the kernels as a compile-time constant.
@@ -210,6 +213,37 @@ def heads_last(n: int, h: int, length: int, dim: int, *, device, dtype) -> torch
     (for the out-projection, or the gradient of the in-projection) is a view, not a copy.
     """
     return torch.empty(n, length, h, dim, device=device, dtype=dtype).transpose(1, 2)
+
+
+def store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels write: the interpreter rounds float32 to bfloat16 by truncation, so there
+    bfloat16 results are written as float32 and rounded on the host."""
+    return torch.float32 if dtype == torch.bfloat16 and interpreting() else dtype
+
+
+def gradient_buffers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grads=None):
+    """Where the backward kernels write ``dq, dk, dv``: the given views (e.g. slices of a packed
+    ``(N, L, 3E)`` gradient) when the kernels can store their dtype, else new heads-last tensors."""
+    dtype = store_dtype(q.dtype)
+    if grads is not None and all(g.dtype == dtype for g in grads):
+        return grads
+    n, h, length, d = q.shape
+    s_len, dv = v.shape[2], v.shape[3]
+    return (
+        heads_last(n, h, length, d, device=q.device, dtype=dtype),
+        heads_last(n, h, s_len, d, device=k.device, dtype=dtype),
+        heads_last(n, h, s_len, dv, device=v.device, dtype=dtype),
+    )
+
+
+def finish_gradients(buffers, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grads=None):
+    """``dq, dk, dv`` in the inputs' dtypes, copied into ``grads`` when those were given."""
+    if grads is None:
+        return tuple(b.to(t.dtype) for b, t in zip(buffers, (q, k, v)))
+    for g, b in zip(grads, buffers):
+        if g is not b:
+            g.copy_(b)
+    return tuple(grads)
 
 
 def fixed_grid_size(device: torch.device) -> int:

@@ -24,6 +24,8 @@ Backward: ``t_i = dout_i . num_i / den_i^2 = dout_i . out_i / den_i`` comes from
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
@@ -35,8 +37,9 @@ from .._triton_utils import (
     RELU_FEATURE_EPS,
     feature_block,
     features_tile,
+    finish_gradients,
+    gradient_buffers,
     heads_last,
-    interpreting,
     kernel_dtype,
     launch_opts,
     load_w,
@@ -49,9 +52,11 @@ from .._triton_utils import (
     prepare_projection,
     relu_scale,
     rows_contiguous,
+    store_dtype,
 )
+from ..eager import KernelAttention
 
-__all__ = ["causal_attention", "CHUNK"]
+__all__ = ["causal_attention", "CHUNK", "forward_saving", "backward_from"]
 
 #: Positions per chunk of the kernels.
 CHUNK = 64
@@ -453,6 +458,12 @@ def _chunk_grad_kernel(
     sd_n,
     sd_h,
     sd_l,
+    sg_n,
+    sg_h,
+    sg_l,
+    sgv_n,
+    sgv_h,
+    sgv_l,
     H,
     L,
     D,
@@ -606,16 +617,11 @@ def _chunk_grad_kernel(
     if KERNEL == 0:
         dx = dx - rsq[:, None] * xf * (2.0 * half_inv_sqrt_d)
         dy = dy - rsk[:, None] * yf * (2.0 * half_inv_sqrt_d)
-    # gradients are stored heads-last: (N, L, H, d) storage (see heads_last)
-    rows = (n * L + offs_c) * H + h
+    g_ptrs = n * sg_n + h * sg_h + offs_c[:, None] * sg_l + offs_d[None, :]
+    tl.store(DQ + g_ptrs, dx.to(DQ.dtype.element_ty), mask=c_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(DK + g_ptrs, dy.to(DK.dtype.element_ty), mask=c_ok[:, None] & (offs_d[None, :] < D))
     tl.store(
-        DQ + rows[:, None] * D + offs_d[None, :], dx.to(DQ.dtype.element_ty), mask=c_ok[:, None] & (offs_d[None, :] < D)
-    )
-    tl.store(
-        DK + rows[:, None] * D + offs_d[None, :], dy.to(DK.dtype.element_ty), mask=c_ok[:, None] & (offs_d[None, :] < D)
-    )
-    tl.store(
-        DVO + rows[:, None] * DV + offs_dv[None, :],
+        DVO + n * sgv_n + h * sgv_h + offs_c[:, None] * sgv_l + offs_dv[None, :],
         dv.to(DVO.dtype.element_ty),
         mask=c_ok[:, None] & (offs_dv[None, :] < DV),
     )
@@ -623,11 +629,6 @@ def _chunk_grad_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # launchers
-
-
-def _store_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The interpreter rounds float32 to bfloat16 by truncation: there, kernels write float32."""
-    return torch.float32 if dtype == torch.bfloat16 and interpreting() else dtype
 
 
 def _sizes(q, v, projection, kernel_fn):
@@ -740,8 +741,8 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     # states at the scale of the previous chunk's end
     _scan(a, za, torch.exp(cprev - cend).contiguous(), torch.exp(mb - cend[..., None]).contiguous(), nmb, sz, False)
     f32 = dict(device=q.device, dtype=torch.float32)
-    out = heads_last(n, h, length, sz["dv"], device=q.device, dtype=_store_dtype(q.dtype))
-    out_lo = heads_last(n, h, length, sz["dv"], device=q.device, dtype=_store_dtype(q.dtype))
+    out = heads_last(n, h, length, sz["dv"], device=q.device, dtype=store_dtype(q.dtype))
+    out_lo = heads_last(n, h, length, sz["dv"], device=q.device, dtype=store_dtype(q.dtype))
     cq = torch.empty(nh, length, **f32)
     den = torch.empty(nh, length, **f32)
     _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, a, za, out, out_lo, cq, den, sz)
@@ -802,7 +803,9 @@ def _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, out, out_lo, c
     )
 
 
-def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den):
+def _backward(
+    dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den, grads=None
+):
     q, k, v, dout = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v), rows_contiguous(dout)
     if out.stride() != dout.stride():
         out, out_lo, dout = out.contiguous(), out_lo.contiguous(), dout.contiguous()
@@ -852,9 +855,9 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, s
         **launch_opts("chunk_rstate", sz),
     )
     _scan(rb, rz, torch.exp(cprev - cend).contiguous(), torch.ones(nh, nt, nmb, **f32), nmb, sz, True)
-    dq = heads_last(n, h, length, sz["d"], device=q.device, dtype=_store_dtype(q.dtype))
-    dk = heads_last(n, h, length, sz["d"], device=q.device, dtype=_store_dtype(k.dtype))
-    dv = heads_last(n, h, length, sz["dv"], device=q.device, dtype=_store_dtype(v.dtype))
+    dq, dk, dv = gradient_buffers(q, k, v, grads)
+    if dq.stride() != dk.stride():
+        raise ValueError(f"dq and dk must have one layout, got strides {dq.stride()} and {dk.stride()}")
     bias = key_bias.contiguous() if key_bias is not None else c
     _chunk_grad_kernel[(nt, nh)](
         q,
@@ -890,6 +893,12 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, s
         dout.stride(0),
         dout.stride(1),
         dout.stride(2),
+        dq.stride(0),
+        dq.stride(1),
+        dq.stride(2),
+        dv.stride(0),
+        dv.stride(1),
+        dv.stride(2),
         h,
         length,
         sz["d"],
@@ -909,7 +918,7 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, s
         FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("chunk_grad", sz),
     )
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return finish_gradients((dq, dk, dv), q, k, v, grads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1005,22 +1014,16 @@ def _backward_rule(ctx, dout, *unused):
 _causal_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
-class _EagerCausal(torch.autograd.Function):
-    """Outside ``torch.compile``: the same forward and backward as the custom ops, called directly,
-    which saves the custom-op dispatch on the host."""
+def forward_saving(q, k, v, projection, kernel_fn, key_bias):
+    """The forward kernels: ``(out, saved)`` with what :func:`backward_from` needs (the output among it)."""
+    result = _forward(q, k, v, projection, kernel_fn, key_bias)
+    return result[0], tuple(result)
 
-    @staticmethod
-    def forward(ctx, q, k, v, projection, kernel_fn, key_bias):
-        out, *saved = _forward(q, k, v, projection, kernel_fn, key_bias)
-        ctx.kernel_fn = kernel_fn
-        ctx.save_for_backward(q, k, v, out, projection, key_bias, *saved)
-        return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, projection, key_bias, *saved = ctx.saved_tensors
-        dq, dk, dv = _backward(dout, q, k, v, out, saved[0], projection, ctx.kernel_fn, key_bias, *saved[1:])
-        return dq, dk, dv, None, None, None
+def backward_from(dout, q, k, v, projection, kernel_fn, key_bias, saved, grads=None):
+    """The backward kernels: ``(dq, dk, dv)``, written into ``grads`` (three views) when given."""
+    out, out_lo, *rest = saved
+    return _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *rest, grads=grads)
 
 
 def causal_attention(
@@ -1051,5 +1054,5 @@ def causal_attention(
     if torch.compiler.is_compiling():
         out = torch.ops.randattn.causal_fwd(*args)[0]
     else:
-        out = _EagerCausal.apply(*args)
+        out = KernelAttention.apply(sys.modules[__name__], *args)
     return out.to(q.dtype)

@@ -7,9 +7,18 @@ import os
 import torch
 
 from .ops.causal.reference import causal_attention as _causal_reference
+from .ops.eager import split_packed
 from .ops.noncausal.reference import noncausal_attention as _noncausal_reference
 
-__all__ = ["KERNEL_FNS", "BACKENDS", "rand_attention", "exact_attention", "key_padding_bias", "triton_available"]
+__all__ = [
+    "KERNEL_FNS",
+    "BACKENDS",
+    "rand_attention",
+    "packed_self_attention",
+    "exact_attention",
+    "key_padding_bias",
+    "triton_available",
+]
 
 #: Supported kernels.
 KERNEL_FNS = ("softmax", "relu")
@@ -165,6 +174,56 @@ def rand_attention(
         return kernel_op(q, k, v, projection, kernel_fn, key_bias)
     op = _causal_reference if causal else _noncausal_reference
     return op(q, k, v, projection, kernel_fn, key_bias)
+
+
+def packed_self_attention(
+    qkv: torch.Tensor,
+    num_heads: int,
+    projection: torch.Tensor,
+    *,
+    kernel_fn: str = "softmax",
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`rand_attention` of self-attention given the packed in-projection ``qkv``.
+
+    ``q, k, v`` are the three thirds of the last dimension of ``qkv``, each split into ``num_heads``
+    heads (the layout of ``nn.MultiheadAttention``'s ``in_proj_weight``). With the Triton kernels
+    (outside ``torch.compile``) the kernels read the thirds in place and write their gradients into
+    one ``(N, L, 3 E)`` tensor: one in-projection matmul forward and backward, no copies.
+
+    Args:
+        qkv: ``(N, L, 3 E)``.
+        num_heads: ``H``; ``E`` must be divisible by it.
+        projection, kernel_fn, causal, key_padding_mask, backend: as for :func:`rand_attention`.
+
+    Returns:
+        ``(N, H, L, E / H)`` in ``qkv.dtype``.
+    """
+    if qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(
+            f"qkv must have shape (N, L, 3 E) with E divisible by num_heads={num_heads}, got {tuple(qkv.shape)}"
+        )
+    q, k, v = split_packed(qkv, num_heads)
+    check_kernel_fn(kernel_fn)
+    check_backend(backend)
+    if torch.compiler.is_compiling() or not _use_triton(q, v, projection, backend):
+        return rand_attention(
+            q, k, v, projection, kernel_fn=kernel_fn, causal=causal, key_padding_mask=key_padding_mask, backend=backend
+        )
+    _check_qkv(q, k, v, projection, causal)
+    key_bias = key_padding_bias(key_padding_mask, k.shape[0], k.shape[-2])
+    from .ops import eager
+    from .ops._triton_utils import kernel_dtype
+
+    if causal:
+        from .ops.causal import triton as op
+    else:
+        from .ops.noncausal import triton as op  # type: ignore[no-redef]
+    dtype = kernel_dtype(qkv.dtype)
+    out = eager.PackedSelfAttention.apply(op, qkv.to(dtype), num_heads, projection.float(), kernel_fn, key_bias)
+    return out.to(qkv.dtype)
 
 
 def exact_attention(

@@ -8,7 +8,8 @@ from torch import nn
 
 from . import masks
 from .features import default_num_features, draw_projection
-from .functional import check_backend, check_kernel_fn, rand_attention
+from .functional import check_backend, check_kernel_fn, packed_self_attention, rand_attention
+from .ops.eager import split_packed
 from .ops.weights import attention_weights
 
 __all__ = ["RandMultiHeadAttention", "convert_mha"]
@@ -262,10 +263,20 @@ class RandMultiHeadAttention(nn.Module):
             if self._training_forwards and self._training_forwards % self.feature_redraw_interval == 0:
                 self.redraw_features()
             self._training_forwards += 1
+        self_attention = query is key and key is value
         query, key, value, key_bias, unbatched = masks.batch_first_inputs(
             query, key, value, key_padding_mask, self.batch_first, self.embed_dim, self.kdim, self.vdim
         )
         causal = masks.resolve_causal(self.causal, is_causal, attn_mask, query.shape[1], key.shape[1])
+        packed = (
+            self_attention
+            and self._qkv_same_embed_dim
+            and self.bias_k is None
+            and not self.add_zero_attn
+            and not (self.training and self.dropout > 0.0)
+        )
+        if packed:
+            return self._packed_forward(query, key_bias, causal, need_weights, average_attn_weights, unbatched)
         q, k, v = self._in_projection(query, key, value)
         n, length, _ = q.shape
         if self.bias_k is not None:
@@ -293,10 +304,29 @@ class RandMultiHeadAttention(nn.Module):
             key_padding_mask=key_bias,
             backend=self.backend,
         )
+        return self._finish(out, q, k, key_bias, causal, need_weights, average_attn_weights, unbatched)
+
+    def _packed_forward(self, x, key_bias, causal, need_weights, average_attn_weights, unbatched):
+        """Self-attention through one in-projection matmul (see :func:`~randattn.functional.packed_self_attention`)."""
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        out = packed_self_attention(
+            qkv,
+            self.num_heads,
+            self.projection,
+            kernel_fn=self.kernel_fn,
+            causal=causal,
+            key_padding_mask=key_bias,
+            backend=self.backend,
+        )
+        q, k, _ = split_packed(qkv, self.num_heads)
+        return self._finish(out, q, k, key_bias, causal, need_weights, average_attn_weights, unbatched)
+
+    def _finish(self, out, q, k, key_bias, causal, need_weights, average_attn_weights, unbatched):
+        """Out-projection, optional attention weights, and the caller's layout."""
         out = self.out_proj(out.transpose(1, 2).flatten(2))
         weights = None
         if need_weights:
-            weights = attention_weights(q, k, projection.float(), self.kernel_fn, causal, key_bias).to(out.dtype)
+            weights = attention_weights(q, k, self.projection.float(), self.kernel_fn, causal, key_bias).to(out.dtype)
             if average_attn_weights:
                 weights = weights.mean(dim=1)
             if unbatched:

@@ -235,13 +235,14 @@ def count_calls(monkeypatch):
     import randattn.modules
 
     calls = []
-    real = randattn.modules.rand_attention
+    for name in ("rand_attention", "packed_self_attention"):
+        real = getattr(randattn.modules, name)
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+        def counting(*args, _real=real, **kwargs):
+            calls.append(1)
+            return _real(*args, **kwargs)
 
-    monkeypatch.setattr(randattn.modules, "rand_attention", counting)
+        monkeypatch.setattr(randattn.modules, name, counting)
     return calls
 
 

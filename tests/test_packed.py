@@ -1,0 +1,73 @@
+"""Self-attention through the packed in-projection: the kernels read ``q, k, v`` in place from the
+``(N, L, 3E)`` projection and write their gradients into one tensor; results equal the separate path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from _triton_checks import DEVICE  # noqa: E402
+
+from randattn import RandMultiHeadAttention  # noqa: E402
+from randattn.features import draw_projection  # noqa: E402
+from randattn.functional import packed_self_attention, rand_attention  # noqa: E402
+from randattn.ops.eager import split_packed  # noqa: E402
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+def test_packed_equals_separate_views(causal, kernel_fn, gen):
+    n, length, heads, d = 2, 45, 3, 16
+    qkv = torch.randn(n, length, 3 * heads * d, generator=gen).to(DEVICE)
+    w = draw_projection(32, d, generator=gen).to(DEVICE)
+    mask = torch.zeros(n, length, dtype=torch.bool, device=DEVICE)
+    mask[1, -7:] = True
+    dout = torch.randn(n, heads, length, d, generator=gen).to(DEVICE)
+    results = []
+    for packed in (True, False):
+        x = qkv.clone().requires_grad_()
+        if packed:
+            out = packed_self_attention(x, heads, w, kernel_fn=kernel_fn, causal=causal, key_padding_mask=mask,
+                                        backend="triton")
+        else:
+            q, k, v = split_packed(x, heads)
+            out = rand_attention(q, k, v, w, kernel_fn=kernel_fn, causal=causal, key_padding_mask=mask,
+                                 backend="triton")
+        (grad,) = torch.autograd.grad(out, x, dout)
+        results.append((out, grad))
+    (out_p, grad_p), (out_s, grad_s) = results
+    assert grad_p.is_contiguous() and grad_p.shape == qkv.shape
+    torch.testing.assert_close(out_p, out_s, rtol=0, atol=0)
+    torch.testing.assert_close(grad_p, grad_s, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_module_self_attention_kernels_match_reference(causal, batch_first, gen):
+    """The module takes the packed path for self-attention; output and every gradient (input and
+    weights) agree with the reference backend."""
+    torch.manual_seed(0)
+    layer = RandMultiHeadAttention(32, 2, batch_first=batch_first, num_random_features=16, causal=causal,
+                                   backend="triton", seed=1).to(DEVICE)
+    ref = RandMultiHeadAttention(32, 2, batch_first=batch_first, num_random_features=16, causal=causal,
+                                 backend="reference", seed=1).to(DEVICE)
+    ref.load_state_dict(layer.state_dict())
+    shape = (2, 37, 32) if batch_first else (37, 2, 32)
+    x = torch.randn(*shape, generator=gen).to(DEVICE)
+    pad = torch.zeros(2, 37, dtype=torch.bool, device=DEVICE)
+    pad[0, -5:] = True
+    outs = []
+    for module in (layer, ref):
+        xx = x.clone().requires_grad_()
+        out = module(xx, xx, xx, key_padding_mask=pad, need_weights=False)[0]
+        grads = torch.autograd.grad(out.square().sum(), [xx, *module.parameters()])
+        outs.append((out, *grads))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_rejects_a_bad_shape():
+    with pytest.raises(ValueError, match="qkv must have shape"):
+        packed_self_attention(torch.zeros(2, 5, 10), 2, torch.zeros(4, 5))

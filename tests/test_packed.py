@@ -17,14 +17,15 @@ from randattn.ops.eager import split_packed  # noqa: E402
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
-def test_packed_equals_separate_views(causal, kernel_fn, gen):
+@pytest.mark.parametrize(("kernel_fn", "dtype"), [("softmax", torch.float32), ("relu", torch.float32),
+                                                  ("softmax", torch.bfloat16), ("softmax", torch.float16)])
+def test_packed_equals_separate_views(causal, kernel_fn, dtype, gen):
     n, length, heads, d = 2, 45, 3, 16
-    qkv = torch.randn(n, length, 3 * heads * d, generator=gen).to(DEVICE)
+    qkv = torch.randn(n, length, 3 * heads * d, generator=gen).to(DEVICE, dtype)
     w = draw_projection(32, d, generator=gen).to(DEVICE)
     mask = torch.zeros(n, length, dtype=torch.bool, device=DEVICE)
     mask[1, -7:] = True
-    dout = torch.randn(n, heads, length, d, generator=gen).to(DEVICE)
+    dout = torch.randn(n, heads, length, d, generator=gen).to(DEVICE, dtype)
     results = []
     for packed in (True, False):
         x = qkv.clone().requires_grad_()
@@ -38,7 +39,7 @@ def test_packed_equals_separate_views(causal, kernel_fn, gen):
         (grad,) = torch.autograd.grad(out, x, dout)
         results.append((out, grad))
     (out_p, grad_p), (out_s, grad_s) = results
-    assert grad_p.is_contiguous() and grad_p.shape == qkv.shape
+    assert grad_p.is_contiguous() and grad_p.shape == qkv.shape and grad_p.dtype == dtype
     torch.testing.assert_close(out_p, out_s, rtol=0, atol=0)
     torch.testing.assert_close(grad_p, grad_s, rtol=0, atol=0)
 

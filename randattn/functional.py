@@ -24,8 +24,11 @@ __all__ = [
 KERNEL_FNS = ("softmax", "relu")
 #: Supported backends.
 BACKENDS = ("auto", "reference", "triton")
-#: Largest head dimension (of queries/keys and of values) the Triton kernels take.
+#: Largest head dimension (of queries/keys and of values) the Triton kernels take: 256 for bfloat16
+#: inputs, 128 for float32 and float16 (which run the float32 kernels, whose tiles of 256 do not fit
+#: in shared memory).
 KERNEL_MAX_HEAD_DIM = 128
+KERNEL_MAX_HEAD_DIM_BF16 = 256
 #: Largest number of random features the Triton kernels take.
 KERNEL_MAX_FEATURES = 512
 
@@ -76,8 +79,14 @@ def key_padding_bias(key_padding_mask: torch.Tensor | None, batch: int, length: 
     return key_padding_mask.to(torch.float64 if key_padding_mask.dtype == torch.float64 else torch.float32)
 
 
+def kernel_max_head_dim(dtype: torch.dtype) -> int:
+    """Largest head dimension the Triton kernels take for inputs of ``dtype``."""
+    return KERNEL_MAX_HEAD_DIM_BF16 if dtype == torch.bfloat16 else KERNEL_MAX_HEAD_DIM
+
+
 def _kernel_sizes_supported(q: torch.Tensor, v: torch.Tensor, projection: torch.Tensor) -> bool:
-    return max(q.shape[-1], v.shape[-1]) <= KERNEL_MAX_HEAD_DIM and projection.shape[0] <= KERNEL_MAX_FEATURES
+    head_dim_ok = max(q.shape[-1], v.shape[-1]) <= kernel_max_head_dim(q.dtype)
+    return head_dim_ok and projection.shape[0] <= KERNEL_MAX_FEATURES
 
 
 def _use_triton(q: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, backend: str) -> bool:
@@ -87,7 +96,8 @@ def _use_triton(q: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, back
         return q.is_cuda and triton_available() and _kernel_sizes_supported(q, v, projection)
     if not _kernel_sizes_supported(q, v, projection):
         raise ValueError(
-            f"backend='triton' takes head dims up to {KERNEL_MAX_HEAD_DIM} and up to {KERNEL_MAX_FEATURES} "
+            f"backend='triton' takes head dims up to {kernel_max_head_dim(q.dtype)} for {q.dtype} inputs "
+            f"(256 for bfloat16, 128 otherwise) and up to {KERNEL_MAX_FEATURES} "
             f"random features; got d={q.shape[-1]}, d_v={v.shape[-1]}, m={projection.shape[0]} "
             "(backend='auto' uses the reference path for these sizes)"
         )
@@ -155,7 +165,7 @@ def rand_attention(
         causal: attend only to keys at positions ``<= i`` (needs ``L == S``).
         key_padding_mask: ``(N, S)``; bool (``True`` ignores the key) or float (added to the logits).
         backend: ``"auto"`` (Triton kernels for CUDA tensors when Triton is installed and
-            ``d, d_v <= 128``, ``m <= 512``; else the reference), ``"reference"`` (plain PyTorch, any device) or ``"triton"`` (the kernels;
+            ``d, d_v <= 128`` (256 in bfloat16), ``m <= 512``; else the reference), ``"reference"`` (plain PyTorch, any device) or ``"triton"`` (the kernels;
             on CPU tensors only with ``TRITON_INTERPRET=1``).
 
     Returns:

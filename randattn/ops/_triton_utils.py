@@ -144,11 +144,16 @@ def launch_opts(name: str, sizes: dict | None = None) -> dict:
 
     ``sizes`` (the launch's block sizes, with ``fp32`` true for float32 operands) caps ``num_stages``
     at 1 for float32 tiles of head dim 128: pipelined loads of those tiles need more shared memory than
-    an H100 has (measured there: 246,016 of 232,448 bytes for the query-gradient kernel).
+    an H100 has (measured there: 246,016 of 232,448 bytes for the query-gradient kernel). Tiles of
+    head dim 256 (bfloat16) run unpipelined with 8 warps (float32 accumulators of 64 x 256).
     """
     warps, stages = LAUNCH.get(name, LAUNCH["*"])
-    if sizes is not None and sizes["fp32"] and max(sizes["BLOCK_D"], sizes["BLOCK_DV"]) >= 128:
-        stages = 1
+    if sizes is not None:
+        widest = max(sizes["BLOCK_D"], sizes["BLOCK_DV"])
+        if widest >= 256:  # bfloat16 only (see randattn.functional.kernel_max_head_dim)
+            warps, stages = 8, 1
+        elif sizes["fp32"] and widest >= 128:
+            stages = 1
     return {"num_warps": warps, "num_stages": stages}
 
 

@@ -24,9 +24,9 @@ __all__ = [
 KERNEL_FNS = ("softmax", "relu")
 #: Supported backends.
 BACKENDS = ("auto", "reference", "triton")
-#: Largest head dimension (of queries/keys and of values) the Triton kernels take: 256 for bfloat16
-#: inputs, 128 for float32 and float16 (which run the float32 kernels, whose tiles of 256 do not fit
-#: in shared memory).
+#: Largest head dimension (of queries/keys and of values) the Triton kernels take: 256 for non-causal
+#: bfloat16 inputs, else 128 (float16 runs the float32 kernels, whose tiles of 256 do not fit in shared
+#: memory; the causal gradient kernel at 256 gave wrong results on an H100 with Triton 3.6).
 KERNEL_MAX_HEAD_DIM = 128
 KERNEL_MAX_HEAD_DIM_BF16 = 256
 #: Largest number of random features the Triton kernels take.
@@ -79,25 +79,27 @@ def key_padding_bias(key_padding_mask: torch.Tensor | None, batch: int, length: 
     return key_padding_mask.to(torch.float64 if key_padding_mask.dtype == torch.float64 else torch.float32)
 
 
-def kernel_max_head_dim(dtype: torch.dtype) -> int:
-    """Largest head dimension the Triton kernels take for inputs of ``dtype``."""
-    return KERNEL_MAX_HEAD_DIM_BF16 if dtype == torch.bfloat16 else KERNEL_MAX_HEAD_DIM
+def kernel_max_head_dim(dtype: torch.dtype, causal: bool = False) -> int:
+    """Largest head dimension the Triton kernels take for inputs of ``dtype`` (256 for non-causal
+    bfloat16, else 128)."""
+    return KERNEL_MAX_HEAD_DIM_BF16 if dtype == torch.bfloat16 and not causal else KERNEL_MAX_HEAD_DIM
 
 
-def _kernel_sizes_supported(q: torch.Tensor, v: torch.Tensor, projection: torch.Tensor) -> bool:
-    head_dim_ok = max(q.shape[-1], v.shape[-1]) <= kernel_max_head_dim(q.dtype)
+def _kernel_sizes_supported(q: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, causal: bool) -> bool:
+    head_dim_ok = max(q.shape[-1], v.shape[-1]) <= kernel_max_head_dim(q.dtype, causal)
     return head_dim_ok and projection.shape[0] <= KERNEL_MAX_FEATURES
 
 
-def _use_triton(q: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, backend: str) -> bool:
+def _use_triton(q: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, backend: str, causal: bool) -> bool:
     if backend == "reference":
         return False
     if backend == "auto":
-        return q.is_cuda and triton_available() and _kernel_sizes_supported(q, v, projection)
-    if not _kernel_sizes_supported(q, v, projection):
+        return q.is_cuda and triton_available() and _kernel_sizes_supported(q, v, projection, causal)
+    if not _kernel_sizes_supported(q, v, projection, causal):
         raise ValueError(
-            f"backend='triton' takes head dims up to {kernel_max_head_dim(q.dtype)} for {q.dtype} inputs "
-            f"(256 for bfloat16, 128 otherwise) and up to {KERNEL_MAX_FEATURES} "
+            f"backend='triton' takes head dims up to {kernel_max_head_dim(q.dtype, causal)} for "
+            f"{'causal' if causal else 'non-causal'} {q.dtype} inputs (256 for non-causal bfloat16, 128 otherwise) "
+            f"and up to {KERNEL_MAX_FEATURES} "
             f"random features; got d={q.shape[-1]}, d_v={v.shape[-1]}, m={projection.shape[0]} "
             "(backend='auto' uses the reference path for these sizes)"
         )
@@ -165,7 +167,7 @@ def rand_attention(
         causal: attend only to keys at positions ``<= i`` (needs ``L == S``).
         key_padding_mask: ``(N, S)``; bool (``True`` ignores the key) or float (added to the logits).
         backend: ``"auto"`` (Triton kernels for CUDA tensors when Triton is installed and
-            ``d, d_v <= 128`` (256 in bfloat16), ``m <= 512``; else the reference), ``"reference"`` (plain PyTorch, any device) or ``"triton"`` (the kernels;
+            ``d, d_v <= 128`` (256 for non-causal bfloat16), ``m <= 512``; else the reference), ``"reference"`` (plain PyTorch, any device) or ``"triton"`` (the kernels;
             on CPU tensors only with ``TRITON_INTERPRET=1``).
 
     Returns:
@@ -176,7 +178,7 @@ def rand_attention(
     _check_qkv(q, k, v, projection, causal)
     key_bias = key_padding_bias(key_padding_mask, k.shape[0], k.shape[-2])
     projection = projection.float()
-    if _use_triton(q, v, projection, backend):
+    if _use_triton(q, v, projection, backend, causal):
         if causal:
             from .ops.causal.triton import causal_attention as kernel_op
         else:
@@ -218,7 +220,7 @@ def packed_self_attention(
     q, k, v = split_packed(qkv, num_heads)
     check_kernel_fn(kernel_fn)
     check_backend(backend)
-    if torch.compiler.is_compiling() or not _use_triton(q, v, projection, backend):
+    if torch.compiler.is_compiling() or not _use_triton(q, v, projection, backend, causal):
         return rand_attention(
             q, k, v, projection, kernel_fn=kernel_fn, causal=causal, key_padding_mask=key_padding_mask, backend=backend
         )

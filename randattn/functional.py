@@ -90,6 +90,15 @@ def _kernel_sizes_supported(q: torch.Tensor, v: torch.Tensor, projection: torch.
     return head_dim_ok and projection.shape[0] <= KERNEL_MAX_FEATURES
 
 
+def _kernel_module(causal: bool):
+    """The module of Triton kernels of the causal or the non-causal op (imported on first use)."""
+    if causal:
+        from .ops.causal import triton as kernels
+    else:
+        from .ops.noncausal import triton as kernels  # type: ignore[no-redef]
+    return kernels
+
+
 def _use_triton(q: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, backend: str, causal: bool) -> bool:
     if backend == "reference":
         return False
@@ -179,11 +188,9 @@ def rand_attention(
     key_bias = key_padding_bias(key_padding_mask, k.shape[0], k.shape[-2])
     projection = projection.float()
     if _use_triton(q, v, projection, backend, causal):
-        if causal:
-            from .ops.causal.triton import causal_attention as kernel_op
-        else:
-            from .ops.noncausal.triton import noncausal_attention as kernel_op  # type: ignore[assignment]
-        return kernel_op(q, k, v, projection, kernel_fn, key_bias)
+        kernels = _kernel_module(causal)
+        run = kernels.causal_attention if causal else kernels.noncausal_attention
+        return run(q, k, v, projection, kernel_fn, key_bias)
     op = _causal_reference if causal else _noncausal_reference
     return op(q, k, v, projection, kernel_fn, key_bias)
 
@@ -229,12 +236,10 @@ def packed_self_attention(
     from .ops import eager
     from .ops._triton_utils import kernel_dtype
 
-    if causal:
-        from .ops.causal import triton as op
-    else:
-        from .ops.noncausal import triton as op  # type: ignore[no-redef]
     dtype = kernel_dtype(qkv.dtype)
-    out = eager.PackedSelfAttention.apply(op, qkv.to(dtype), num_heads, projection.float(), kernel_fn, key_bias)
+    out = eager.PackedSelfAttention.apply(
+        _kernel_module(causal), qkv.to(dtype), num_heads, projection.float(), kernel_fn, key_bias
+    )
     return out.to(qkv.dtype)
 
 

@@ -33,7 +33,7 @@ class KernelAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op, q, k, v, projection, kernel_fn, key_bias):
         out, saved = op.forward_saving(q, k, v, projection, kernel_fn, key_bias)
-        ctx.op, ctx.kernel_fn, ctx.num_saved = op, kernel_fn, len(saved)
+        ctx.op, ctx.kernel_fn = op, kernel_fn
         ctx.save_for_backward(q, k, v, projection, key_bias, *saved)
         return out
 

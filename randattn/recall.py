@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .charlm.model import AttentionSpec, CausalTransformer
-from .charlm.train import environment
+from .charlm.train import environment, seconds_per_step
 
 __all__ = [
     "IGNORE_INDEX",
@@ -242,9 +242,7 @@ def _recall_step_seconds(config: RecallConfig, spec: AttentionSpec, steps: int =
     def loop_seconds(n: int) -> float:
         return train_recall(replace(config, steps=n, eval_batches=1, warmup=1), spec)["seconds"]
 
-    loop_seconds(3)  # compiles kernels and fills caches
-    short = loop_seconds(3)
-    return max(loop_seconds(steps + 3) - short, 1e-6) / steps
+    return seconds_per_step(loop_seconds, steps)
 
 
 def run_recall_study(

@@ -27,6 +27,7 @@ __all__ = [
     "environment",
     "train_model",
     "measure_step_seconds",
+    "seconds_per_step",
     "steps_for_budget",
     "run_parity_study",
     "parity_table",
@@ -242,17 +243,23 @@ def train_model(
     }
 
 
+def seconds_per_step(loop_seconds: Callable[[int], float], steps: int = 10) -> float:
+    """Seconds per step from ``loop_seconds(n)`` (the time of an ``n``-step run), without start-up
+    costs: a first short run compiles kernels and fills caches, then the difference between a run of
+    ``steps + 3`` steps and one of ``3`` steps."""
+    loop_seconds(3)
+    short = loop_seconds(3)
+    return max(loop_seconds(steps + 3) - short, 1e-6) / steps
+
+
 def measure_step_seconds(config: TrainConfig, spec: AttentionSpec, corpus: CharCorpus, steps: int = 10) -> float:
-    """Seconds per training step of one variant, without start-up costs (kernel compilation, caches):
-    the difference between a run of ``steps + 3`` steps and one of ``3`` steps."""
+    """Seconds per training step of one variant (see :func:`seconds_per_step`)."""
 
     def loop_seconds(n: int) -> float:
         probe = replace(config, steps=n, eval_every=10**9, final_eval_batches=1, warmup=1)
         return train_model(probe, spec, corpus)["seconds"]
 
-    loop_seconds(3)  # compiles kernels and fills caches
-    short = loop_seconds(3)
-    return max(loop_seconds(steps + 3) - short, 1e-6) / steps
+    return seconds_per_step(loop_seconds, steps)
 
 
 def steps_for_budget(

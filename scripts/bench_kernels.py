@@ -286,6 +286,57 @@ def host(args) -> None:
             print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=55))
 
 
+def _live_at_peak(snapshot: dict) -> tuple[int, list[dict]]:
+    """Replay the allocator trace of a memory snapshot: the peak of allocated bytes and the blocks
+    alive at that moment (each with its size and allocation frames)."""
+    live: dict[int, dict] = {}
+    total = peak = 0
+    at_peak: list[dict] = []
+    for trace in snapshot["device_traces"]:
+        for event in trace:
+            if event["action"] == "alloc":
+                live[event["addr"]] = event
+                total += event["size"]
+                if total > peak:
+                    peak, at_peak = total, list(live.values())
+            elif event["action"] == "free_completed" and event["addr"] in live:
+                total -= live.pop(event["addr"])["size"]
+    return peak, at_peak
+
+
+def memory(args) -> None:
+    """Which tensors are alive at the backward's peak (module fwd+bwd, bf16 autocast, first length)."""
+    length = args.lengths[0]
+    for impl in ("rand_triton", "mha"):
+        torch.manual_seed(0)
+        model = build(impl, False, "cuda")
+        x = torch.randn(BATCH, length, EMBED, device="cuda", requires_grad=True)
+
+        def step(model=model, x=x):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(x, x, x, need_weights=False)[0]
+            out.backward(torch.ones_like(out))
+            model.zero_grad(set_to_none=True)
+            x.grad = None
+
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.memory._record_memory_history(max_entries=100000)
+        step()
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        peak, blocks = _live_at_peak(snapshot)
+        print(f"MEMORY {impl} L={length}: {peak / 2**20:.1f} MiB allocated during the step at its peak "
+              f"({len(blocks)} blocks)")
+        for block in sorted(blocks, key=lambda b: -b["size"])[:20]:
+            frames = [f"{Path(f['filename']).name}:{f['line']}:{f['name']}" for f in block.get("frames", [])
+                      if "/torch/" not in f["filename"] and f["filename"].endswith(".py")][:3]
+            print(f"  {block['size'] / 2**20:8.2f} MiB  {' <- '.join(frames) or '?'}")
+        del model, x
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
@@ -300,6 +351,7 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="per-kernel times of the op (bf16)")
     p.add_argument("--diagnose", action="store_true", help="causal errors at one shape (bf16)")
     p.add_argument("--host", action="store_true", help="host vs GPU time of the module at the first length")
+    p.add_argument("--memory", action="store_true", help="tensors alive at the backward's peak, first length")
     args = p.parse_args()
     args.modes = [m == "causal" for m in args.modes]
     if args.accuracy:
@@ -316,6 +368,8 @@ def main() -> int:
         return 0
     if args.host:
         host(args)
+    if args.memory:
+        memory(args)
         return 0
     rows = bench(args)
     print("\nFINAL TABLE")

@@ -179,9 +179,12 @@ _PREPARED_MAX = 64
 def prepare_projection(
     projection: torch.Tensor, head_dim: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled projection ``W' = W d^{-1/4}`` as ``(hi, lo)`` of shape ``(m, d)`` in the operand dtype.
+    """Scaled projection ``W' = W d^{-1/4}`` split into parts of the operand dtype: ``(hi, lo)``.
 
-    For float32 inputs ``hi`` is ``W'`` and ``lo`` is unused (a copy of ``hi``). The result is kept
+    For bfloat16 ``hi`` is ``(m, d)`` and ``lo`` is ``(2, m, d)``: ``lo[0]`` is the rounding of
+    ``W' - hi`` and ``lo[1]`` that of the remainder, so ``hi + lo[0] + lo[1]`` holds the float32
+    ``W'`` to about 24 bits (the third part is read only for the ReLU logits, see :func:`logits_tile`).
+    For float32 inputs ``hi`` is ``W'`` and ``lo`` is unused (the same tensor). The result is kept
     for the same projection tensor while it is alive and unchanged (same version counter), so the
     forward and backward of a layer prepare it once.
     """
@@ -203,7 +206,9 @@ def prepare_projection(
         result = (w, w)
     else:
         hi = w.to(dtype)
-        result = (hi.contiguous(), (w - hi.float()).to(dtype).contiguous())
+        rest = w - hi.float()
+        lo = rest.to(dtype)
+        result = (hi.contiguous(), torch.stack([lo, (rest - lo.float()).to(dtype)]))
     if version is not None:
         if len(_PREPARED) >= _PREPARED_MAX:
             _PREPARED.pop(next(iter(_PREPARED)))
@@ -342,11 +347,37 @@ def mm_mixed_w(a, w_hi, w_lo, acc, PASSES: tl.constexpr, FP32_DOT: tl.constexpr)
 
 
 @triton.jit
-def load_wt(w_hi_ptr, w_lo_ptr, offs_d, offs_m, D, M):
-    """Tiles ``(BLOCK_D, BLOCK_M)`` of ``W'^T`` (hi, lo) from row-major ``(m, d)`` storage."""
+def load_wt(w_hi_ptr, w_lo_ptr, offs_d, offs_m, D, M, KERNEL: tl.constexpr):
+    """Tiles ``(BLOCK_D, BLOCK_M)`` of ``W'^T`` from row-major ``(m, d)`` storage: ``(hi, lo, lo2)``.
+
+    ``lo2`` (the third part, see :func:`prepare_projection`) is loaded for the ReLU kernel in bfloat16
+    only; otherwise it is ``lo`` again and unused.
+    """
     mask = (offs_d[:, None] < D) & (offs_m[None, :] < M)
     ptrs = offs_m[None, :] * D + offs_d[:, None]
-    return tl.load(w_hi_ptr + ptrs, mask=mask, other=0.0), tl.load(w_lo_ptr + ptrs, mask=mask, other=0.0)
+    hi = tl.load(w_hi_ptr + ptrs, mask=mask, other=0.0)
+    lo = tl.load(w_lo_ptr + ptrs, mask=mask, other=0.0)
+    lo2 = lo
+    if KERNEL == 1:
+        if hi.dtype != tl.float32:
+            lo2 = tl.load(w_lo_ptr + M * D + ptrs, mask=mask, other=0.0)
+    return hi, lo, lo2
+
+
+@triton.jit
+def logits_tile(x, wt_hi, wt_lo, wt_lo2, KERNEL: tl.constexpr, FP32_DOT: tl.constexpr):
+    """Feature logits ``x W'^T`` of a tile (``x`` exact in the operand dtype), float32-accurate.
+
+    Softmax: ``hi`` and ``lo`` (``exp`` needs the absolute error of float32 rounding of ``W'``, not
+    more). ReLU in bfloat16 adds the third part: the sign of a logit decides whether its feature has a
+    gradient, and with two parts about 2^8 times more logits near 0 fall on the other side of the kink
+    than with float32 arithmetic (seen as 3x the reference's ``dk`` error on an H100).
+    """
+    acc = tl.zeros((x.shape[0], wt_hi.shape[1]), tl.float32)
+    if KERNEL == 1:
+        if x.dtype != tl.float32:
+            acc = dot_lowp(x, wt_lo2, acc)
+    return mm_exact_a(x, wt_hi, wt_lo, acc, 2, FP32_DOT)
 
 
 @triton.jit
@@ -358,12 +389,14 @@ def load_w(w_hi_ptr, w_lo_ptr, offs_m, offs_d, D, M):
 
 
 @triton.jit
-def features_tile(x, sq, wt_hi, wt_lo, m_ok, stab, KERNEL: tl.constexpr, FP32_DOT: tl.constexpr, RELU_SCALE, EPS):
+def features_tile(
+    x, sq, wt_hi, wt_lo, wt_lo2, m_ok, stab, KERNEL: tl.constexpr, FP32_DOT: tl.constexpr, RELU_SCALE, EPS
+):
     """Features of one tile: ``exp(x W'^T - sq - stab)`` (softmax) or ``relu(x W'^T)/sqrt(m) + eps``.
 
     ``stab`` is a per-row ``(B, 1)`` or scalar stabiliser. Returns ``(phi, proj)``; padded features are 0.
     """
-    proj = mm_exact_a(x, wt_hi, wt_lo, tl.zeros((x.shape[0], wt_hi.shape[1]), tl.float32), 2, FP32_DOT)
+    proj = logits_tile(x, wt_hi, wt_lo, wt_lo2, KERNEL, FP32_DOT)
     if KERNEL == 0:
         phi = tl.exp(proj - sq[:, None] - stab)
     else:

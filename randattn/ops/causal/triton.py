@@ -44,6 +44,7 @@ from .._triton_utils import (
     launch_opts,
     load_w,
     load_wt,
+    logits_tile,
     mm_exact_a,
     mm_exact_b,
     mm_mixed,
@@ -109,7 +110,7 @@ def _chunk_state_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     s_ok = offs_s < L
     m_ok = offs_m < M
-    wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
+    wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
     y = tl.load(
         K + n * sk_n + h * sk_h + offs_s[:, None] * sk_s + offs_d[None, :],
         mask=s_ok[:, None] & (offs_d[None, :] < D),
@@ -124,7 +125,7 @@ def _chunk_state_kernel(
         b = tl.load(BIAS + n * L + offs_s, mask=s_ok, other=0.0)
     else:
         b = tl.zeros((BLOCK_C,), tl.float32)
-    proj = mm_exact_a(y, wt_hi, wt_lo, tl.zeros((BLOCK_C, BLOCK_M), tl.float32), 2, FP32_DOT)
+    proj = logits_tile(y, wt_hi, wt_lo, wt_lo2, KERNEL, FP32_DOT)
     ok = s_ok[:, None] & m_ok[None, :]
     if KERNEL == 0:
         yf = y.to(tl.float32)
@@ -277,8 +278,8 @@ def _chunk_out_kernel(
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
-        proj = mm_exact_a(x, wt_hi, wt_lo, tl.zeros((BLOCK_C, BLOCK_M), tl.float32), 2, FP32_DOT)
+        wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
+        proj = logits_tile(x, wt_hi, wt_lo, wt_lo2, KERNEL, FP32_DOT)
         if KERNEL == 0:
             s = tl.where(m_ok[None, :], proj - sqx[:, None], float("-inf"))
             new = tl.maximum(cq, tl.max(s, 1))
@@ -289,11 +290,11 @@ def _chunk_out_kernel(
             pp = pp * alpha[:, None]
             cq = new
             phik, projk = features_tile(
-                y, sqy, wt_hi, wt_lo, m_ok, (cc - b)[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS
+                y, sqy, wt_hi, wt_lo, wt_lo2, m_ok, (cc - b)[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS
             )
         else:
             phiq = tl.where(m_ok[None, :], tl.maximum(proj, 0.0) * RELU_SCALE + EPS, 0.0)
-            phik, projk = features_tile(y, sqy, wt_hi, wt_lo, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
+            phik, projk = features_tile(y, sqy, wt_hi, wt_lo, wt_lo2, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
             phik = phik * tl.exp(b)[:, None]
         phik = tl.where(c_ok[:, None], phik, 0.0)
         pp = mm_mixed(phiq, tl.trans(phik), pp, x, MIXED_PASSES, FP32_DOT)
@@ -386,7 +387,7 @@ def _chunk_rstate_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     c_ok = offs_c < L
     m_ok = offs_m < M
-    wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
+    wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
     x = tl.load(
         Q + n * sq_n + h * sq_h + offs_c[:, None] * sq_l + offs_d[None, :],
         mask=c_ok[:, None] & (offs_d[None, :] < D),
@@ -411,7 +412,7 @@ def _chunk_rstate_kernel(
         c_ok[:, None] & (offs_dv[None, :] < DV),
     )
     cprev = tl.load(CPREV + pid_nh * NT + pid_t)
-    phiq, proj = features_tile(x, sqx, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+    phiq, proj = features_tile(x, sqx, wt_hi, wt_lo, wt_lo2, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
     w = tl.where(c_ok, tl.exp(cprev - cc), 0.0)
     phiq = phiq * w[:, None]
     p = phiq / tl.where(den == 0.0, 1.0, den)[:, None]
@@ -553,14 +554,14 @@ def _chunk_grad_kernel(
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
-        phiq, projq = features_tile(x, sqx, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+        wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
+        phiq, projq = features_tile(x, sqx, wt_hi, wt_lo, wt_lo2, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
         if KERNEL == 0:
             phik, projk = features_tile(
-                y, sqy, wt_hi, wt_lo, m_ok, (cc - b)[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS
+                y, sqy, wt_hi, wt_lo, wt_lo2, m_ok, (cc - b)[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS
             )
         else:
-            phik, projk = features_tile(y, sqy, wt_hi, wt_lo, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
+            phik, projk = features_tile(y, sqy, wt_hi, wt_lo, wt_lo2, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
             phik = phik * tl.exp(b)[:, None]
         phik = tl.where(c_ok[:, None], phik, 0.0)
         pp = mm_mixed(phiq, tl.trans(phik), pp, x, MIXED_PASSES, FP32_DOT)

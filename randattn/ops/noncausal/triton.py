@@ -44,6 +44,7 @@ from .._triton_utils import (
     launch_opts,
     load_w,
     load_wt,
+    logits_tile,
     mm_exact_a,
     mm_exact_b,
     mm_mixed,
@@ -105,7 +106,7 @@ def _key_state_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < M
-    wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
+    wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
     zacc = tl.zeros((BLOCK_M,), tl.float32)
     mx = NEG_BIG
@@ -126,7 +127,7 @@ def _key_state_kernel(
             b = tl.load(BIAS + n * S + offs_s, mask=s_ok, other=0.0)
         else:
             b = tl.zeros((BLOCK_S,), tl.float32)
-        proj = mm_exact_a(y, wt_hi, wt_lo, tl.zeros((BLOCK_S, BLOCK_M), tl.float32), 2, FP32_DOT)
+        proj = logits_tile(y, wt_hi, wt_lo, wt_lo2, KERNEL, FP32_DOT)
         ok = s_ok[:, None] & m_ok[None, :]
         if KERNEL == 0:
             yf = y.to(tl.float32)
@@ -243,8 +244,8 @@ def _query_out_kernel(
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
-        proj = mm_exact_a(x, wt_hi, wt_lo, tl.zeros((BLOCK_L, BLOCK_M), tl.float32), 2, FP32_DOT)
+        wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
+        proj = logits_tile(x, wt_hi, wt_lo, wt_lo2, KERNEL, FP32_DOT)
         if KERNEL == 0:
             s = tl.where(m_ok[None, :], proj - sq[:, None], float("-inf"))
             new = tl.maximum(cq, tl.max(s, 1))
@@ -362,8 +363,8 @@ def _query_grad_kernel(
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
-        phi, proj = features_tile(x, sq, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+        wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
+        phi, proj = features_tile(x, sq, wt_hi, wt_lo, wt_lo2, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
         g = _state_rows(do, ST, pid_nh, offs_m, m_ok, offs_dv, DV, M, STATE_PASSES, FP32_DOT)
         u += tl.sum(phi * g, 1)
     t = u * inv_den * inv_den
@@ -373,8 +374,8 @@ def _query_grad_kernel(
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
-        phi, proj = features_tile(x, sq, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+        wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
+        phi, proj = features_tile(x, sq, wt_hi, wt_lo, wt_lo2, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
         g = _state_rows(do, ST, pid_nh, offs_m, m_ok, offs_dv, DV, M, STATE_PASSES, FP32_DOT)
         z = tl.load(KS + pid_nh * M + offs_m, mask=m_ok, other=0.0)
         dphi = g * inv_den[:, None] - z[None, :] * t[:, None]
@@ -439,7 +440,7 @@ def _query_state_grad_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < M
-    wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
+    wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
     zacc = tl.zeros((BLOCK_M,), tl.float32)
     start = pid_split * ROWS_PER_SPLIT
@@ -462,7 +463,7 @@ def _query_state_grad_kernel(
         cq = tl.load(CQ + pid_nh * L + offs_l, mask=l_ok, other=0.0)
         den = tl.load(DEN + pid_nh * L + offs_l, mask=l_ok, other=1.0)
         t = tl.load(TV + pid_nh * L + offs_l, mask=l_ok, other=0.0)
-        phi, proj = features_tile(x, sq, wt_hi, wt_lo, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+        phi, proj = features_tile(x, sq, wt_hi, wt_lo, wt_lo2, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
         phi = tl.where(l_ok[:, None], phi, 0.0)
         p = phi / tl.where(den == 0.0, 1.0, den)[:, None]
         acc = mm_exact_b(tl.trans(p), do, acc, STATE_PASSES, FP32_DOT)
@@ -548,11 +549,13 @@ def _key_grad_kernel(
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        wt_hi, wt_lo = load_wt(W_HI, W_LO, offs_d, offs_m, D, M)
+        wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
         if KERNEL == 0:
-            phi, proj = features_tile(y, sq, wt_hi, wt_lo, m_ok, ck - b[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+            phi, proj = features_tile(
+                y, sq, wt_hi, wt_lo, wt_lo2, m_ok, ck - b[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS
+            )
         else:
-            phi, proj = features_tile(y, sq, wt_hi, wt_lo, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
+            phi, proj = features_tile(y, sq, wt_hi, wt_lo, wt_lo2, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
             phi = phi * tl.exp(b)[:, None]
         phi = tl.where(s_ok[:, None], phi, 0.0)
         dstt = tl.load(

@@ -1,0 +1,51 @@
+"""ReLU features at the kink: logits within float32 rounding of zero must keep their float32 sign.
+
+The gradient of a ReLU feature jumps where its logit ``x . w`` crosses zero, so a logit computed with
+more error than float32 arithmetic can flip the feature's whole contribution to ``dk`` / ``dq``.
+The kernels compute the logits of bfloat16 inputs from three bfloat16 parts of the float32
+projection (``hi + lo + lo2``); with two parts, about half of the logits built below would flip.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from _triton_checks import DEVICE, rel_err, run, run_fp64  # noqa: E402
+
+
+def kink_inputs(gen, d=32, m=32, length=24, at_kink=8, delta=2e-6):
+    """Inputs whose first ``at_kink`` keys have every logit ``y_j . w_i'`` at ``+-delta .. +-2 delta``."""
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    q, k, v, dout = (rnd(1, 1, length, d).to(torch.bfloat16) for _ in range(4))
+    y = k[0, 0, :at_kink].double() * d**-0.25
+    target = delta * (1 + torch.rand(m, at_kink, generator=gen, dtype=torch.float64))
+    target = target * torch.where(torch.rand(m, at_kink, generator=gen) < 0.5, -1.0, 1.0).double()
+    # w' = w d^-1/4 as the kernels scale it; solve its last `at_kink` coordinates for y_j . w'_i = target_ij
+    wp = rnd(m, d) / d**0.5 * d**-0.25
+    free, solved = slice(0, d - at_kink), slice(d - at_kink, d)
+    rhs = target - wp[:, free] @ y[:, free].T
+    wp[:, solved] = torch.linalg.solve(y[:, solved], rhs.T).T
+    projection = (wp * d**0.25).float()
+    logits = y @ (projection.double() * d**-0.25).T
+    return [t.to(DEVICE) for t in (q, k, v, projection, dout)], logits
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_relu_logits_near_zero_keep_their_sign_in_bfloat16(causal, gen):
+    (q, k, v, projection, dout), logits = kink_inputs(gen)
+    # the construction worked: those logits are tiny but well above float32 rounding (~1e-7)
+    assert logits.abs().min() > 1e-6 and logits.abs().max() < 5e-6
+    exact = run_fp64(q, k, v, projection, dout, None, "relu", causal)
+    ref = run("reference", q, k, v, projection, dout, None, "relu", causal)
+    tri = run("triton", q, k, v, projection, dout, None, "relu", causal)
+    at_kink = logits.shape[0]
+    dk = exact[2][0, 0, :at_kink]
+    err_ref = rel_err(ref[2][0, 0, :at_kink], dk)
+    err_tri = rel_err(tri[2][0, 0, :at_kink], dk)
+    assert err_ref < 2e-2  # the float32 reference keeps the signs
+    assert err_tri <= 2 * err_ref + 1e-3, f"dk of the keys at the kink: {err_tri:.2e} vs reference {err_ref:.2e}"

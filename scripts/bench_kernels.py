@@ -20,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -258,9 +259,8 @@ def host(args) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    for causal in args.modes:
+    for causal, length in itertools.product(args.modes, args.lengths):
         for impl in ("rand_triton", "mha"):
-            length = args.lengths[0]
             model = build(impl, causal, "cuda")
             x = torch.randn(BATCH, length, EMBED, device="cuda", requires_grad=True)
 
@@ -283,7 +283,8 @@ def host(args) -> None:
             events = prof.key_averages()
             gpu_ms = sum(e.self_device_time_total for e in events) / 1e3
             print(f"HOST causal={causal} L={length} {impl}: wall {wall:.3f} ms per fwd+bwd, GPU kernels {gpu_ms:.3f} ms")
-            print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=55))
+            for key in ("self_cpu_time_total", "self_device_time_total"):
+                print(events.table(sort_by=key, row_limit=16, max_name_column_width=55))
 
 
 def _live_at_peak(snapshot: dict) -> tuple[int, list[dict]]:
@@ -350,7 +351,7 @@ def main() -> int:
     p.add_argument("--tune", action="store_true", help="time the op alone (bf16) with the current settings")
     p.add_argument("--profile", action="store_true", help="per-kernel times of the op (bf16)")
     p.add_argument("--diagnose", action="store_true", help="causal errors at one shape (bf16)")
-    p.add_argument("--host", action="store_true", help="host vs GPU time of the module at the first length")
+    p.add_argument("--host", action="store_true", help="host vs GPU time of the module at each length")
     p.add_argument("--memory", action="store_true", help="tensors alive at the backward's peak, first length")
     args = p.parse_args()
     args.modes = [m == "causal" for m in args.modes]
@@ -368,6 +369,7 @@ def main() -> int:
         return 0
     if args.host:
         host(args)
+        return 0
     if args.memory:
         memory(args)
         return 0

@@ -236,11 +236,14 @@ def packed_self_attention(
     from .ops import eager
     from .ops._triton_utils import kernel_dtype
 
-    dtype = kernel_dtype(qkv.dtype)
+    in_dtype, dtype = qkv.dtype, kernel_dtype(qkv.dtype)
+    if dtype != in_dtype:
+        qkv = qkv.to(dtype)
+        q, k, v = split_packed(qkv, num_heads)
     out = eager.PackedSelfAttention.apply(
-        _kernel_module(causal), qkv.to(dtype), num_heads, projection.float(), kernel_fn, key_bias
+        _kernel_module(causal), qkv, num_heads, projection.float(), kernel_fn, key_bias, (q, k, v)
     )
-    return out.to(qkv.dtype)
+    return out if out.dtype == in_dtype else out.to(in_dtype)
 
 
 def exact_attention(

@@ -318,7 +318,7 @@ class RandMultiHeadAttention(nn.Module):
             key_padding_mask=key_bias,
             backend=self.backend,
         )
-        q, k, _ = split_packed(qkv, self.num_heads)
+        q, k = split_packed(qkv, self.num_heads)[:2] if need_weights else (None, None)
         return self._finish(out, q, k, key_bias, causal, need_weights, average_attn_weights, unbatched)
 
     def _finish(self, out, q, k, key_bias, causal, need_weights, average_attn_weights, unbatched):

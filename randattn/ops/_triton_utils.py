@@ -18,6 +18,7 @@ The projection is pre-scaled by ``d ** -0.25`` on the host, so ``q W'^T = x W^T`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import weakref
@@ -34,9 +35,12 @@ __all__ = [
     "KERNEL_CODES",
     "LAUNCH",
     "launch_opts",
+    "launch_sizes",
     "prepare_projection",
     "interpreting",
     "fixed_grid_size",
+    "cdiv",
+    "next_pow2",
     "heads_last",
     "store_dtype",
     "gradient_buffers",
@@ -124,14 +128,46 @@ for _item in filter(None, os.environ.get("RANDATTN_TRITON_LAUNCH", "").split(";"
 BLOCK_FEATURES = int(os.environ.get("RANDATTN_TRITON_BLOCK_M", "64"))
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch arithmetic on the host (plain Python: no Triton call per use)."""
+    return -(-a // b)
+
+
+def next_pow2(x: int) -> int:
+    """Smallest power of two >= ``x`` (``x >= 1``)."""
+    return 1 << (x - 1).bit_length()
+
+
 def pow2_block(x: int) -> int:
     """Smallest power of two >= ``x``, at least 16 (the smallest tensor-core tile side)."""
-    return max(16, triton.next_power_of_2(x))
+    return max(16, next_pow2(x))
 
 
 def feature_block(m: int) -> int:
     """Features per block: the padded ``m``, capped at :data:`BLOCK_FEATURES`."""
     return min(BLOCK_FEATURES, pow2_block(m))
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_sizes(d: int, dv: int, m: int, fp32: bool, kernel_fn: str) -> dict:
+    return dict(
+        d=d,
+        dv=dv,
+        m=m,
+        fp32=fp32,
+        BLOCK_D=pow2_block(d),
+        BLOCK_DV=pow2_block(dv),
+        BLOCK_M=feature_block(m),
+        KERNEL=KERNEL_CODES[kernel_fn],
+        half=0.5 * d**-0.5,
+        rscale=relu_scale(m),
+    )
+
+
+def launch_sizes(q: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, kernel_fn: str) -> dict:
+    """Sizes and constants of a launch: head dims ``d``, ``dv``, features ``m``, tile sizes, kernel code,
+    ``half = d^{-1/2} / 2`` and the ReLU scale (cached per shape; the dict must not be changed)."""
+    return _launch_sizes(q.shape[-1], v.shape[-1], projection.shape[0], q.dtype == torch.float32, kernel_fn)
 
 
 def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -256,11 +292,16 @@ def finish_gradients(buffers, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return tuple(grads)
 
 
+_GRID_SIZES: dict[torch.device, int] = {}
+
+
 def fixed_grid_size(device: torch.device) -> int:
     """Number of programs that fills the device (streaming multiprocessors; 8 in the interpreter)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
+    size = _GRID_SIZES.get(device)
+    if size is None:
+        size = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+        _GRID_SIZES[device] = size
+    return size
 
 
 def relu_scale(num_features: int) -> float:

@@ -53,8 +53,9 @@ class PackedSelfAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, op, qkv, num_heads, projection, kernel_fn, key_bias):
-        q, k, v = split_packed(qkv, num_heads)
+    def forward(ctx, op, qkv, num_heads, projection, kernel_fn, key_bias, views=None):
+        # views: split_packed(qkv, num_heads) when the caller has them already (a tuple: not tracked)
+        q, k, v = views if views is not None else split_packed(qkv, num_heads)
         out, saved = op.forward_saving(q, k, v, projection, kernel_fn, key_bias)
         ctx.op, ctx.kernel_fn, ctx.num_heads = op, kernel_fn, num_heads
         ctx.save_for_backward(qkv, projection, key_bias, *saved)
@@ -67,4 +68,4 @@ class PackedSelfAttention(torch.autograd.Function):
         q, k, v = split_packed(qkv, ctx.num_heads)
         grads = split_packed(dqkv, ctx.num_heads)
         ctx.op.backward_from(dout, q, k, v, projection, ctx.kernel_fn, key_bias, saved, grads)
-        return None, dqkv, None, None, None, None
+        return None, dqkv, None, None, None, None, None

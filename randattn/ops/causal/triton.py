@@ -31,17 +31,17 @@ import triton
 import triton.language as tl
 
 from .._triton_utils import (
-    KERNEL_CODES,
     NEG_BIG,
     PRECISION,
     RELU_FEATURE_EPS,
-    feature_block,
+    cdiv,
     features_tile,
     finish_gradients,
     gradient_buffers,
     heads_last,
     kernel_dtype,
     launch_opts,
+    launch_sizes,
     load_w,
     load_wt,
     logits_tile,
@@ -49,9 +49,7 @@ from .._triton_utils import (
     mm_exact_b,
     mm_mixed,
     mm_mixed_w,
-    pow2_block,
     prepare_projection,
-    relu_scale,
     rows_contiguous,
     store_dtype,
 )
@@ -632,26 +630,10 @@ def _chunk_grad_kernel(
 # launchers
 
 
-def _sizes(q, v, projection, kernel_fn):
-    d, dv, m = q.shape[-1], v.shape[-1], projection.shape[0]
-    return dict(
-        d=d,
-        dv=dv,
-        m=m,
-        fp32=q.dtype == torch.float32,
-        BLOCK_D=pow2_block(d),
-        BLOCK_DV=pow2_block(dv),
-        BLOCK_M=feature_block(m),
-        KERNEL=KERNEL_CODES[kernel_fn],
-        half=0.5 * d**-0.5,
-        rscale=relu_scale(m),
-    )
-
-
 def _scan(x, xz, decay, gain, nmb, sz, reverse):
     nh, nt = decay.shape
     block_dv = min(sz["BLOCK_DV"], 32)
-    _scan_kernel[(nmb, triton.cdiv(sz["dv"], block_dv), nh)](
+    _scan_kernel[(nmb, cdiv(sz["dv"], block_dv), nh)](
         x,
         xz,
         decay,
@@ -671,8 +653,8 @@ def _stabilisers(k, v, w_hi, w_lo, key_bias, sz):
     """Chunk partial states and the stabilisers: returns ``(A, ZA, MB, c, cprev, cend)``."""
     n, h, length, _ = k.shape
     nh = n * h
-    nt = triton.cdiv(length, CHUNK)
-    nmb = triton.cdiv(sz["m"], sz["BLOCK_M"])
+    nt = cdiv(length, CHUNK)
+    nmb = cdiv(sz["m"], sz["BLOCK_M"])
     f32 = dict(device=k.device, dtype=torch.float32)
     a = torch.empty(nh, nt, sz["m"], sz["dv"], **f32)
     za = torch.empty(nh, nt, sz["m"], **f32)
@@ -734,10 +716,10 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     n, h, length, _ = q.shape
     nh = n * h
-    triton.cdiv(length, CHUNK)
-    sz = _sizes(q, v, projection, kernel_fn)
+    cdiv(length, CHUNK)
+    sz = launch_sizes(q, v, projection, kernel_fn)
     w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
-    nmb = triton.cdiv(sz["m"], sz["BLOCK_M"])
+    nmb = cdiv(sz["m"], sz["BLOCK_M"])
     a, za, mb, c, cprev, cend = _stabilisers(k, v, w_hi, w_lo, key_bias, sz)
     # states at the scale of the previous chunk's end
     _scan(a, za, torch.exp(cprev - cend).contiguous(), torch.exp(mb - cend[..., None]).contiguous(), nmb, sz, False)
@@ -753,7 +735,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
 
 def _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, out, out_lo, cq, den, sz):
     n, h, length, _ = q.shape
-    nt = triton.cdiv(length, CHUNK)
+    nt = cdiv(length, CHUNK)
     bias = key_bias.contiguous() if key_bias is not None else c
     _chunk_out_kernel[(nt, n * h)](
         q,
@@ -812,10 +794,10 @@ def _backward(
         out, out_lo, dout = out.contiguous(), out_lo.contiguous(), dout.contiguous()
     n, h, length, _ = q.shape
     nh = n * h
-    nt = triton.cdiv(length, CHUNK)
-    sz = _sizes(q, v, projection, kernel_fn)
+    nt = cdiv(length, CHUNK)
+    sz = launch_sizes(q, v, projection, kernel_fn)
     w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
-    nmb = triton.cdiv(sz["m"], sz["BLOCK_M"])
+    nmb = cdiv(sz["m"], sz["BLOCK_M"])
     f32 = dict(device=q.device, dtype=torch.float32)
     consts = (sz["half"], sz["rscale"], RELU_FEATURE_EPS)
     rb = torch.empty(nh, nt, sz["m"], sz["dv"], **f32)

@@ -30,11 +30,10 @@ import triton
 import triton.language as tl
 
 from .._triton_utils import (
-    KERNEL_CODES,
     NEG_BIG,
     PRECISION,
     RELU_FEATURE_EPS,
-    feature_block,
+    cdiv,
     features_tile,
     finish_gradients,
     fixed_grid_size,
@@ -42,6 +41,7 @@ from .._triton_utils import (
     heads_last,
     kernel_dtype,
     launch_opts,
+    launch_sizes,
     load_w,
     load_wt,
     logits_tile,
@@ -49,9 +49,8 @@ from .._triton_utils import (
     mm_exact_b,
     mm_mixed,
     mm_mixed_w,
-    pow2_block,
+    next_pow2,
     prepare_projection,
-    relu_scale,
     rows_contiguous,
     store_dtype,
 )
@@ -605,34 +604,18 @@ def _key_grad_kernel(
 def _split(rows: int, blocks_per_row_group: int, device: torch.device) -> tuple[int, int]:
     """Number of splits of ``rows`` (a multiple of ``BLOCK_ROWS`` each) that fills the device."""
     want = max(1, -(-2 * fixed_grid_size(device) // max(1, blocks_per_row_group)))
-    nsplit = max(1, min(want, triton.cdiv(rows, BLOCK_ROWS)))
-    per = triton.cdiv(triton.cdiv(rows, nsplit), BLOCK_ROWS) * BLOCK_ROWS
-    return triton.cdiv(rows, per), per
-
-
-def _common(q, k, v, projection, kernel_fn):
-    d, dv, m = q.shape[-1], v.shape[-1], projection.shape[0]
-    return dict(
-        d=d,
-        dv=dv,
-        m=m,
-        fp32=q.dtype == torch.float32,
-        BLOCK_D=pow2_block(d),
-        BLOCK_DV=pow2_block(dv),
-        BLOCK_M=feature_block(m),
-        KERNEL=KERNEL_CODES[kernel_fn],
-        half=0.5 * d**-0.5,
-        rscale=relu_scale(m),
-    )
+    nsplit = max(1, min(want, cdiv(rows, BLOCK_ROWS)))
+    per = cdiv(cdiv(rows, nsplit), BLOCK_ROWS) * BLOCK_ROWS
+    return cdiv(rows, per), per
 
 
 def _forward(q, k, v, projection, kernel_fn, key_bias):
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     n, h, length, _ = q.shape
     s_len = k.shape[2]
-    c = _common(q, k, v, projection, kernel_fn)
+    c = launch_sizes(q, v, projection, kernel_fn)
     w_hi, w_lo = prepare_projection(projection, c["d"], q.dtype)
-    nmb = triton.cdiv(c["m"], c["BLOCK_M"])
+    nmb = cdiv(c["m"], c["BLOCK_M"])
     nsplit, per = _split(s_len, nmb * n * h, q.device)
     nh = n * h
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -691,13 +674,13 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
         c["dv"],
         BLOCK_M=c["BLOCK_M"],
         BLOCK_DV=c["BLOCK_DV"],
-        BLOCK_P=triton.next_power_of_2(nsplit * nmb),
+        BLOCK_P=next_pow2(nsplit * nmb),
     )
     del a, z, mx
     out = heads_last(n, h, length, c["dv"], device=q.device, dtype=store_dtype(q.dtype))
     cq = torch.empty(nh, length, **f32)
     den = torch.empty(nh, length, **f32)
-    _query_out_kernel[(triton.cdiv(length, BLOCK_ROWS), nh)](
+    _query_out_kernel[(cdiv(length, BLOCK_ROWS), nh)](
         q,
         w_hi,
         w_lo,
@@ -737,13 +720,13 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
     n, h, length, _ = q.shape
     s_len = k.shape[2]
     nh = n * h
-    c = _common(q, k, v, projection, kernel_fn)
+    c = launch_sizes(q, v, projection, kernel_fn)
     w_hi, w_lo = prepare_projection(projection, c["d"], q.dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
     common_consts = (c["half"], c["rscale"], RELU_FEATURE_EPS)
     dq, dk, dv = gradient_buffers(q, k, v, grads)
     tv = torch.empty(nh, length, **f32)
-    _query_grad_kernel[(triton.cdiv(length, BLOCK_ROWS), nh)](
+    _query_grad_kernel[(cdiv(length, BLOCK_ROWS), nh)](
         q,
         dout,
         w_hi,
@@ -779,7 +762,7 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
         FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("query_grad", c),
     )
-    nmb = triton.cdiv(c["m"], c["BLOCK_M"])
+    nmb = cdiv(c["m"], c["BLOCK_M"])
     nsplit, per = _split(length, nmb * nh, q.device)
     dst = torch.empty(nh, nsplit, c["m"], c["dv"], **f32)
     dks = torch.empty(nh, nsplit, c["m"], **f32)
@@ -819,7 +802,7 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
     dst = dst.sum(1)
     dks = dks.sum(1)
     bias = key_bias.contiguous() if key_bias is not None else dst
-    _key_grad_kernel[(triton.cdiv(s_len, BLOCK_ROWS), nh)](
+    _key_grad_kernel[(cdiv(s_len, BLOCK_ROWS), nh)](
         k,
         v,
         w_hi,

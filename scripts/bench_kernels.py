@@ -322,7 +322,7 @@ def memory(args) -> None:
 
         step()
         torch.cuda.synchronize()
-        torch.cuda.memory._record_memory_history(max_entries=100000)
+        torch.cuda.memory._record_memory_history(max_entries=100000, context="all", stacks="all")
         step()
         torch.cuda.synchronize()
         snapshot = torch.cuda.memory._snapshot()
@@ -333,9 +333,61 @@ def memory(args) -> None:
         for block in sorted(blocks, key=lambda b: -b["size"])[:20]:
             frames = [f"{Path(f['filename']).name}:{f['line']}:{f['name']}" for f in block.get("frames", [])
                       if "/torch/" not in f["filename"] and f["filename"].endswith(".py")][:3]
+            if not frames:  # allocated by the autograd engine: name the C++ functions instead
+                frames = [f["name"][:60] for f in block.get("frames", [])
+                          if "Backward" in f["name"] or "at::native" in f["name"]][:3]
             print(f"  {block['size'] / 2**20:8.2f} MiB  {' <- '.join(frames) or '?'}")
         del model, x
         torch.cuda.empty_cache()
+
+
+def launch(args) -> None:
+    """Host time per call (no synchronisation inside the loop; the GPU work at these sizes is shorter
+    than the host's, so this is the time the host needs to issue the work): module forward and
+    forward+backward (bf16 autocast) for randattn and ``nn.MultiheadAttention``, the op's forward and
+    backward functions, and single kernel launches."""
+    from randattn.ops import eager
+    from randattn.ops.noncausal import triton as nc
+
+    def per_call_us(fn, n=200) -> float:
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host = (time.perf_counter() - t0) / n * 1e6
+        torch.cuda.synchronize()
+        return host
+
+    length = args.lengths[0]
+    x = torch.randn(BATCH, length, EMBED, device="cuda", requires_grad=True)
+    for impl in ("rand_triton", "mha", "proj"):
+        model = build(impl, False, "cuda")
+
+        def fwd(model=model):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return model(x, x, x, need_weights=False)[0]
+
+        def fwd_bwd(model=model):
+            fwd(model).sum().backward()
+
+        with torch.no_grad():
+            print(f"LAUNCH {impl} L={length}: forward (no grad) {per_call_us(fwd):.0f} us")
+        print(f"LAUNCH {impl} L={length}: forward+backward {per_call_us(fwd_bwd):.0f} us")
+    model = build("rand_triton", False, "cuda")
+    qkv = torch.randn(BATCH, length, 3 * EMBED, device="cuda", dtype=torch.bfloat16)
+    q, k, v = eager.split_packed(qkv, HEADS)
+    w = model.projection.float()
+    out, saved = nc.forward_saving(q, k, v, w, "softmax", None)
+    dout = torch.randn_like(out)
+    print(f"LAUNCH op forward (3 kernels) {per_call_us(lambda: nc.forward_saving(q, k, v, w, 'softmax', None)):.0f} us")
+    print(f"LAUNCH op backward (3 kernels) "
+          f"{per_call_us(lambda: nc.backward_from(dout, q, k, v, w, 'softmax', None, saved)):.0f} us")
+    state = saved[0]
+    z = torch.empty(1, device="cuda")
+    print(f"LAUNCH torch.empty {per_call_us(lambda: torch.empty(4, 8, device='cuda')):.1f} us, "
+          f"tensor.sum {per_call_us(lambda: state.sum(1)):.1f} us, add_ {per_call_us(lambda: z.add_(1)):.1f} us")
 
 
 def main() -> int:
@@ -353,6 +405,7 @@ def main() -> int:
     p.add_argument("--diagnose", action="store_true", help="causal errors at one shape (bf16)")
     p.add_argument("--host", action="store_true", help="host vs GPU time of the module at each length")
     p.add_argument("--memory", action="store_true", help="tensors alive at the backward's peak, first length")
+    p.add_argument("--launch", action="store_true", help="host time per call at the first length")
     args = p.parse_args()
     args.modes = [m == "causal" for m in args.modes]
     if args.accuracy:
@@ -372,6 +425,9 @@ def main() -> int:
         return 0
     if args.memory:
         memory(args)
+        return 0
+    if args.launch:
+        launch(args)
         return 0
     rows = bench(args)
     print("\nFINAL TABLE")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from .ops.causal.reference import causal_attention as _causal_reference
 from .ops.eager import split_packed
@@ -15,6 +16,7 @@ __all__ = [
     "BACKENDS",
     "rand_attention",
     "packed_self_attention",
+    "projected_self_attention",
     "exact_attention",
     "key_padding_bias",
     "triton_available",
@@ -85,9 +87,12 @@ def kernel_max_head_dim(dtype: torch.dtype, causal: bool = False) -> int:
     return KERNEL_MAX_HEAD_DIM_BF16 if dtype == torch.bfloat16 and not causal else KERNEL_MAX_HEAD_DIM
 
 
-def _kernel_sizes_supported(q: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, causal: bool) -> bool:
-    head_dim_ok = max(q.shape[-1], v.shape[-1]) <= kernel_max_head_dim(q.dtype, causal)
-    return head_dim_ok and projection.shape[0] <= KERNEL_MAX_FEATURES
+#: Input dtypes the Triton kernels take (float16 runs the float32 kernels).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernel_sizes_supported(dtype: torch.dtype, d: int, dv: int, m: int, causal: bool) -> bool:
+    return dtype in KERNEL_DTYPES and max(d, dv) <= kernel_max_head_dim(dtype, causal) and m <= KERNEL_MAX_FEATURES
 
 
 def _kernel_module(causal: bool):
@@ -100,24 +105,33 @@ def _kernel_module(causal: bool):
 
 
 def _use_triton(q: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, backend: str, causal: bool) -> bool:
+    return _use_triton_for(q.device, q.dtype, q.shape[-1], v.shape[-1], projection.shape[0], backend, causal)
+
+
+def _use_triton_for(
+    device: torch.device, dtype: torch.dtype, d: int, dv: int, m: int, backend: str, causal: bool
+) -> bool:
+    """Whether attention of these sizes runs on the kernels (``backend="triton"``: or a clear error)."""
     if backend == "reference":
         return False
     if backend == "auto":
-        return q.is_cuda and triton_available() and _kernel_sizes_supported(q, v, projection, causal)
-    if not _kernel_sizes_supported(q, v, projection, causal):
+        return device.type == "cuda" and triton_available() and _kernel_sizes_supported(dtype, d, dv, m, causal)
+    if dtype not in KERNEL_DTYPES:
+        raise ValueError(f"backend='triton' takes float32, float16 or bfloat16 inputs, got {dtype}")
+    if not _kernel_sizes_supported(dtype, d, dv, m, causal):
         raise ValueError(
-            f"backend='triton' takes head dims up to {kernel_max_head_dim(q.dtype, causal)} for "
-            f"{'causal' if causal else 'non-causal'} {q.dtype} inputs (256 for non-causal bfloat16, 128 otherwise) "
+            f"backend='triton' takes head dims up to {kernel_max_head_dim(dtype, causal)} for "
+            f"{'causal' if causal else 'non-causal'} {dtype} inputs (256 for non-causal bfloat16, 128 otherwise) "
             f"and up to {KERNEL_MAX_FEATURES} "
-            f"random features; got d={q.shape[-1]}, d_v={v.shape[-1]}, m={projection.shape[0]} "
+            f"random features; got d={d}, d_v={dv}, m={m} "
             "(backend='auto' uses the reference path for these sizes)"
         )
     if not triton_available():
         raise RuntimeError("backend='triton' needs the triton package, which is not importable")
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the CPU); "
-            f"got tensors on {q.device}"
+            f"got tensors on {device}"
         )
     return True
 
@@ -244,6 +258,91 @@ def packed_self_attention(
         _kernel_module(causal), qkv, num_heads, projection.float(), kernel_fn, key_bias, (q, k, v)
     )
     return out if out.dtype == in_dtype else out.to(in_dtype)
+
+
+def projected_self_attention(
+    x: torch.Tensor,
+    in_proj_weight: torch.Tensor,
+    in_proj_bias: torch.Tensor | None,
+    num_heads: int,
+    projection: torch.Tensor,
+    *,
+    kernel_fn: str = "softmax",
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """In-projection and :func:`rand_attention` of self-attention: ``qkv = x W^T + b``, split as by
+    :func:`packed_self_attention`.
+
+    With the Triton kernels (eager mode), the in-projection is part of one autograd node, whose
+    backward computes the bias gradient before the input gradient (``nn.Linear``'s backward holds the
+    input gradient, the weight gradient and the bias reduction's workspace at once: the largest
+    moment of a layer's backward). Under autocast the in-projection runs in the autocast dtype, as
+    ``F.linear`` would. Elsewhere this is ``packed_self_attention(F.linear(x, W, b), ...)``.
+
+    Args:
+        x: ``(N, L, E)``.
+        in_proj_weight: ``(3 E, E)``; in_proj_bias: ``(3 E,)`` or ``None``.
+        num_heads: ``H``; ``E`` must be divisible by it.
+        projection, kernel_fn, causal, key_padding_mask, backend: as for :func:`rand_attention`.
+
+    Returns:
+        ``(N, H, L, E / H)`` in the in-projection's dtype (the autocast dtype under autocast).
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape (N, L, E), got {tuple(x.shape)}")
+    embed = x.shape[-1]
+    if tuple(in_proj_weight.shape) != (3 * embed, embed):
+        raise ValueError(
+            f"in_proj_weight must have shape (3 E, E) = {(3 * embed, embed)}, got {tuple(in_proj_weight.shape)}"
+        )
+    if in_proj_bias is not None and tuple(in_proj_bias.shape) != (3 * embed,):
+        raise ValueError(f"in_proj_bias must have shape (3 E,) = {(3 * embed,)}, got {tuple(in_proj_bias.shape)}")
+    if embed % num_heads:
+        raise ValueError(f"embed dim {embed} must be divisible by num_heads={num_heads}")
+    check_kernel_fn(kernel_fn)
+    check_backend(backend)
+    device_type = x.device.type
+    dtype = x.dtype
+    if torch.is_autocast_enabled(device_type) and dtype in KERNEL_DTYPES:
+        dtype = torch.get_autocast_dtype(device_type)
+    head_dim = embed // num_heads
+    if (
+        torch.compiler.is_compiling()
+        or projection.dim() != 2
+        or projection.shape[-1] != head_dim
+        or not _use_triton_for(x.device, dtype, head_dim, head_dim, projection.shape[0], backend, causal)
+    ):
+        qkv = F.linear(x, in_proj_weight, in_proj_bias)
+        return packed_self_attention(
+            qkv,
+            num_heads,
+            projection,
+            kernel_fn=kernel_fn,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            backend=backend,
+        )
+    if projection.device != x.device:
+        raise ValueError(
+            f"x and projection must be on one device; projection is on {projection.device}, x on {x.device}"
+        )
+    key_bias = key_padding_bias(key_padding_mask, x.shape[0], x.shape[1])
+    from .ops import eager
+
+    out = eager.ProjectedSelfAttention.apply(
+        _kernel_module(causal),
+        x,
+        in_proj_weight,
+        in_proj_bias,
+        dtype,
+        num_heads,
+        projection.float(),
+        kernel_fn,
+        key_bias,
+    )
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def exact_attention(

@@ -8,7 +8,7 @@ from torch import nn
 
 from . import masks
 from .features import default_num_features, draw_projection
-from .functional import check_backend, check_kernel_fn, packed_self_attention, rand_attention
+from .functional import check_backend, check_kernel_fn, projected_self_attention, rand_attention
 from .ops.eager import split_packed
 from .ops.weights import attention_weights
 
@@ -307,10 +307,11 @@ class RandMultiHeadAttention(nn.Module):
         return self._finish(out, q, k, key_bias, causal, need_weights, average_attn_weights, unbatched)
 
     def _packed_forward(self, x, key_bias, causal, need_weights, average_attn_weights, unbatched):
-        """Self-attention through one in-projection matmul (see :func:`~randattn.functional.packed_self_attention`)."""
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        out = packed_self_attention(
-            qkv,
+        """Self-attention through one in-projection matmul (see :func:`~randattn.functional.projected_self_attention`)."""
+        out = projected_self_attention(
+            x,
+            self.in_proj_weight,
+            self.in_proj_bias,
             self.num_heads,
             self.projection,
             kernel_fn=self.kernel_fn,
@@ -318,7 +319,9 @@ class RandMultiHeadAttention(nn.Module):
             key_padding_mask=key_bias,
             backend=self.backend,
         )
-        q, k = split_packed(qkv, self.num_heads)[:2] if need_weights else (None, None)
+        q = k = None
+        if need_weights:  # the weights are a diagnostic: project again rather than keep qkv
+            q, k = split_packed(F.linear(x, self.in_proj_weight, self.in_proj_bias), self.num_heads)[:2]
         return self._finish(out, q, k, key_bias, causal, need_weights, average_attn_weights, unbatched)
 
     def _finish(self, out, q, k, key_bias, causal, need_weights, average_attn_weights, unbatched):

@@ -235,7 +235,7 @@ def count_calls(monkeypatch):
     import randattn.modules
 
     calls = []
-    for name in ("rand_attention", "packed_self_attention"):
+    for name in ("rand_attention", "projected_self_attention"):
         real = getattr(randattn.modules, name)
 
         def counting(*args, _real=real, **kwargs):

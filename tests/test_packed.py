@@ -12,7 +12,7 @@ from _triton_checks import DEVICE  # noqa: E402
 
 from randattn import RandMultiHeadAttention  # noqa: E402
 from randattn.features import draw_projection  # noqa: E402
-from randattn.functional import packed_self_attention, rand_attention  # noqa: E402
+from randattn.functional import packed_self_attention, projected_self_attention, rand_attention  # noqa: E402
 from randattn.ops.eager import split_packed  # noqa: E402
 
 
@@ -72,3 +72,56 @@ def test_module_self_attention_kernels_match_reference(causal, batch_first, gen)
 def test_packed_rejects_a_bad_shape():
     with pytest.raises(ValueError, match="qkv must have shape"):
         packed_self_attention(torch.zeros(2, 5, 10), 2, torch.zeros(4, 5))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_projected_equals_linear_then_packed(causal, dtype, with_bias, gen):
+    """In-projection inside the attention's autograd node == ``F.linear`` then the packed kernels: same
+    output, and the same gradients of ``x``, ``W`` and ``b`` (autocast to bf16 for the bf16 case)."""
+    n, length, embed, heads, m = 2, 29, 32, 2, 16
+    x = torch.randn(n, length, embed, generator=gen).to(DEVICE)
+    weight = (torch.randn(3 * embed, embed, generator=gen) / embed**0.5).to(DEVICE)
+    bias = torch.randn(3 * embed, generator=gen).to(DEVICE) if with_bias else None
+    w = draw_projection(m, embed // heads, generator=gen).to(DEVICE)
+    mask = torch.zeros(n, length, dtype=torch.bool, device=DEVICE)
+    mask[1, -4:] = True
+    autocast = dtype == torch.bfloat16
+    if not autocast:
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    results = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias) if t is not None]
+        xx, ww, bb = leaves[0], leaves[1], leaves[2] if with_bias else None
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            if fused:
+                out = projected_self_attention(xx, ww, bb, heads, w, causal=causal, key_padding_mask=mask,
+                                               backend="triton")
+            else:
+                qkv = torch.nn.functional.linear(xx, ww, bb)
+                out = packed_self_attention(qkv, heads, w, causal=causal, key_padding_mask=mask, backend="triton")
+        assert out.dtype == (torch.bfloat16 if autocast else dtype)
+        grads = torch.autograd.grad(out.float().square().sum(), leaves)
+        results.append((out, *grads))
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-5)}.get(dtype, dict(rtol=1e-2, atol=1e-2))
+    for name, a, b in zip(("out", "dx", "dW", "db"), *results):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, **tol, msg=name)
+
+
+def test_projected_without_input_gradient_and_bad_shapes(gen):
+    x = torch.randn(1, 20, 16, generator=gen).to(DEVICE)
+    weight = torch.randn(48, 16, generator=gen).to(DEVICE).requires_grad_()
+    w = draw_projection(16, 8, generator=gen).to(DEVICE)
+    out = projected_self_attention(x, weight, None, 2, w, backend="triton")
+    (grad,) = torch.autograd.grad(out.sum(), [weight])  # x needs no gradient, there is no bias
+    out = packed_self_attention(torch.nn.functional.linear(x, weight), 2, w, backend="triton")
+    torch.testing.assert_close(grad, torch.autograd.grad(out.sum(), [weight])[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="in_proj_weight must have shape"):
+        projected_self_attention(x, weight[:40], None, 2, w, backend="triton")
+    with pytest.raises(ValueError, match="in_proj_bias must have shape"):
+        projected_self_attention(x, weight, torch.zeros(47, device=DEVICE), 2, w, backend="triton")
+    with pytest.raises(ValueError, match="x must have shape"):
+        projected_self_attention(x[0], weight, None, 2, w, backend="triton")

@@ -9,14 +9,15 @@ An op is a module of kernels with two functions (see :mod:`randattn.ops.noncausa
 
 - ``forward_saving(q, k, v, projection, kernel_fn, key_bias) -> (out, saved)``;
 - ``backward_from(dout, q, k, v, projection, kernel_fn, key_bias, saved, grads=None) -> (dq, dk, dv)``,
-  writing into the three views ``grads`` when given.
+  writing into the three views ``grads`` when given;
+- ``kernel_dtype(dtype)``: the dtype its kernels run in for inputs of ``dtype``.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["KernelAttention", "PackedSelfAttention", "split_packed"]
+__all__ = ["KernelAttention", "PackedSelfAttention", "ProjectedSelfAttention", "split_packed"]
 
 
 def split_packed(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,3 +70,48 @@ class PackedSelfAttention(torch.autograd.Function):
         grads = split_packed(dqkv, ctx.num_heads)
         ctx.op.backward_from(dout, q, k, v, projection, ctx.kernel_fn, key_bias, saved, grads)
         return None, dqkv, None, None, None, None, None
+
+
+class ProjectedSelfAttention(torch.autograd.Function):
+    """In-projection ``qkv = x W^T + b`` (in ``dtype``) and ``op``'s kernels; returns ``(N, H, L, d)``.
+
+    The backward computes the bias gradient as a matrix-vector product before the input and weight
+    gradients: at no moment does it hold a reduction workspace beside them (``nn.Linear``'s backward
+    does). Gradients of ``x``, ``W`` and ``b`` come back in their own dtypes, as through the casts of
+    autocast.
+    """
+
+    @staticmethod
+    def forward(ctx, op, x, weight, bias, dtype, num_heads, projection, kernel_fn, key_bias):
+        with torch.autocast(x.device.type, enabled=False):
+            x_c, w_c = x.to(dtype), weight.to(dtype)
+            qkv = torch.nn.functional.linear(x_c, w_c, None if bias is None else bias.to(dtype))
+        kdtype = op.kernel_dtype(dtype)
+        if kdtype != dtype:
+            qkv = qkv.to(kdtype)
+        q, k, v = split_packed(qkv, num_heads)
+        out, saved = op.forward_saving(q, k, v, projection, kernel_fn, key_bias)
+        ctx.op, ctx.kernel_fn, ctx.num_heads = op, kernel_fn, num_heads
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(x_c, w_c, qkv, projection, key_bias, *saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x_c, w_c, qkv, projection, key_bias, *saved = ctx.saved_tensors
+        dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+        q, k, v = split_packed(qkv, ctx.num_heads)
+        grads = split_packed(dqkv, ctx.num_heads)
+        ctx.op.backward_from(dout, q, k, v, projection, ctx.kernel_fn, key_bias, saved, grads)
+        del q, k, v, grads, qkv
+        dqkv = dqkv.to(x_c.dtype).flatten(0, 1)
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[3]:
+            ones = torch.ones(dqkv.shape[0], device=dqkv.device, dtype=dqkv.dtype)
+            grad_b = torch.mv(dqkv.t(), ones).to(b_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_x = (dqkv @ w_c).view(x_c.shape).to(x_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_w = (dqkv.t() @ x_c.flatten(0, 1)).to(w_dtype)
+        return None, grad_x, grad_w, grad_b, None, None, None, None, None

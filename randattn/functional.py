@@ -275,11 +275,12 @@ def projected_self_attention(
     """In-projection and :func:`rand_attention` of self-attention: ``qkv = x W^T + b``, split as by
     :func:`packed_self_attention`.
 
-    With the Triton kernels (eager mode), the in-projection is part of one autograd node, whose
-    backward computes the bias gradient before the input gradient (``nn.Linear``'s backward holds the
-    input gradient, the weight gradient and the bias reduction's workspace at once: the largest
-    moment of a layer's backward). Under autocast the in-projection runs in the autocast dtype, as
-    ``F.linear`` would. Elsewhere this is ``packed_self_attention(F.linear(x, W, b), ...)``.
+    With the Triton kernels (eager mode), the in-projection is
+    :class:`randattn.ops.eager.InProjection`, whose backward computes the bias gradient before the
+    input and weight gradients (``nn.Linear``'s backward holds the input gradient, the weight
+    gradient and a reduction workspace at once: the largest moment of a layer's backward). Under
+    autocast the in-projection runs in the autocast dtype, as ``F.linear`` would. Elsewhere this is
+    ``packed_self_attention(F.linear(x, W, b), ...)``.
 
     Args:
         x: ``(N, L, E)``.
@@ -330,17 +331,20 @@ def projected_self_attention(
         )
     key_bias = key_padding_bias(key_padding_mask, x.shape[0], x.shape[1])
     from .ops import eager
+    from .ops._triton_utils import kernel_dtype
 
-    out = eager.ProjectedSelfAttention.apply(
+    qkv = eager.InProjection.apply(x, in_proj_weight, in_proj_bias, dtype)
+    kdtype = kernel_dtype(dtype)
+    if kdtype != dtype:
+        qkv = qkv.to(kdtype)
+    out = eager.PackedSelfAttention.apply(
         _kernel_module(causal),
-        x,
-        in_proj_weight,
-        in_proj_bias,
-        dtype,
+        qkv,
         num_heads,
         projection.float(),
         kernel_fn,
         key_bias,
+        split_packed(qkv, num_heads),
     )
     return out if out.dtype == dtype else out.to(dtype)
 

@@ -388,6 +388,22 @@ def launch(args) -> None:
     z = torch.empty(1, device="cuda")
     print(f"LAUNCH torch.empty {per_call_us(lambda: torch.empty(4, 8, device='cuda')):.1f} us, "
           f"tensor.sum {per_call_us(lambda: state.sum(1)):.1f} us, add_ {per_call_us(lambda: z.add_(1)):.1f} us")
+    import cProfile
+    import pstats
+
+    def module_step(model=model):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x, x, x, need_weights=False)[0].sum().backward()
+
+    per_call_us(module_step)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(100):
+        module_step()
+    prof.disable()
+    torch.cuda.synchronize()
+    print("LAUNCH Python profile of 100 module forward+backward steps (host):")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 def main() -> int:

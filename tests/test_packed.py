@@ -125,3 +125,13 @@ def test_projected_without_input_gradient_and_bad_shapes(gen):
         projected_self_attention(x, weight, torch.zeros(47, device=DEVICE), 2, w, backend="triton")
     with pytest.raises(ValueError, match="x must have shape"):
         projected_self_attention(x[0], weight, None, 2, w, backend="triton")
+
+
+@pytest.mark.parametrize("rows", [1, 255, 256, 1000])
+def test_column_sums_in_two_stages_equal_a_float64_sum(rows, gen):
+    from randattn.ops.eager import column_sums
+
+    t = torch.randn(rows, 7, generator=gen).to(torch.bfloat16)
+    total = column_sums(t, group=256)
+    assert total.dtype == torch.float32
+    torch.testing.assert_close(total.double(), t.double().sum(0), rtol=1e-6, atol=1e-5)

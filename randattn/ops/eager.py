@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["KernelAttention", "PackedSelfAttention", "ProjectedSelfAttention", "split_packed"]
+__all__ = ["KernelAttention", "PackedSelfAttention", "InProjection", "column_sums", "split_packed"]
 
 
 def split_packed(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,46 +72,47 @@ class PackedSelfAttention(torch.autograd.Function):
         return None, dqkv, None, None, None, None, None
 
 
-class ProjectedSelfAttention(torch.autograd.Function):
-    """In-projection ``qkv = x W^T + b`` (in ``dtype``) and ``op``'s kernels; returns ``(N, H, L, d)``.
+def column_sums(t: torch.Tensor, group: int = 256) -> torch.Tensor:
+    """Float32 sums of the columns of ``t`` ``(R, C)`` in two stages (groups of ``group`` rows, then
+    the groups), so that no reduction over all ``R`` rows at once needs a large workspace."""
+    rows, cols = t.shape
+    full = rows - rows % group
+    total = torch.zeros(cols, device=t.device, dtype=torch.float32)
+    if full:
+        total += t[:full].view(full // group, group, cols).sum(1, dtype=torch.float32).sum(0)
+    if full < rows:
+        total += t[full:].sum(0, dtype=torch.float32)
+    return total
 
-    The backward computes the bias gradient as a matrix-vector product before the input and weight
-    gradients: at no moment does it hold a reduction workspace beside them (``nn.Linear``'s backward
-    does). Gradients of ``x``, ``W`` and ``b`` come back in their own dtypes, as through the casts of
-    autocast.
+
+class InProjection(torch.autograd.Function):
+    """``x W^T + b`` in ``dtype`` (the autocast dtype under autocast), as ``F.linear`` computes it.
+
+    The backward computes the bias gradient first (:func:`column_sums`), then the input and weight
+    gradients; ``nn.Linear``'s backward holds the input gradient, the weight gradient and a reduction
+    workspace (hundreds of MiB at long sequences) at once, the largest moment of an attention layer's
+    backward. Gradients come back in the dtypes of ``x``, ``W`` and ``b``, as through autocast's casts.
     """
 
     @staticmethod
-    def forward(ctx, op, x, weight, bias, dtype, num_heads, projection, kernel_fn, key_bias):
+    def forward(ctx, x, weight, bias, dtype):
         with torch.autocast(x.device.type, enabled=False):
             x_c, w_c = x.to(dtype), weight.to(dtype)
             qkv = torch.nn.functional.linear(x_c, w_c, None if bias is None else bias.to(dtype))
-        kdtype = op.kernel_dtype(dtype)
-        if kdtype != dtype:
-            qkv = qkv.to(kdtype)
-        q, k, v = split_packed(qkv, num_heads)
-        out, saved = op.forward_saving(q, k, v, projection, kernel_fn, key_bias)
-        ctx.op, ctx.kernel_fn, ctx.num_heads = op, kernel_fn, num_heads
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.save_for_backward(x_c, w_c, qkv, projection, key_bias, *saved)
-        return out
+        ctx.save_for_backward(x_c, w_c)
+        return qkv
 
     @staticmethod
-    def backward(ctx, dout):
-        x_c, w_c, qkv, projection, key_bias, *saved = ctx.saved_tensors
-        dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
-        q, k, v = split_packed(qkv, ctx.num_heads)
-        grads = split_packed(dqkv, ctx.num_heads)
-        ctx.op.backward_from(dout, q, k, v, projection, ctx.kernel_fn, key_bias, saved, grads)
-        del q, k, v, grads, qkv
-        dqkv = dqkv.to(x_c.dtype).flatten(0, 1)
+    def backward(ctx, dqkv):
+        x_c, w_c = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
+        d2 = dqkv.flatten(0, -2)
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[3]:
-            ones = torch.ones(dqkv.shape[0], device=dqkv.device, dtype=dqkv.dtype)
-            grad_b = torch.mv(dqkv.t(), ones).to(b_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_x = (dqkv @ w_c).view(x_c.shape).to(x_dtype)
         if ctx.needs_input_grad[2]:
-            grad_w = (dqkv.t() @ x_c.flatten(0, 1)).to(w_dtype)
-        return None, grad_x, grad_w, grad_b, None, None, None, None, None
+            grad_b = column_sums(d2).to(dqkv.dtype).to(b_dtype)
+        if ctx.needs_input_grad[0]:
+            grad_x = (d2 @ w_c).view(x_c.shape).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (d2.t() @ x_c.flatten(0, -2)).to(w_dtype)
+        return grad_x, grad_w, grad_b, None

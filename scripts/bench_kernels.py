@@ -214,6 +214,68 @@ def tune(args) -> None:
                   flush=True)
 
 
+KERNELS = {
+    False: ("key_state", "query_out", "query_grad", "query_state_grad", "key_grad"),
+    True: ("chunk_state", "scan", "chunk_out", "chunk_rstate", "chunk_grad"),
+}
+CANDIDATES = ((4, 1), (4, 2), (4, 3), (8, 1), (8, 2), (8, 3))
+
+
+def sweep_launch(args) -> None:
+    """Launch settings, one kernel at a time (the others fixed): op fwd+bwd time (bf16, first length)
+    for each ``(num_warps, num_stages)``, and the result's largest relative difference from the
+    current setting's (a setting that computes something else is marked, never chosen)."""
+    for causal in args.modes:
+        _sweep_mode(causal, args.lengths[0])
+
+
+def _sweep_mode(causal: bool, length: int) -> None:
+    import triton.testing
+
+    from randattn.features import draw_projection
+    from randattn.functional import rand_attention
+    from randattn.ops._triton_utils import LAUNCH
+
+    dh = EMBED // HEADS
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(BATCH, HEADS, length, dh, device="cuda", dtype=torch.bfloat16, generator=gen)
+               .requires_grad_() for _ in range(3))
+    w = draw_projection(FEATURES, dh, device="cuda")
+    dout = torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=gen)
+
+    def results():
+        for t in (q, k, v):
+            t.grad = None
+        out = rand_attention(q, k, v, w, causal=causal, backend="triton")
+        out.backward(dout)
+        return [out.detach().float()] + [t.grad.float() for t in (q, k, v)]
+
+    def fwd_bwd():
+        rand_attention(q, k, v, w, causal=causal, backend="triton").backward(dout)
+
+    baseline = results()
+    for name in KERNELS[causal]:
+        current = LAUNCH.get(name, LAUNCH["*"])
+        best = (float("inf"), current)
+        for setting in CANDIDATES:
+            LAUNCH[name] = setting
+            try:
+                diff = max(((a - b).norm() / b.norm()).item() for a, b in zip(results(), baseline))
+                ms = triton.testing.do_bench(fwd_bwd, warmup=10, rep=100, return_mode="median")
+            except Exception as exc:  # out of resources: too much shared memory for this setting
+                print(f"SWEEP causal={causal} L={length} {name} {setting}: failed ({type(exc).__name__})",
+                      flush=True)
+                continue
+            ok = diff < 1e-2  # bf16 roundings that flip differ by far less; wrong results by O(1)
+            print(f"SWEEP causal={causal} L={length} {name} {setting}: fwd+bwd {ms:.3f} ms, "
+                  f"max rel diff {diff:.1e}{'' if ok else '  WRONG'}{'  (current)' if setting == current else ''}",
+                  flush=True)
+            if ok and ms < best[0]:
+                best = (ms, setting)
+        LAUNCH[name] = best[1]
+        print(f"SWEEP causal={causal} {name}: keep {best[1]} ({best[0]:.3f} ms)", flush=True)
+
+
 def diagnose(args) -> None:
     """Forward/backward error of the causal kernels at one shape (bf16) under the current settings."""
     import _triton_checks as checks
@@ -422,6 +484,7 @@ def main() -> int:
     p.add_argument("--host", action="store_true", help="host vs GPU time of the module at each length")
     p.add_argument("--memory", action="store_true", help="tensors alive at the backward's peak, first length")
     p.add_argument("--launch", action="store_true", help="host time per call at the first length")
+    p.add_argument("--sweep-launch", action="store_true", help="launch settings per kernel, first length")
     args = p.parse_args()
     args.modes = [m == "causal" for m in args.modes]
     if args.accuracy:
@@ -444,6 +507,9 @@ def main() -> int:
         return 0
     if args.launch:
         launch(args)
+        return 0
+    if args.sweep_launch:
+        sweep_launch(args)
         return 0
     rows = bench(args)
     print("\nFINAL TABLE")

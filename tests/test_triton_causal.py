@@ -28,6 +28,14 @@ def test_matches_reference_fp32(kernel_fn, shape, mask, gen):
     check_against_reference(*inputs, kernel_fn, causal=True)
 
 
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+def test_several_feature_blocks_and_scan_tiles(kernel_fn, gen):
+    """m = 160: three feature blocks of 64 (the last one partial), each scanned in tiles of fewer rows
+    (the scan's per-block gains must follow the tiles), several chunks, ragged length."""
+    inputs = make_inputs(1, 2, 150, 150, 16, 40, 160, torch.float32, gen, scale=1.5, mask="bool")
+    check_against_reference(*inputs, kernel_fn, causal=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matches_reference_low_precision(dtype, gen):
     inputs = make_inputs(2, 1, 90, 90, 16, 32, 32, dtype, gen, mask="bool")

@@ -24,6 +24,7 @@ Backward: ``t_i = dout_i . num_i / den_i^2 = dout_i . out_i / den_i`` comes from
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -59,6 +60,8 @@ __all__ = ["causal_attention", "CHUNK", "forward_saving", "backward_from"]
 
 #: Positions per chunk of the kernels.
 CHUNK = 64
+#: Tile of the state scan (feature rows, value columns); overridable for tuning runs.
+SCAN_BLOCK = tuple(int(x) for x in os.environ.get("RANDATTN_TRITON_SCAN_BLOCK", "32,16").split(","))
 
 
 @triton.jit
@@ -159,8 +162,14 @@ def _scan_kernel(
     REVERSE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    FEATURE_BLOCK: tl.constexpr,
 ):
-    """In place: ``X[t] <- state before step t``; ``state <- state * DECAY[t] + X[t] * GAIN[t, block]``."""
+    """In place: ``X[t] <- state before step t``; ``state <- state * DECAY[t] + X[t] * GAIN[t, block]``.
+
+    The tiles are small (``BLOCK_M`` rows of a feature block of ``FEATURE_BLOCK``, ``GAIN`` has one
+    value per feature block): each program's loop over the chunks is sequential, so the GPU's memory
+    parallelism comes from many programs at once.
+    """
     pid_m = tl.program_id(0)
     pid_dv = tl.program_id(1)
     pid_nh = tl.program_id(2)
@@ -181,7 +190,7 @@ def _scan_kernel(
         x = tl.load(ptrs, mask=mask, other=0.0)
         xz = tl.load(XZ + base * M + offs_m, mask=m_ok & do_z, other=0.0)
         decay = tl.load(DECAY + base)
-        gain = tl.load(GAIN + base * NMB + pid_m)
+        gain = tl.load(GAIN + base * NMB + (pid_m * BLOCK_M) // FEATURE_BLOCK)
         tl.store(ptrs, st, mask=mask)
         tl.store(XZ + base * M + offs_m, sz, mask=m_ok & do_z)
         st = st * decay + x * gain
@@ -632,8 +641,9 @@ def _chunk_grad_kernel(
 
 def _scan(x, xz, decay, gain, nmb, sz, reverse):
     nh, nt = decay.shape
-    block_dv = min(sz["BLOCK_DV"], 32)
-    _scan_kernel[(nmb, cdiv(sz["dv"], block_dv), nh)](
+    block_m = min(sz["BLOCK_M"], SCAN_BLOCK[0])
+    block_dv = min(sz["BLOCK_DV"], SCAN_BLOCK[1])
+    _scan_kernel[(cdiv(sz["m"], block_m), cdiv(sz["dv"], block_dv), nh)](
         x,
         xz,
         decay,
@@ -643,8 +653,9 @@ def _scan(x, xz, decay, gain, nmb, sz, reverse):
         sz["dv"],
         nmb,
         REVERSE=reverse,
-        BLOCK_M=sz["BLOCK_M"],
+        BLOCK_M=block_m,
         BLOCK_DV=block_dv,
+        FEATURE_BLOCK=sz["BLOCK_M"],
         **launch_opts("scan"),
     )
 

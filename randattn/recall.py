@@ -9,6 +9,13 @@ A causal model reads the sequence and, at each query key, must predict the value
 that key earlier. Exact attention can look the key up; a random-feature model has to store all the
 pairs in its ``(m, d)`` state, so its accuracy falls as the number of pairs grows relative to ``m``.
 Sequences are generated on the fly from a seeded generator: the task has no data files.
+
+The keys are asked without repetition, so a model that has not learned the lookup can still guess
+among the values of the pairs not asked yet; :func:`elimination_baseline` is the accuracy of that
+guess, the level to beat (not ``1 / num_values``). The lookup itself is learned after a plateau
+whose length depends strongly on the batch size and the learning rate: with the defaults of
+:class:`RecallConfig` (many sequences per step, a moderate learning rate) exact attention gets past
+it within a few hundred steps at 8 pairs, while a learning rate of ``3e-3`` settles on the guess.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from .charlm.train import environment, seconds_per_step
 __all__ = [
     "IGNORE_INDEX",
     "RecallTask",
+    "elimination_baseline",
     "RecallConfig",
     "TINY_RECALL",
     "DEFAULT_RECALL_STUDY",
@@ -49,8 +57,9 @@ class RecallTask:
     Attributes:
         num_keys: size of the key alphabet (ids ``0 .. num_keys-1``).
         num_values: size of the value alphabet (ids ``num_keys .. num_keys+num_values-1``).
-        num_pairs: key-value pairs per sequence (distinct keys).
-        num_queries: keys asked per sequence (distinct, drawn from the pairs).
+        num_pairs: key-value pairs per sequence (distinct keys, values drawn independently, so
+            two keys may share a value).
+        num_queries: keys asked per sequence (distinct keys of the pairs, in random order).
     """
 
     num_keys: int = 64
@@ -75,6 +84,17 @@ class RecallTask:
     def length(self) -> int:
         """Model input length ``2 P + 2 Q - 1``."""
         return 2 * self.num_pairs + 2 * self.num_queries - 1
+
+
+def elimination_baseline(task: RecallTask) -> float:
+    """Expected accuracy of guessing, at the ``i``-th query, uniformly among the values of the
+    ``num_pairs - i`` pairs not asked yet: ``mean_i 1 / (num_pairs - i)``.
+
+    This needs no lookup, only the set of values seen and those already answered, so a model has
+    learned the task only if it is well above this level. (Repeated values make the guess slightly
+    better than this formula.)
+    """
+    return sum(1.0 / (task.num_pairs - i) for i in range(task.num_queries)) / task.num_queries
 
 
 def generate_batch(
@@ -107,6 +127,11 @@ def generate_batch(
 class RecallConfig:
     """Training settings of the recall study (shared by every model).
 
+    The defaults let exact attention learn the lookup reliably at 8 pairs (all keys asked) in well
+    under the 2000 steps: the loss stays on a plateau (the :func:`elimination_baseline` guess) until
+    the lookup forms, and that takes far fewer steps with 1024 sequences per step than with 256 or
+    64; with a learning rate of ``3e-3`` the models stay on the plateau.
+
     Attributes:
         task: :class:`RecallTask`.
         d_model, n_layers, n_heads: model size.
@@ -121,9 +146,9 @@ class RecallConfig:
     d_model: int = 128
     n_layers: int = 2
     n_heads: int = 2
-    batch_size: int = 256
+    batch_size: int = 1024
     steps: int = 2000
-    lr: float = 3e-3
+    lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.1
     eval_batches: int = 16

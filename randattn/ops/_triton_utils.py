@@ -64,7 +64,8 @@ class Precision:
     ``a_lo b_hi``, 3 adds ``a_hi b_lo``.
 
     Attributes:
-        fwd_state, fwd_mixed: those two counts in the forward kernels.
+        fwd_state, fwd_mixed: those two counts in the forward kernels (the causal forward's output
+            product uses ``mixed``: its backward reads that output).
         state, mixed: the same in the backward kernels (which also recompute forward quantities).
         grad_w: products of the feature gradients with the projection (``dq``, ``dk``; these are
             differences of two nearly equal terms, so their error is amplified).
@@ -118,7 +119,7 @@ LAUNCH: dict[str, tuple[int, int]] = {
     "chunk_grad": (4, 1),
     "chunk_out": (4, 1),
     "chunk_state": (4, 1),
-    "scan": (4, 3),
+    "scan": (1, 3),
 }
 for _item in filter(None, os.environ.get("RANDATTN_TRITON_LAUNCH", "").split(";")):
     _name, _value = _item.split("=")

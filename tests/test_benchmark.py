@@ -240,6 +240,29 @@ def test_out_of_memory_is_recorded_as_a_failure_and_drawn(tmp_path, stage):
     plt.close(fig)
 
 
+class _FailingAttention(FakeAttention):
+    def forward(self, query, key, value, need_weights=True):
+        if query.shape[1] >= 32:
+            raise RuntimeError("out of resource: shared memory, Required: 262400, Hardware limit: 232448\nmore")
+        return super().forward(query, key, value, need_weights)
+
+
+def test_a_point_whose_model_raises_is_recorded_and_the_sweep_goes_on(tmp_path):
+    def factory(point, device):
+        cls = _FailingAttention if point.model == MHA else FakeAttention
+        return cls(point.embed_dim)
+
+    results = run_sweep(tmp_path / "err.json", LAYOUT_GRID, device="cpu", budget=FAST, factory=factory,
+                        progress=False)
+    assert len(results.points) == len(list(LAYOUT_GRID.points()))
+    failed = [r for r in results.points.values() if r["failure"]]
+    assert failed and all(r["model"] == MHA and r["seq_len"] == 32 for r in failed)
+    assert failed[0]["failure"] == (
+        "error (forward): RuntimeError: out of resource: shared memory, Required: 262400, Hardware limit: 232448"
+    )
+    assert all(r["bwd_ms"] > 0 for r in results.points.values() if not r["failure"])
+
+
 # ---- figures -----------------------------------------------------------------------------------
 
 def test_figures_are_white_pngs_titled_with_their_caption(tmp_path):

@@ -87,7 +87,12 @@ def test_heads_merge_without_copy_and_output_not_saved(gen):
 
 # ---- GPU sizes ---------------------------------------------------------------------------------
 
-GPU_SHAPES = [(2, 4, 1000, 1000, 64, 64, 256), (1, 2, 4096, 3000, 128, 64, 512), (2, 2, 2048, 2048, 32, 32, 64)]
+GPU_SHAPES = [
+    (2, 4, 1000, 1000, 64, 64, 256),
+    (1, 2, 4096, 3000, 128, 64, 512),
+    (1, 2, 1024, 1024, 128, 128, 256),  # the widest float32 / ReLU tiles (unpipelined: shared memory)
+    (2, 2, 2048, 2048, 32, 32, 64),
+]
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")

@@ -99,8 +99,8 @@ def measure(model: nn.Module, x: torch.Tensor, *, dtype: str = "bfloat16", budge
     Returns:
         dict with ``fwd_ms``, ``bwd_ms`` (medians), ``fwd_mib``, ``bwd_mib`` (peak memory above
         the memory resident before the forward pass; ``None`` off CUDA), ``fwd_runs``, ``bwd_runs``
-        and ``failure`` (``None``, or a message when the GPU ran out of memory, in which case the
-        metrics not measured are ``None``).
+        and ``failure`` (``None``, or a message when the GPU ran out of memory or the model raised,
+        in which case the metrics not measured are ``None``).
     """
     result = empty_record()
     try:
@@ -108,6 +108,9 @@ def measure(model: nn.Module, x: torch.Tensor, *, dtype: str = "bfloat16", budge
     except torch.OutOfMemoryError:
         stage = "backward" if result["fwd_ms"] is not None else "forward"
         result["failure"] = f"out of memory ({stage})"
+    except Exception as exc:  # e.g. a kernel that does not fit the device: recorded, never fatal
+        stage = "backward" if result["fwd_ms"] is not None else "forward"
+        result["failure"] = f"error ({stage}): {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
     finally:
         model.zero_grad(set_to_none=True)
         x.grad = None

@@ -180,8 +180,9 @@ def launch_opts(name: str, sizes: dict | None = None) -> dict:
     """``num_warps`` and ``num_stages`` of kernel ``name`` (see :data:`LAUNCH`).
 
     ``sizes`` (the launch's block sizes, with ``fp32`` true for float32 operands) caps ``num_stages``
-    at 1 for float32 tiles of head dim 128: pipelined loads of those tiles need more shared memory than
-    an H100 has (measured there: 246,016 of 232,448 bytes for the query-gradient kernel). Tiles of
+    at 1 for float32 tiles of head dim 128, and for the ReLU kernel's at 128 (it loads a third part
+    of the projection): pipelined loads of those tiles need more shared memory than an H100 has
+    (measured there: 246,016 and 262,400 of 232,448 bytes for the query-gradient kernel). Tiles of
     head dim 256 (bfloat16) run unpipelined with 8 warps (float32 accumulators of 64 x 256).
     """
     warps, stages = LAUNCH.get(name, LAUNCH["*"])
@@ -189,7 +190,7 @@ def launch_opts(name: str, sizes: dict | None = None) -> dict:
         widest = max(sizes["BLOCK_D"], sizes["BLOCK_DV"])
         if widest >= 256:  # bfloat16 only (see randattn.functional.kernel_max_head_dim)
             warps, stages = 8, 1
-        elif sizes["fp32"] and widest >= 128:
+        elif widest >= 128 and (sizes["fp32"] or sizes["KERNEL"] == KERNEL_CODES["relu"]):
             stages = 1
     return {"num_warps": warps, "num_stages": stages}
 

@@ -4,7 +4,8 @@
 #   steps, data order and seeds per study): the full model (2500 steps each: exact vs softmax m in
 #   {64, 256}, softmax m=256 redrawn every 250 steps, relu m=256) and a smaller one (1500 steps:
 #   exact vs softmax m in {32, 128} vs relu m=64); multi-query associative recall (exact vs softmax
-#   m in {64, 256} vs relu m=64, 8 and 32 pairs).
+#   m in {64, 256} vs relu m=64, 4 and 8 pairs with every key asked, 2000 steps of 1024 sequences
+#   each: the RecallConfig defaults; about 5 minutes).
 # Results are written as JSON to $OUT (default: ./fidelity-out); copy parity.json, parity_small.json
 # and recall.json to docs/_data/fidelity/.
 # Usage: OUT=/path/to/dir bash scripts/gpu_fidelity.sh

@@ -316,37 +316,19 @@ def projected_self_attention(
         or not _use_triton_for(x.device, dtype, head_dim, head_dim, projection.shape[0], backend, causal)
     ):
         qkv = F.linear(x, in_proj_weight, in_proj_bias)
-        return packed_self_attention(
-            qkv,
-            num_heads,
-            projection,
-            kernel_fn=kernel_fn,
-            causal=causal,
-            key_padding_mask=key_padding_mask,
-            backend=backend,
-        )
-    if projection.device != x.device:
-        raise ValueError(
-            f"x and projection must be on one device; projection is on {projection.device}, x on {x.device}"
-        )
-    key_bias = key_padding_bias(key_padding_mask, x.shape[0], x.shape[1])
-    from .ops import eager
-    from .ops._triton_utils import kernel_dtype
+    else:
+        from .ops import eager
 
-    qkv = eager.InProjection.apply(x, in_proj_weight, in_proj_bias, dtype)
-    kdtype = kernel_dtype(dtype)
-    if kdtype != dtype:
-        qkv = qkv.to(kdtype)
-    out = eager.PackedSelfAttention.apply(
-        _kernel_module(causal),
+        qkv = eager.InProjection.apply(x, in_proj_weight, in_proj_bias, dtype)
+    return packed_self_attention(
         qkv,
         num_heads,
-        projection.float(),
-        kernel_fn,
-        key_bias,
-        split_packed(qkv, num_heads),
+        projection,
+        kernel_fn=kernel_fn,
+        causal=causal,
+        key_padding_mask=key_padding_mask,
+        backend=backend,
     )
-    return out if out.dtype == dtype else out.to(dtype)
 
 
 def exact_attention(

@@ -70,7 +70,7 @@ def baseline(p: int) -> float:
     return elimination_baseline(RecallTask(max(task["num_keys"], p), task["num_values"], p, p))
 
 
-fig, ax = plt.subplots(figsize=(7, 4))
+fig, ax = plt.subplots(figsize=(7, 4.6))
 width = 0.8 / len(labels)
 for i, label in enumerate(labels):
     acc = [
@@ -93,7 +93,7 @@ for j, p in enumerate(pairs):
 ax.axhline(1 / settings["task"]["num_values"], color="0.5", ls=":", label="chance")
 ax.set_ylabel("accuracy on the asked keys")
 ax.set_ylim(0, 1.05)
-ax.legend(fontsize=8)
+ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
 ax.set_title(f"multi-query associative recall ({env['device']})")
 fig.tight_layout()
 for r in results:

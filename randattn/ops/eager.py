@@ -9,8 +9,7 @@ An op is a module of kernels with two functions (see :mod:`randattn.ops.noncausa
 
 - ``forward_saving(q, k, v, projection, kernel_fn, key_bias) -> (out, saved)``;
 - ``backward_from(dout, q, k, v, projection, kernel_fn, key_bias, saved, grads=None) -> (dq, dk, dv)``,
-  writing into the three views ``grads`` when given;
-- ``kernel_dtype(dtype)``: the dtype its kernels run in for inputs of ``dtype``.
+  writing into the three views ``grads`` when given.
 """
 
 from __future__ import annotations
@@ -54,9 +53,9 @@ class PackedSelfAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, op, qkv, num_heads, projection, kernel_fn, key_bias, views=None):
-        # views: split_packed(qkv, num_heads) when the caller has them already (a tuple: not tracked)
-        q, k, v = views if views is not None else split_packed(qkv, num_heads)
+    def forward(ctx, op, qkv, num_heads, projection, kernel_fn, key_bias, views):
+        # views: the caller's split_packed(qkv, num_heads) (a tuple, so autograd does not track it)
+        q, k, v = views
         out, saved = op.forward_saving(q, k, v, projection, kernel_fn, key_bias)
         ctx.op, ctx.kernel_fn, ctx.num_heads = op, kernel_fn, num_heads
         ctx.save_for_backward(qkv, projection, key_bias, *saved)

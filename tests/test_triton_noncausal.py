@@ -126,7 +126,7 @@ def test_prepared_projection_is_reused_until_the_projection_changes():
     assert prepare_projection(w, 8, torch.bfloat16)[0] is a[0]
     hi, lo = a
     assert hi.shape == (16, 8) and lo.shape == (2, 16, 8)
-    exact = w.double() * 8**-0.25
+    exact = (w * 8**-0.25).double()  # the float32 W' that the parts split
     two = hi.double() + lo[0].double()
     three = two + lo[1].double()
     assert ((two - exact).abs() <= 2.0**-15 * exact.abs()).all()

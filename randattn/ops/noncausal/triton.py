@@ -296,6 +296,22 @@ def _state_rows(do, ST, pid_nh, offs_m, m_ok, offs_dv, DV, M, STATE_PASSES: tl.c
 
 
 @triton.jit
+def _query_feature_block(
+    x, sq, cq, do, W_HI, W_LO, ST, pid_nh, m0, offs_d, offs_dv, D, DV, M,
+    KERNEL: tl.constexpr, BLOCK_M: tl.constexpr, STATE_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
+    RELU_SCALE, EPS,
+):  # fmt: skip
+    """One feature block of the query-gradient kernel's two passes: ``(offs_m, m_ok, phi, proj, g)``
+    with the query features ``phi`` (stabilised by ``cq``), their logits and ``g = dout S^T``."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
+    phi, proj = features_tile(x, sq, wt_hi, wt_lo, wt_lo2, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+    g = _state_rows(do, ST, pid_nh, offs_m, m_ok, offs_dv, DV, M, STATE_PASSES, FP32_DOT)
+    return offs_m, m_ok, phi, proj, g
+
+
+@triton.jit
 def _query_grad_kernel(
     Q,
     DO,
@@ -360,22 +376,20 @@ def _query_grad_kernel(
     # over the feature blocks (float32 accurate; nothing of the forward's output is kept for it)
     u = tl.zeros((BLOCK_L,), tl.float32)
     for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < M
-        wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
-        phi, proj = features_tile(x, sq, wt_hi, wt_lo, wt_lo2, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
-        g = _state_rows(do, ST, pid_nh, offs_m, m_ok, offs_dv, DV, M, STATE_PASSES, FP32_DOT)
+        offs_m, m_ok, phi, proj, g = _query_feature_block(
+            x, sq, cq, do, W_HI, W_LO, ST, pid_nh, m0, offs_d, offs_dv, D, DV, M,
+            KERNEL, BLOCK_M, STATE_PASSES, FP32_DOT, RELU_SCALE, EPS,
+        )  # fmt: skip
         u += tl.sum(phi * g, 1)
     t = u * inv_den * inv_den
     # dphi = g / den - z t ; ds = dphi * dphi/ds ; dx = ds W'
     dx = tl.zeros((BLOCK_L, BLOCK_D), tl.float32)
     rs = tl.zeros((BLOCK_L,), tl.float32)
     for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < M
-        wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
-        phi, proj = features_tile(x, sq, wt_hi, wt_lo, wt_lo2, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
-        g = _state_rows(do, ST, pid_nh, offs_m, m_ok, offs_dv, DV, M, STATE_PASSES, FP32_DOT)
+        offs_m, m_ok, phi, proj, g = _query_feature_block(
+            x, sq, cq, do, W_HI, W_LO, ST, pid_nh, m0, offs_d, offs_dv, D, DV, M,
+            KERNEL, BLOCK_M, STATE_PASSES, FP32_DOT, RELU_SCALE, EPS,
+        )  # fmt: skip
         z = tl.load(KS + pid_nh * M + offs_m, mask=m_ok, other=0.0)
         dphi = g * inv_den[:, None] - z[None, :] * t[:, None]
         if KERNEL == 0:

@@ -185,21 +185,26 @@ def accuracy(args) -> None:
     PRECISION.fp32_dot = "tf32x3"
 
 
+def op_inputs(length: int, dtype: torch.dtype):
+    """Random ``q, k, v`` (leaves needing gradients) ``(BATCH, HEADS, length, EMBED / HEADS)``, a
+    projection of ``FEATURES`` rows and an output gradient, on the GPU: the op-level timings' inputs."""
+    from randattn.features import draw_projection
+
+    dh = EMBED // HEADS
+    q, k, v = (torch.randn(BATCH, HEADS, length, dh, device="cuda", dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    return q, k, v, draw_projection(FEATURES, dh, device="cuda"), torch.randn_like(q)
+
+
 def tune(args) -> None:
     """Time the attention op alone (fwd+bwd, bf16) for the current settings at the given lengths."""
     import triton.testing
 
-    from randattn.features import draw_projection
     from randattn.functional import rand_attention
 
     for causal in args.modes:
         for length in args.lengths:
-            dh = EMBED // HEADS
-            dtype = getattr(torch, args.dtypes[0])
-            q, k, v = (torch.randn(BATCH, HEADS, length, dh, device="cuda", dtype=dtype, requires_grad=True)
-                       for _ in range(3))
-            w = draw_projection(FEATURES, dh, device="cuda")
-            dout = torch.randn_like(q)
+            q, k, v, w, dout = op_inputs(length, getattr(torch, args.dtypes[0]))
 
             def fwd(q=q, k=k, v=v, w=w, causal=causal):
                 return rand_attention(q, k, v, w, causal=causal, backend="triton")
@@ -232,16 +237,10 @@ def sweep_launch(args) -> None:
 def _sweep_mode(causal: bool, length: int) -> None:
     import triton.testing
 
-    from randattn.features import draw_projection
     from randattn.functional import rand_attention
     from randattn.ops._triton_utils import LAUNCH
 
-    dh = EMBED // HEADS
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(BATCH, HEADS, length, dh, device="cuda", dtype=torch.bfloat16, generator=gen)
-               .requires_grad_() for _ in range(3))
-    w = draw_projection(FEATURES, dh, device="cuda")
-    dout = torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=gen)
+    q, k, v, w, dout = op_inputs(length, torch.bfloat16)
 
     def results():
         for t in (q, k, v):
@@ -305,17 +304,11 @@ def profile(args) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from randattn.features import draw_projection
     from randattn.functional import rand_attention
 
-    dh = EMBED // HEADS
     for causal in args.modes:
         for length in args.lengths:
-            dtype = getattr(torch, args.dtypes[0])
-            q, k, v = (torch.randn(BATCH, HEADS, length, dh, device="cuda", dtype=dtype, requires_grad=True)
-                       for _ in range(3))
-            w = draw_projection(FEATURES, dh, device="cuda")
-            dout = torch.randn_like(q)
+            q, k, v, w, dout = op_inputs(length, getattr(torch, args.dtypes[0]))
             for _ in range(2):
                 rand_attention(q, k, v, w, causal=causal, backend="triton").backward(dout)
             torch.cuda.synchronize()

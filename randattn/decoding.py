@@ -24,6 +24,7 @@ import torch
 
 from .features import compute_dtype, relu_features, scale_inputs, softmax_logits
 from .functional import check_kernel_fn, rand_attention
+from .ops.feature_maps import query_features
 
 if TYPE_CHECKING:
     from .charlm import CausalTransformer
@@ -126,14 +127,6 @@ def _key_logits(k: torch.Tensor, projection: torch.Tensor, kernel_fn: str):
     return softmax_logits(y, projection)
 
 
-def _query_features(q: torch.Tensor, projection: torch.Tensor, kernel_fn: str) -> torch.Tensor:
-    x = scale_inputs(q)
-    if kernel_fn == "relu":
-        return relu_features(x, projection)
-    s = softmax_logits(x, projection)
-    return torch.exp(s - s.amax(-1, keepdim=True).detach())
-
-
 def _check_state(state: DecodingState, n: int, h: int, m: int, dv: int) -> None:
     if not isinstance(state, DecodingState):
         raise TypeError(f"state must be a DecodingState, got {type(state).__name__}")
@@ -188,7 +181,7 @@ def rand_attention_step(
     _check_state(state, n, h, projection.shape[0], v.shape[-1])
     projection = projection.float()
     dtype = state.kv_sum.dtype
-    phi_q = _query_features(q, projection, kernel_fn).to(dtype)
+    phi_q = query_features(q, projection, kernel_fn).to(dtype)
     logits = _key_logits(k, projection, kernel_fn).to(dtype)
     vf = v.to(dtype)
     bias = 0.0 if key_bias is None else key_bias.to(dtype)[:, None, :, None]

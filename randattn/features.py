@@ -14,6 +14,7 @@ import torch
 
 __all__ = [
     "RELU_EPS",
+    "SOFTMAX_QUERY_FLOOR",
     "compute_dtype",
     "default_num_features",
     "draw_projection",
@@ -25,6 +26,14 @@ __all__ = [
 
 #: Added to every ReLU feature so that the denominator never vanishes for unmasked keys.
 RELU_EPS = 1e-3
+
+#: Added to every softmax query feature (after scaling the query's largest feature to 1). The key
+#: features are scaled so that the largest visible one is 1, so every denominator is at least this:
+#: without it, a query whose features and the keys' features peak at different random features gets
+#: a denominator that underflows (``exp`` of a large negative number), and the gradient of
+#: ``num / den`` overflows to inf and then NaN. The floor's share of an attention weight is about
+#: ``m * 1e-6 / sum(query features)``: far below the estimator's own error.
+SOFTMAX_QUERY_FLOOR = 1e-6
 
 
 def default_num_features(head_dim: int) -> int:

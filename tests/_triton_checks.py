@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from randattn.features import RELU_EPS, draw_projection
+from randattn.features import RELU_EPS, SOFTMAX_QUERY_FLOOR, draw_projection
 from randattn.functional import rand_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,7 +33,7 @@ def fp64_attention(q, k, v, projection, kernel_fn, key_bias, causal):
     if kernel_fn == "softmax":
         sq = x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)
         sk = y @ w.T - 0.5 * (y * y).sum(-1, keepdim=True)
-        phi_q = torch.exp(sq - sq.amax(-1, keepdim=True).detach())
+        phi_q = torch.exp(sq - sq.amax(-1, keepdim=True).detach()) + SOFTMAX_QUERY_FLOOR
         phi_k = torch.exp(sk - sk.amax(dim=(-2, -1), keepdim=True).detach() + b)
     else:
         phi_q = torch.relu(x @ w.T) * m**-0.5 + RELU_EPS

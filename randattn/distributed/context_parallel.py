@@ -27,6 +27,7 @@ import torch.distributed as dist
 from ..decoding import CHUNK_SIZE, DecodingState, block_state, merge_states, rand_attention_step
 from ..features import relu_features, scale_inputs, softmax_logits
 from ..functional import _check_qkv, check_kernel_fn, key_padding_bias
+from ..ops.feature_maps import query_features
 from .collectives import all_gather, all_reduce_max, all_reduce_sum
 
 if TYPE_CHECKING:
@@ -35,16 +36,8 @@ if TYPE_CHECKING:
 __all__ = ["context_parallel_attention", "context_parallel_self_attention", "exclusive_prefix_state"]
 
 
-def _query_features(q: torch.Tensor, projection: torch.Tensor, kernel_fn: str) -> torch.Tensor:
-    x = scale_inputs(q)
-    if kernel_fn == "relu":
-        return relu_features(x, projection)
-    s = softmax_logits(x, projection)
-    return torch.exp(s - s.amax(-1, keepdim=True).detach())
-
-
 def _noncausal(q, k, v, projection, kernel_fn, key_bias, group):
-    phi_q = _query_features(q, projection, kernel_fn)
+    phi_q = query_features(q, projection, kernel_fn)
     y = scale_inputs(k)
     bias = 0.0 if key_bias is None else key_bias[:, None, :, None]
     if kernel_fn == "relu":

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..features import RELU_EPS
+from ..features import RELU_EPS, SOFTMAX_QUERY_FLOOR
 
 __all__ = [
     "Precision",
@@ -162,6 +162,8 @@ def _launch_sizes(d: int, dv: int, m: int, fp32: bool, kernel_fn: str) -> dict:
         KERNEL=KERNEL_CODES[kernel_fn],
         half=0.5 * d**-0.5,
         rscale=relu_scale(m),
+        # the kernels' EPS: added to every ReLU feature, or to every softmax query feature
+        eps=RELU_EPS if kernel_fn == "relu" else SOFTMAX_QUERY_FLOOR,
     )
 
 
@@ -311,9 +313,6 @@ def relu_scale(num_features: int) -> float:
     return 1.0 / math.sqrt(num_features)
 
 
-RELU_FEATURE_EPS = RELU_EPS
-
-
 #: The interpreter's bfloat16 ``tl.dot`` is wrong (seen with Triton 3.9): there, bfloat16 operands are
 #: widened to float32 first, which gives the same exact products.
 _WIDEN_BF16 = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
@@ -446,3 +445,11 @@ def features_tile(
         phi = tl.maximum(proj, 0.0) * RELU_SCALE + EPS
     phi = tl.where(m_ok[None, :], phi, 0.0)
     return phi, proj
+
+
+@triton.jit
+def query_floor(phi, m_ok, KERNEL: tl.constexpr, EPS):
+    """Softmax query features plus the floor ``EPS`` (padded features stay 0); ReLU features as they are."""
+    if KERNEL == 0:
+        phi = tl.where(m_ok[None, :], phi + EPS, 0.0)
+    return phi

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..features import relu_features, scale_inputs, softmax_logits
+from ..features import SOFTMAX_QUERY_FLOOR, relu_features, scale_inputs, softmax_logits
 
 
 def _bias(key_bias: torch.Tensor) -> torch.Tensor:
@@ -17,12 +17,16 @@ def _bias(key_bias: torch.Tensor) -> torch.Tensor:
 
 
 def query_features(q: torch.Tensor, projection: torch.Tensor, kernel_fn: str) -> torch.Tensor:
-    """Query features ``(N, H, L, m)`` float32; softmax rows are scaled so their max is 1."""
+    """Query features ``(N, H, L, m)`` (float32; float64 for float64 inputs).
+
+    Softmax rows are scaled so that their largest feature is 1, then get
+    :data:`~randattn.features.SOFTMAX_QUERY_FLOOR` added (a floor under every denominator).
+    """
     x = scale_inputs(q)
     if kernel_fn == "relu":
         return relu_features(x, projection)
     s = softmax_logits(x, projection)
-    return torch.exp(s - s.amax(-1, keepdim=True).detach())
+    return torch.exp(s - s.amax(-1, keepdim=True).detach()) + SOFTMAX_QUERY_FLOOR
 
 
 def key_features(

@@ -34,7 +34,6 @@ import triton.language as tl
 from .._triton_utils import (
     NEG_BIG,
     PRECISION,
-    RELU_FEATURE_EPS,
     cdiv,
     features_tile,
     finish_gradients,
@@ -51,6 +50,7 @@ from .._triton_utils import (
     mm_mixed,
     mm_mixed_w,
     prepare_projection,
+    query_floor,
     rows_contiguous,
     store_dtype,
 )
@@ -282,6 +282,10 @@ def _chunk_out_kernel(
     den = tl.zeros((BLOCK_C,), tl.float32)
     pp = tl.zeros((BLOCK_C, BLOCK_C), tl.float32)
     cq = tl.full((BLOCK_C,), NEG_BIG, tl.float32)
+    # sums over the features of S_t, z_t and each key's features: the query floor's terms
+    ssum = tl.zeros((BLOCK_DV,), tl.float32)
+    zsum = 0.0
+    krow = tl.zeros((BLOCK_C,), tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
@@ -313,6 +317,14 @@ def _chunk_out_kernel(
         z = tl.load(SZ + (pid_nh * NT + pid_t) * M + offs_m, mask=m_ok, other=0.0)
         num = mm_mixed(phiq, st, num, x, MIXED_PASSES, FP32_DOT)
         den += tl.sum(phiq * z[None, :], 1)
+        if KERNEL == 0:
+            ssum += tl.sum(st, 0)
+            zsum += tl.sum(z, 0)
+            krow += tl.sum(phik, 1)
+    if KERNEL == 0:  # every query feature carries the floor EPS
+        num += EPS * ssum[None, :]
+        den += EPS * zsum
+        pp += EPS * krow[None, :]
     # inter-chunk part to each query's scale, intra-chunk part with exp(c_j - c_i), j <= i
     e_q = tl.exp(cprev - cc)
     num = num * e_q[:, None]
@@ -420,6 +432,7 @@ def _chunk_rstate_kernel(
     )
     cprev = tl.load(CPREV + pid_nh * NT + pid_t)
     phiq, proj = features_tile(x, sqx, wt_hi, wt_lo, wt_lo2, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+    phiq = query_floor(phiq, m_ok, KERNEL, EPS)
     w = tl.where(c_ok, tl.exp(cprev - cc), 0.0)
     phiq = phiq * w[:, None]
     p = phiq / tl.where(den == 0.0, 1.0, den)[:, None]
@@ -571,7 +584,8 @@ def _chunk_grad_kernel(
             phik, projk = features_tile(y, sqy, wt_hi, wt_lo, wt_lo2, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
             phik = phik * tl.exp(b)[:, None]
         phik = tl.where(c_ok[:, None], phik, 0.0)
-        pp = mm_mixed(phiq, tl.trans(phik), pp, x, MIXED_PASSES, FP32_DOT)
+        phiq_f = query_floor(phiq, m_ok, KERNEL, EPS)  # the features; phiq stays their derivative
+        pp = mm_mixed(phiq_f, tl.trans(phik), pp, x, MIXED_PASSES, FP32_DOT)
         # query side: dphi_q = dAE phit_k + e_q (S_t dout / den - t z_t)
         stt = tl.load(
             ST + base * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
@@ -607,7 +621,7 @@ def _chunk_grad_kernel(
         )
         u = tl.load(RZ + base * M + offs_m, mask=m_ok, other=0.0)
         dphik = (gk + u[None, :]) * e_k[:, None]
-        dphik = mm_mixed(tl.trans(dae), phiq, dphik, x, MIXED_PASSES, FP32_DOT)
+        dphik = mm_mixed(tl.trans(dae), phiq_f, dphik, x, MIXED_PASSES, FP32_DOT)
         dv_inter = mm_mixed(phik, tl.trans(rtt), dv_inter, x, MIXED_PASSES, FP32_DOT)
         if KERNEL == 0:
             dsq = dphiq * phiq
@@ -697,7 +711,7 @@ def _stabilisers(k, v, w_hi, w_lo, key_bias, sz):
         nmb,
         sz["half"],
         sz["rscale"],
-        RELU_FEATURE_EPS,
+        sz["eps"],
         HAS_BIAS=key_bias is not None,
         KERNEL=sz["KERNEL"],
         BLOCK_C=CHUNK,
@@ -783,7 +797,7 @@ def _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, out, out_lo, c
         nt,
         sz["half"],
         sz["rscale"],
-        RELU_FEATURE_EPS,
+        sz["eps"],
         HAS_BIAS=key_bias is not None,
         KERNEL=sz["KERNEL"],
         BLOCK_C=CHUNK,
@@ -812,7 +826,7 @@ def _backward(
     w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
     nmb = cdiv(sz["m"], sz["BLOCK_M"])
     f32 = dict(device=q.device, dtype=torch.float32)
-    consts = (sz["half"], sz["rscale"], RELU_FEATURE_EPS)
+    consts = (sz["half"], sz["rscale"], sz["eps"])
     rb = torch.empty(nh, nt, sz["m"], sz["dv"], **f32)
     rz = torch.empty(nh, nt, sz["m"], **f32)
     _chunk_rstate_kernel[(nmb, nt, nh)](

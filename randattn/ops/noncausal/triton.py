@@ -32,7 +32,6 @@ import triton.language as tl
 from .._triton_utils import (
     NEG_BIG,
     PRECISION,
-    RELU_FEATURE_EPS,
     cdiv,
     features_tile,
     finish_gradients,
@@ -51,6 +50,7 @@ from .._triton_utils import (
     mm_mixed_w,
     next_pow2,
     prepare_projection,
+    query_floor,
     rows_contiguous,
     store_dtype,
 )
@@ -240,6 +240,8 @@ def _query_out_kernel(
     num = tl.zeros((BLOCK_L, BLOCK_DV), tl.float32)
     den = tl.zeros((BLOCK_L,), tl.float32)
     cq = tl.full((BLOCK_L,), NEG_BIG, tl.float32)
+    ssum = tl.zeros((BLOCK_DV,), tl.float32)  # sum_m S and sum_m z: the query floor's terms
+    zsum = 0.0
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
@@ -263,6 +265,12 @@ def _query_out_kernel(
         z = tl.load(KS + pid_nh * M + offs_m, mask=m_ok, other=0.0)
         num = mm_mixed(phi, st, num, x, MIXED_PASSES, FP32_DOT)
         den += tl.sum(phi * z[None, :], 1)
+        if KERNEL == 0:
+            ssum += tl.sum(st, 0)
+            zsum += tl.sum(z, 0)
+    if KERNEL == 0:  # every query feature carries the floor EPS
+        num += EPS * ssum[None, :]
+        den += EPS * zsum
     out = num / tl.where(den == 0.0, 1.0, den)[:, None]
     omask = l_ok[:, None] & (offs_dv[None, :] < DV)
     tl.store(
@@ -380,7 +388,7 @@ def _query_grad_kernel(
             x, sq, cq, do, W_HI, W_LO, ST, pid_nh, m0, offs_d, offs_dv, D, DV, M,
             KERNEL, BLOCK_M, STATE_PASSES, FP32_DOT, RELU_SCALE, EPS,
         )  # fmt: skip
-        u += tl.sum(phi * g, 1)
+        u += tl.sum(query_floor(phi, m_ok, KERNEL, EPS) * g, 1)
     t = u * inv_den * inv_den
     # dphi = g / den - z t ; ds = dphi * dphi/ds ; dx = ds W'
     dx = tl.zeros((BLOCK_L, BLOCK_D), tl.float32)
@@ -477,7 +485,7 @@ def _query_state_grad_kernel(
         den = tl.load(DEN + pid_nh * L + offs_l, mask=l_ok, other=1.0)
         t = tl.load(TV + pid_nh * L + offs_l, mask=l_ok, other=0.0)
         phi, proj = features_tile(x, sq, wt_hi, wt_lo, wt_lo2, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
-        phi = tl.where(l_ok[:, None], phi, 0.0)
+        phi = tl.where(l_ok[:, None], query_floor(phi, m_ok, KERNEL, EPS), 0.0)
         p = phi / tl.where(den == 0.0, 1.0, den)[:, None]
         acc = mm_exact_b(tl.trans(p), do, acc, STATE_PASSES, FP32_DOT)
         zacc -= tl.sum(phi * t[:, None], 0)
@@ -661,7 +669,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
         nsplit,
         c["half"],
         c["rscale"],
-        RELU_FEATURE_EPS,
+        c["eps"],
         HAS_BIAS=key_bias is not None,
         KERNEL=c["KERNEL"],
         BLOCK_S=BLOCK_ROWS,
@@ -716,7 +724,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
         c["m"],
         c["half"],
         c["rscale"],
-        RELU_FEATURE_EPS,
+        c["eps"],
         KERNEL=c["KERNEL"],
         BLOCK_L=BLOCK_ROWS,
         BLOCK_D=c["BLOCK_D"],
@@ -737,7 +745,7 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
     c = launch_sizes(q, v, projection, kernel_fn)
     w_hi, w_lo = prepare_projection(projection, c["d"], q.dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
-    common_consts = (c["half"], c["rscale"], RELU_FEATURE_EPS)
+    common_consts = (c["half"], c["rscale"], c["eps"])
     dq, dk, dv = gradient_buffers(q, k, v, grads)
     tv = torch.empty(nh, length, **f32)
     _query_grad_kernel[(cdiv(length, BLOCK_ROWS), nh)](

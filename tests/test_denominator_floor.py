@@ -1,0 +1,82 @@
+"""Softmax denominators that underflow without the query floor.
+
+With an orthogonal projection (``m = d``), a query along projection row ``w_a`` and keys along row
+``w_b`` have feature logits whose peak stands ``gap`` above every other feature, at different features.
+Every product ``phi_q . phi_k`` is then about ``exp(-gap)``: a float32 denormal at ``gap = 95`` (whose
+square, in the gradient of ``num / den``, is 0: inf and NaN gradients) and exactly 0 at ``gap = 120``
+(an output of 0 instead of the attention). Trained models reach such logits (a character-level model
+trained with bfloat16 autocast got NaN gradients after 1900 steps this way). Every query feature
+carries the floor :data:`randattn.features.SOFTMAX_QUERY_FLOOR`, so every denominator is at least that.
+
+All keys are equal, so exact attention (and the random-feature estimate) gives each query the mean of
+the values (non-causal) or of the values up to its position (causal).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from randattn.features import SOFTMAX_QUERY_FLOOR, draw_projection
+from randattn.functional import rand_attention, triton_available
+
+from _triton_checks import run, run_fp64  # noqa: E402
+
+BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
+
+
+def peaked_inputs(gen, gap: float, d: int = 16, length: int = 40):
+    """``q, k, v, projection, dout``: queries along row 0 of the projection, keys along row 1, with
+    their feature logits ``gap`` above the other features'."""
+    projection = draw_projection(d, d, generator=gen)
+    gram = projection.double() @ projection.double().T
+    assert torch.allclose(gram - torch.diag(gram.diag()), torch.zeros_like(gram), atol=1e-4)  # orthogonal rows
+
+    def along(row):  # x . w_row = gap for the scaled input x = t * d^-1/4, and x . w_f = 0 otherwise
+        w = projection[row].double()
+        return (w / w.dot(w) * gap * d**0.25).float()
+
+    q = along(0).expand(1, 2, length, d).contiguous()
+    k = along(1).expand(1, 2, length, d).contiguous()
+    v = torch.randn(1, 2, length, d, generator=gen)
+    dout = torch.randn(1, 2, length, d, generator=gen)
+    return q, k, v, projection, dout
+
+
+def test_floor_bounds_the_features():
+    # the floor must stay far below the features' own scale (the largest query feature is 1)
+    assert 0.0 < SOFTMAX_QUERY_FLOOR <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("gap", [95.0, 120.0])
+def test_peaked_features_give_the_attention_and_finite_gradients(backend, causal, gap, gen):
+    q, k, v, projection, dout = peaked_inputs(gen, gap)
+    with torch.no_grad():  # the construction: the query and key features are (numerically) one-hot
+        x = q.double() * q.shape[-1] ** -0.25
+        s = x @ projection.double().T - 0.5 * (x * x).sum(-1, keepdim=True)
+        top2 = s[0, 0, 0].topk(2).values
+        assert abs((top2[0] - top2[1]).item() - gap) < 1e-2
+    out, dq, dk, dv = run(backend, q, k, v, projection, dout, None, "softmax", causal)
+    for name, t in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv)):
+        assert torch.isfinite(t).all(), f"{name} has non-finite values"
+    # equal keys: the attention of query i is the mean of the values it sees
+    count = torch.arange(1, v.shape[2] + 1, dtype=torch.float64)[:, None]
+    expected = v.double().cumsum(2) / count if causal else v.double().mean(2, keepdim=True).expand_as(v)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    # and every gradient is the float64 formula's
+    exact = run_fp64(q, k, v, projection, dout, None, "softmax", causal)
+    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), exact[1:]):
+        scale = want.abs().max().item() + 1.0
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * scale, msg=name)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_bfloat16_autocast_layer_stays_finite(causal, gen):
+    q, k, v, projection, dout = peaked_inputs(gen, 95.0)
+    leaves = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    out = rand_attention(*leaves, projection, causal=causal, backend="reference")
+    out.backward(dout.to(torch.bfloat16))
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(t.grad).all() for t in leaves)

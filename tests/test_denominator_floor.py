@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _triton_checks import run, run_fp64  # noqa: E402
 
 from randattn.features import SOFTMAX_QUERY_FLOOR, draw_projection
 from randattn.functional import rand_attention, triton_available
-
-from _triton_checks import run, run_fp64  # noqa: E402
 
 BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
 

@@ -5,6 +5,12 @@ Training parity (character-level language model on the CPython standard library 
     python scripts/train_parity.py --out parity.json                 # full study (GPU recommended)
     python scripts/train_parity.py --tiny --out parity_tiny.json     # seconds on a CPU
 
+Studies of the same settings run one variant each (side by side on one GPU), then merged::
+
+    python scripts/train_parity.py --specs exact --out part0.json
+    python scripts/train_parity.py --specs softmax:256 --no-layer-errors --out part1.json
+    python scripts/train_parity.py --merge part0.json part1.json --out parity.json
+
 Multi-query associative recall::
 
     python scripts/train_parity.py --recall --out recall.json
@@ -21,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from randattn.charlm.train import DEFAULT_STUDY, TINY_STUDY, TrainConfig, run_parity_study
+from randattn.charlm.train import DEFAULT_STUDY, TINY_STUDY, TrainConfig, merge_studies, run_parity_study
 from randattn.recall import DEFAULT_RECALL_PAIRS, DEFAULT_RECALL_STUDY, TINY_RECALL, RecallConfig, run_recall_study
 
 #: ``m`` values at which the trained exact model's layers are compared with random-feature attention.
@@ -53,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CPU threads for torch (default: torch's choice; 1 with --tiny, where more only add overhead)",
     )
     parser.add_argument("--no-layer-errors", action="store_true", help="parity: skip the trained-layer errors")
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, metavar="JSON", help="merge parity studies of the same settings into --out"
+    )
     return parser.parse_args(argv)
 
 
@@ -75,8 +84,22 @@ def apply_overrides(config, overrides: list[str]):
     return replace(config, **changes)
 
 
+def print_parity(study: dict) -> None:
+    for row in study["parity"]:
+        flag = "within" if row["within"] else "outside"
+        print(
+            f"{row['attention']:>16}  final val loss {row['final_val_loss']:.4f}  x{row['ratio']:.4f}  ({flag} tolerance)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        study = merge_studies([json.loads(path.read_text()) for path in args.merge])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(study, indent=1, allow_nan=True) + "\n")
+        print_parity(study)
+        return 0
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda requested but CUDA is not available", file=sys.stderr)
         return 2
@@ -111,11 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         fidelity_features=() if args.no_layer_errors else ((16, 64) if args.tiny else LAYER_ERROR_FEATURES),
         progress=print,
     )
-    for row in study["parity"]:
-        flag = "within" if row["within"] else "outside"
-        print(
-            f"{row['attention']:>16}  final val loss {row['final_val_loss']:.4f}  x{row['ratio']:.4f}  ({flag} tolerance)"
-        )
+    print_parity(study)
     print(json.dumps({"out": str(args.out), "steps": study["settings"]["steps"]}))
     return 0
 

@@ -13,7 +13,7 @@ import torch
 from randattn import RandMultiHeadAttention
 from randattn.charlm import AttentionSpec, CausalTransformer, load_stdlib_corpus
 from randattn.charlm.corpus import VAL_EVERY, batch_starts, get_batch, stdlib_root, stdlib_source_files
-from randattn.charlm.train import TINY_STUDY, build_model, parity_table, run_parity_study
+from randattn.charlm.train import TINY_STUDY, build_model, merge_studies, parity_table, run_parity_study
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,6 +125,17 @@ def test_same_settings_give_the_same_run(corpus):
     for ra, rb in zip(a["results"], b["results"]):
         assert ra["curve"] == rb["curve"] and ra["final_val_loss"] == rb["final_val_loss"]
     assert a["parity"][0]["ratio"] == 1.0 and a["results"][1]["num_features"] == 8
+
+
+def test_studies_of_one_variant_each_merge_into_the_joint_study(corpus):
+    config = replace(TINY_STUDY, steps=6, eval_every=3, final_eval_batches=2)
+    joint = run_parity_study(config, ["exact", "softmax:8"], corpus=corpus)
+    parts = [run_parity_study(config, [spec], corpus=corpus) for spec in ("exact", "softmax:8")]
+    merged = merge_studies(parts)
+    assert [r["final_val_loss"] for r in merged["results"]] == [r["final_val_loss"] for r in joint["results"]]
+    assert merged["parity"] == joint["parity"]
+    with pytest.raises(ValueError, match="settings"):
+        merge_studies([parts[0], run_parity_study(replace(config, steps=5), ["exact"], corpus=corpus)])
 
 
 def test_parity_table():

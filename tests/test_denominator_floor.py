@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_checks import run, run_fp64  # noqa: E402
+from _triton_checks import DEVICE, run, run_fp64  # noqa: E402
 
 from randattn.features import SOFTMAX_QUERY_FLOOR, draw_projection
 from randattn.functional import rand_attention, triton_available
@@ -39,7 +39,7 @@ def peaked_inputs(gen, gap: float, d: int = 16, length: int = 40):
     k = along(1).expand(1, 2, length, d).contiguous()
     v = torch.randn(1, 2, length, d, generator=gen)
     dout = torch.randn(1, 2, length, d, generator=gen)
-    return q, k, v, projection, dout
+    return [t.to(DEVICE) for t in (q, k, v, projection, dout)]
 
 
 def test_floor_bounds_the_features():
@@ -61,7 +61,7 @@ def test_peaked_features_give_the_attention_and_finite_gradients(backend, causal
     for name, t in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv)):
         assert torch.isfinite(t).all(), f"{name} has non-finite values"
     # equal keys: the attention of query i is the mean of the values it sees
-    count = torch.arange(1, v.shape[2] + 1, dtype=torch.float64)[:, None]
+    count = torch.arange(1, v.shape[2] + 1, dtype=torch.float64, device=v.device)[:, None]
     expected = v.double().cumsum(2) / count if causal else v.double().mean(2, keepdim=True).expand_as(v)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     # and every gradient is the float64 formula's

@@ -77,6 +77,21 @@ def test_future_keys_do_not_change_the_past(gen):
     torch.testing.assert_close(out[:, :, :60], out2[:, :, :60], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_first_key_far_below_its_chunk(dtype, gen):
+    """Key 0's largest logit ``y . w - |y|^2 / 2`` some 200 below the later keys' in the same chunk: the
+    first chunk's scale must not be its end's, where ``exp(c_end - c_0)`` overflows to inf (seen as
+    NaN outputs in a character-level model trained with bfloat16 autocast)."""
+    q, k, v, projection, dout, _ = make_inputs(1, 2, 50, 50, 16, 16, 32, dtype, gen)
+    k[:, :, 0] = (k[:, :, 0].float() / k[:, :, 0].float().norm(dim=-1, keepdim=True) * 49.0).to(dtype)
+    with torch.no_grad():
+        y = k.double() * 16**-0.25
+        s = y @ projection.double().T - 0.5 * (y * y).sum(-1, keepdim=True)
+        row_max = s.amax(-1)
+        assert (row_max[:, :, 1:].max(-1).values - row_max[:, :, 0] > 150).all()
+    check_against_reference(q, k, v, projection, dout, None, "softmax", causal=True)
+
+
 def test_projection_gets_no_gradient(gen):
     q, k, v, projection, dout, _ = make_inputs(1, 1, 20, 20, 16, 16, 16, torch.float32, gen)
     projection.requires_grad_()

@@ -30,6 +30,7 @@ __all__ = [
     "seconds_per_step",
     "steps_for_budget",
     "run_parity_study",
+    "merge_studies",
     "parity_table",
     "trained_layer_errors",
 ]
@@ -411,3 +412,25 @@ def run_parity_study(
         save()
         del model
     return study
+
+
+def merge_studies(studies: Sequence[dict]) -> dict:
+    """One study from studies of the same settings and corpus that trained different variants (for
+    example one process per variant, run side by side): their results in the given order, the first
+    trained-layer errors found and the parity table over all of them.
+
+    Raises:
+        ValueError: no studies, or studies with different settings or corpora.
+    """
+    if not studies:
+        raise ValueError("merge_studies needs at least one study")
+    first = studies[0]
+    for other in studies[1:]:
+        for key in ("settings", "corpus"):
+            if other[key] != first[key]:
+                raise ValueError(f"studies differ in {key}: {first[key]} vs {other[key]}")
+    merged = {key: value for key, value in first.items() if key not in ("results", "parity", "layer_errors")}
+    merged["results"] = [r for study in studies for r in study["results"]]
+    merged["layer_errors"] = next((s["layer_errors"] for s in studies if s.get("layer_errors")), [])
+    merged["parity"] = parity_table(merged["results"]) if any(r["kind"] == "exact" for r in merged["results"]) else []
+    return merged

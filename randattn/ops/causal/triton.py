@@ -725,7 +725,10 @@ def _stabilisers(k, v, w_hi, w_lo, key_bias, sz):
     c = torch.cummax(rp.amax(-1), dim=-1).values
     last = torch.clamp(torch.arange(nt, device=k.device) * CHUNK + CHUNK - 1, max=length - 1)
     cend = c[:, last].contiguous()
-    cprev = torch.cat([cend[:, :1], cend[:, :-1]], dim=1).contiguous()
+    # the (empty) state of chunk 0 takes the scale of position 0, the smallest of that chunk, so every
+    # factor exp(cprev - c_i) is at most 1 (chunk 0's end can stand more than 88 above position 0:
+    # exp would overflow to inf, and inf times the empty state is NaN)
+    cprev = torch.cat([c[:, :1], cend[:, :-1]], dim=1).contiguous()
     return a, za, mb, c, cprev, cend
 
 

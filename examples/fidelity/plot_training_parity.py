@@ -144,9 +144,10 @@ if layer_rows:
 # ----------------------
 # The gap depends on what the task rewards. The same comparison with a smaller model (2 layers of 2
 # heads, d_model 64, context 128, 1500 steps; ``docs/_data/fidelity/parity_small.json``, recorded by
-# ``scripts/gpu_fidelity.sh``) ends within the target; the larger model above, whose exact version
-# learns to copy identifiers from far back in the context, does not (random-feature attention blurs
-# such sharp lookups; see :doc:`plot_associative_recall`).
+# ``scripts/gpu_fidelity.sh``) ends at the target, within a study's run-to-run spread of a few
+# percent; the larger model above, whose exact version learns to copy identifiers from far back in
+# the context, does not (random-feature attention blurs such sharp lookups; see
+# :doc:`plot_associative_recall`).
 
 small_path = data_dir() / "parity_small.json"
 if small_path.is_file():

@@ -4,7 +4,7 @@ Causal random-feature attention is a recurrence. Per batch element and head it c
 
 - ``kv_sum``  ``S = sum_j phit_k[j] e^{c_j - c} v_j``   ``(m, d_v)``,
 - ``key_sum`` ``z = sum_j phit_k[j] e^{c_j - c}``       ``(m,)``,
-- ``stabiliser`` ``c``, the running maximum of the key logits seen so far,
+- ``stabiliser`` ``c``, the running maximum of the kept keys' logits (plus mask bias) seen so far,
 
 where ``phit_k[j] = exp(s_k[j] - c_j)`` are the stabilised key features of
 :func:`randattn.ops.feature_maps.causal_key_features`. A new query ``i`` reads
@@ -24,7 +24,7 @@ import torch
 
 from .features import compute_dtype, relu_features, scale_inputs, softmax_logits
 from .functional import check_kernel_fn, rand_attention
-from .ops.feature_maps import query_features
+from .ops.feature_maps import STABILISER_FLOOR, query_features
 
 if TYPE_CHECKING:
     from .charlm import CausalTransformer
@@ -188,9 +188,10 @@ def rand_attention_step(
     kv_sum, key_sum, c_state = state.kv_sum, state.key_sum.unsqueeze(-1), state.stabiliser.unsqueeze(-1)
     if kernel_fn == "softmax":
         # running max over positions <= j, continuing from the state's stabiliser
-        row_max = torch.maximum(logits.amax(-1).detach(), c_state)
-        c = torch.cummax(row_max, dim=-1).values  # (N, H, T)
-        phi_k = torch.exp(logits - c.unsqueeze(-1) + bias)
+        # kept keys only set the scale (logit plus bias; STABILISER_FLOOR before the first kept key)
+        row_max = (logits + bias).amax(-1).detach().clamp_min(STABILISER_FLOOR)
+        c = torch.cummax(torch.maximum(row_max, c_state), dim=-1).values  # (N, H, T)
+        phi_k = torch.exp(logits + bias - c.unsqueeze(-1))
     else:
         c = logits.new_zeros(logits.shape[:-1])
         phi_k = logits if key_bias is None else logits * torch.exp(key_bias.to(dtype)[:, None, :, None])
@@ -265,8 +266,8 @@ def block_state(
             c = logits.new_full(logits.shape[:2], float("-inf"))
             phi_k = logits
         else:
-            c = logits.detach().amax(dim=(-2, -1))
-            phi_k = torch.exp(logits - c[..., None, None] + bias)
+            c = (logits + bias).detach().amax(dim=(-2, -1)).clamp_min(STABILISER_FLOOR)
+            phi_k = torch.exp(logits + bias - c[..., None, None])
     else:
         c = logits.new_zeros(logits.shape[:2])
         phi_k = logits if key_bias is None else logits * torch.exp(key_bias.to(dtype)[:, None, :, None])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_checks import DEVICE, run, run_fp64  # noqa: E402
+from _triton_checks import DEVICE, make_inputs, rel_err, run, run_fp64  # noqa: E402
 
 from randattn.features import SOFTMAX_QUERY_FLOOR, draw_projection
 from randattn.functional import rand_attention, triton_available
@@ -80,3 +80,25 @@ def test_bfloat16_autocast_layer_stays_finite(causal, gen):
     out.backward(dout.to(torch.bfloat16))
     assert torch.isfinite(out).all()
     assert all(torch.isfinite(t.grad).all() for t in leaves)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_dropped_key_with_the_largest_logit_does_not_set_the_scale(backend, causal, gen):
+    """The key scale counts kept keys only. Here the dropped key 0 has logits near 0 and every kept key
+    logits about 250 lower: scaled by the dropped key, the kept keys' features underflow to 0 (zero
+    outputs); scaled by the kept keys, the result is the float64 formula's."""
+    q, k, v, projection, dout, _ = make_inputs(1, 2, 40, 40, 16, 16, 32, torch.float32, gen)
+    k[:, :, 1:] = k[:, :, 1:] / k[:, :, 1:].norm(dim=-1, keepdim=True) * 49.0
+    k[:, :, 0] *= 0.1
+    mask = torch.zeros(1, 40, dtype=torch.bool, device=DEVICE)
+    mask[0, 0] = True
+    with torch.no_grad():
+        y = k.double() * 16**-0.25
+        s = (y @ projection.double().T - 0.5 * (y * y).sum(-1, keepdim=True)).amax(-1)
+        assert (s[:, :, 0] - s[:, :, 1:].amax(-1) > 150).all()
+    exact = run_fp64(q, k, v, projection, dout, mask, "softmax", causal)
+    got = run(backend, q, k, v, projection, dout, mask, "softmax", causal)
+    for name, g, e in zip(("out", "dq", "dk", "dv"), got, exact):
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, e) < 1e-4, f"{name}: {rel_err(g, e):.2e}"

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from ..decoding import CHUNK_SIZE, DecodingState, block_state, merge_states, rand_attention_step
 from ..features import relu_features, scale_inputs, softmax_logits
 from ..functional import _check_qkv, check_kernel_fn, key_padding_bias
-from ..ops.feature_maps import query_features
+from ..ops.feature_maps import STABILISER_FLOOR, query_features
 from .collectives import all_gather, all_reduce_max, all_reduce_sum
 
 if TYPE_CHECKING:
@@ -45,9 +45,10 @@ def _noncausal(q, k, v, projection, kernel_fn, key_bias, group):
         if key_bias is not None:
             phi_k = phi_k * torch.exp(bias)
     else:
-        s = softmax_logits(y, projection)
-        c = all_reduce_max(s.detach().amax(dim=(-2, -1)), group)  # global key stabiliser (N, H)
-        phi_k = torch.exp(s - c[..., None, None] + bias)
+        s = softmax_logits(y, projection) + bias
+        # global key stabiliser over the kept keys (N, H)
+        c = all_reduce_max(s.detach().amax(dim=(-2, -1)).clamp_min(STABILISER_FLOOR), group)
+        phi_k = torch.exp(s - c[..., None, None])
     vf = v.to(phi_k.dtype)
     # one collective for both sums: (N, H, m, d_v + 1)
     local = torch.cat([phi_k.transpose(-2, -1) @ vf, phi_k.sum(-2).unsqueeze(-1)], dim=-1)

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ..features import RELU_EPS, SOFTMAX_QUERY_FLOOR
+from .feature_maps import STABILISER_FLOOR
 
 __all__ = [
     "Precision",
@@ -51,7 +52,7 @@ __all__ = [
 KERNEL_CODES = {"softmax": 0, "relu": 1}
 
 #: Stand-in for ``-inf`` as the initial running maximum (keeps ``exp(old - new)`` finite).
-NEG_BIG = tl.constexpr(-1.0e30)
+NEG_BIG = tl.constexpr(STABILISER_FLOOR)
 
 
 @dataclasses.dataclass

@@ -11,6 +11,9 @@ import torch
 
 from ..features import SOFTMAX_QUERY_FLOOR, relu_features, scale_inputs, softmax_logits
 
+#: Key stabiliser where no key is kept yet (all biases ``-inf``): finite, so its exp factors are 0 or 1.
+STABILISER_FLOOR = -1.0e30
+
 
 def _bias(key_bias: torch.Tensor) -> torch.Tensor:
     return key_bias[:, None, :, None]
@@ -38,8 +41,10 @@ def key_features(
         phi = relu_features(y, projection)
         return phi if key_bias is None else phi * torch.exp(_bias(key_bias))
     s = softmax_logits(y, projection)
-    s = s - s.amax(dim=(-2, -1), keepdim=True).detach()
-    return torch.exp(s if key_bias is None else s + _bias(key_bias))
+    if key_bias is not None:
+        s = s + _bias(key_bias)
+    # the scale counts kept keys only, so the largest kept feature is 1 (with no kept key: any finite scale)
+    return torch.exp(s - s.amax(dim=(-2, -1), keepdim=True).detach().clamp_min(STABILISER_FLOOR))
 
 
 def causal_key_features(
@@ -49,7 +54,8 @@ def causal_key_features(
 
     Returns:
         ``phi (N, H, S, m)`` float32 with ``phi[j] = exp(s[j] - c[j] + b[j])`` and the stabiliser
-        ``c (N, H, S)``, the running max over positions ``<= j`` of ``max_m s[j]`` (zeros for relu).
+        ``c (N, H, S)``, the running max over kept positions ``<= j`` of ``max_m s[j] + b[j]`` (zeros
+        for relu; :data:`STABILISER_FLOOR` before the first kept key).
     """
     y = scale_inputs(k)
     if kernel_fn == "relu":
@@ -58,9 +64,10 @@ def causal_key_features(
             phi = phi * torch.exp(_bias(key_bias))
         return phi, phi.new_zeros(phi.shape[:-1])
     s = softmax_logits(y, projection)
-    c = torch.cummax(s.amax(-1).detach(), dim=-1).values
-    s = s - c.unsqueeze(-1)
-    return torch.exp(s if key_bias is None else s + _bias(key_bias)), c
+    if key_bias is not None:
+        s = s + _bias(key_bias)
+    c = torch.cummax(s.amax(-1).detach().clamp_min(STABILISER_FLOOR), dim=-1).values
+    return torch.exp(s - c.unsqueeze(-1)), c
 
 
 def safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,7 @@ from .._triton_utils import (
     store_dtype,
 )
 from ..eager import KernelAttention
+from ..feature_maps import STABILISER_FLOOR
 
 __all__ = ["causal_attention", "CHUNK", "forward_saving", "backward_from"]
 
@@ -131,10 +132,11 @@ def _chunk_state_kernel(
     if KERNEL == 0:
         yf = y.to(tl.float32)
         sq = tl.sum(yf * yf, 1) * half_inv_sqrt_d
-        s = tl.where(ok, proj - sq[:, None], float("-inf"))
+        # row maxima of kept keys only (logit plus bias; -inf for a dropped key)
+        s = tl.where(ok, proj - sq[:, None] + b[:, None], float("-inf"))
         rmax = tl.max(s, 1)
         mx = tl.maximum(tl.max(rmax, 0), NEG_BIG)
-        p = tl.exp(s - mx + b[:, None])
+        p = tl.exp(s - mx)
     else:
         rmax = tl.zeros((BLOCK_C,), tl.float32)
         mx = 0.0
@@ -722,7 +724,8 @@ def _stabilisers(k, v, w_hi, w_lo, key_bias, sz):
         FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("chunk_state", sz),
     )
-    c = torch.cummax(rp.amax(-1), dim=-1).values
+    # NEG_BIG before the first kept key (its exp factors are 0 or 1, never NaN)
+    c = torch.cummax(rp.amax(-1).clamp_min(STABILISER_FLOOR), dim=-1).values
     last = torch.clamp(torch.arange(nt, device=k.device) * CHUNK + CHUNK - 1, max=length - 1)
     cend = c[:, last].contiguous()
     # the (empty) state of chunk 0 takes the scale of position 0, the smallest of that chunk, so every

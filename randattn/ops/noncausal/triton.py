@@ -131,10 +131,11 @@ def _key_state_kernel(
         if KERNEL == 0:
             yf = y.to(tl.float32)
             sq = tl.sum(yf * yf, 1) * half_inv_sqrt_d
-            s = tl.where(ok, proj - sq[:, None], float("-inf"))
+            # the scale counts kept keys only (logit plus bias): the largest kept feature is 1
+            s = tl.where(ok, proj - sq[:, None] + b[:, None], float("-inf"))
             new = tl.maximum(mx, tl.max(tl.max(s, 1), 0))
             alpha = tl.exp(mx - new)
-            p = tl.exp(s - new + b[:, None])
+            p = tl.exp(s - new)
             acc = acc * alpha
             zacc = zacc * alpha
             mx = new

@@ -724,7 +724,7 @@ def _stabilisers(k, v, w_hi, w_lo, key_bias, sz):
         FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("chunk_state", sz),
     )
-    # NEG_BIG before the first kept key (its exp factors are 0 or 1, never NaN)
+    # STABILISER_FLOOR before the first kept key (its exp factors are 0 or 1, never NaN)
     c = torch.cummax(rp.amax(-1).clamp_min(STABILISER_FLOOR), dim=-1).values
     last = torch.clamp(torch.arange(nt, device=k.device) * CHUNK + CHUNK - 1, max=length - 1)
     cend = c[:, last].contiguous()

@@ -189,9 +189,10 @@ def rand_attention_step(
     if kernel_fn == "softmax":
         # running max over positions <= j, continuing from the state's stabiliser
         # kept keys only set the scale (logit plus bias; STABILISER_FLOOR before the first kept key)
-        row_max = (logits + bias).amax(-1).detach().clamp_min(STABILISER_FLOOR)
+        biased = logits + bias
+        row_max = biased.amax(-1).detach().clamp_min(STABILISER_FLOOR)
         c = torch.cummax(torch.maximum(row_max, c_state), dim=-1).values  # (N, H, T)
-        phi_k = torch.exp(logits + bias - c.unsqueeze(-1))
+        phi_k = torch.exp(biased - c.unsqueeze(-1))
     else:
         c = logits.new_zeros(logits.shape[:-1])
         phi_k = logits if key_bias is None else logits * torch.exp(key_bias.to(dtype)[:, None, :, None])
@@ -266,8 +267,9 @@ def block_state(
             c = logits.new_full(logits.shape[:2], float("-inf"))
             phi_k = logits
         else:
-            c = (logits + bias).detach().amax(dim=(-2, -1)).clamp_min(STABILISER_FLOOR)
-            phi_k = torch.exp(logits + bias - c[..., None, None])
+            biased = logits + bias
+            c = biased.detach().amax(dim=(-2, -1)).clamp_min(STABILISER_FLOOR)
+            phi_k = torch.exp(biased - c[..., None, None])
     else:
         c = logits.new_zeros(logits.shape[:2])
         phi_k = logits if key_bias is None else logits * torch.exp(key_bias.to(dtype)[:, None, :, None])

@@ -13,6 +13,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from randattn.ops.causal import triton as causal_mod
+from randattn.ops.launch import DirectLauncher
 from randattn.ops.noncausal import triton as noncausal_mod
 
 INTS = {"H", "L", "S", "D", "DV", "M", "NT", "NMB", "NSPLIT", "KEYS_PER_SPLIT", "ROWS_PER_SPLIT"}
@@ -28,7 +29,9 @@ def compile_kernel(kernel, constexprs: dict, dtype: str) -> None:
         if name in constexprs:
             sig[name] = "constexpr"
         elif pointer:
-            sig[name] = "*" + (dtype if name in ("K", "V", "Q", "DO", "OUT", "DQ", "DK", "DVO", "W_HI", "W_LO") else "fp32")
+            sig[name] = "*" + (
+                dtype if name in ("K", "V", "Q", "DO", "OUT", "DQ", "DK", "DVO", "W_HI", "W_LO") else "fp32"
+            )
         elif name in ("half_inv_sqrt_d", "RELU_SCALE", "EPS"):
             sig[name] = "fp32"
         else:
@@ -46,6 +49,7 @@ def main() -> int:
     failed = 0
     for mod in (noncausal_mod, causal_mod):
         for name, kernel in vars(mod).items():
+            kernel = getattr(kernel, "fn", kernel) if isinstance(kernel, DirectLauncher) else kernel
             if not isinstance(kernel, triton.runtime.jit.JITFunction) or not name.endswith("_kernel"):
                 continue
             params = inspect.signature(kernel.fn).parameters

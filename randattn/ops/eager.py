@@ -23,7 +23,7 @@ def split_packed(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch
     """Views ``q, k, v`` ``(N, H, L, d)`` of a packed in-projection ``(N, L, 3 E)`` (no copy)."""
     n, length, three_e = qkv.shape
     head_dim = three_e // (3 * num_heads)
-    parts = qkv.unflatten(-1, (3, num_heads, head_dim)).permute(2, 0, 3, 1, 4)
+    parts = qkv.view(n, length, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
     return parts[0], parts[1], parts[2]
 
 
@@ -76,9 +76,9 @@ def column_sums(t: torch.Tensor, group: int = 256) -> torch.Tensor:
     the groups), so that no reduction over all ``R`` rows at once needs a large workspace."""
     rows, cols = t.shape
     full = rows - rows % group
-    total = torch.zeros(cols, device=t.device, dtype=torch.float32)
-    if full:
-        total += t[:full].view(full // group, group, cols).sum(1, dtype=torch.float32).sum(0)
+    if not full:
+        return t.sum(0, dtype=torch.float32)
+    total = t[:full].view(full // group, group, cols).sum(1, dtype=torch.float32).sum(0)
     if full < rows:
         total += t[full:].sum(0, dtype=torch.float32)
     return total
@@ -95,9 +95,14 @@ class InProjection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, dtype):
-        with torch.autocast(x.device.type, enabled=False):
-            x_c, w_c = x.to(dtype), weight.to(dtype)
-            qkv = torch.nn.functional.linear(x_c, w_c, None if bias is None else bias.to(dtype))
+        x_c, w_c = x.to(dtype), weight.to(dtype)
+        b_c = None if bias is None else bias.to(dtype)
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != dtype:
+            with torch.autocast(device, enabled=False):
+                qkv = torch.nn.functional.linear(x_c, w_c, b_c)
+        else:  # operands already in the autocast dtype (or no autocast): nothing to cast
+            qkv = torch.nn.functional.linear(x_c, w_c, b_c)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.save_for_backward(x_c, w_c)
         return qkv

@@ -56,6 +56,7 @@ from .._triton_utils import (
 )
 from ..eager import KernelAttention
 from ..feature_maps import STABILISER_FLOOR
+from ..launch import direct_launch
 
 __all__ = ["causal_attention", "CHUNK", "forward_saving", "backward_from"]
 
@@ -65,6 +66,7 @@ CHUNK = 64
 SCAN_BLOCK = tuple(int(x) for x in os.environ.get("RANDATTN_TRITON_SCAN_BLOCK", "64,64").split(","))
 
 
+@direct_launch
 @triton.jit
 def _chunk_state_kernel(
     K,
@@ -151,6 +153,7 @@ def _chunk_state_kernel(
     tl.store(RP + (pid_nh * L + offs_s) * NMB + pid_m, rmax, mask=s_ok)
 
 
+@direct_launch
 @triton.jit
 def _scan_kernel(
     X,
@@ -199,6 +202,7 @@ def _scan_kernel(
         sz = sz * decay + xz * gain
 
 
+@direct_launch
 @triton.jit
 def _chunk_out_kernel(
     Q,
@@ -358,6 +362,7 @@ def _row_t(OUT, OUT_LO, do, den, ptrs, mask):
     return tl.sum(do.to(tl.float32) * out, 1) / tl.where(den == 0.0, 1.0, den)
 
 
+@direct_launch
 @triton.jit
 def _chunk_rstate_kernel(
     Q,
@@ -446,6 +451,7 @@ def _chunk_rstate_kernel(
     tl.store(RZ + base * M + offs_m, -tl.sum(phiq * t[:, None], 0), mask=m_ok)
 
 
+@direct_launch
 @triton.jit
 def _chunk_grad_kernel(
     Q,

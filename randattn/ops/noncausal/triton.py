@@ -55,12 +55,14 @@ from .._triton_utils import (
     store_dtype,
 )
 from ..eager import KernelAttention
+from ..launch import direct_launch
 
 __all__ = ["noncausal_attention", "forward_saving", "backward_from"]
 
 BLOCK_ROWS = 64
 
 
+@direct_launch
 @triton.jit
 def _key_state_kernel(
     K,
@@ -153,6 +155,7 @@ def _key_state_kernel(
     tl.store(MX + part * tl.num_programs(0) + pid_m, mx)
 
 
+@direct_launch
 @triton.jit
 def _merge_kernel(
     A,
@@ -191,6 +194,7 @@ def _merge_kernel(
         tl.store(CK + pid_nh, ck)
 
 
+@direct_launch
 @triton.jit
 def _query_out_kernel(
     Q,
@@ -320,6 +324,7 @@ def _query_feature_block(
     return offs_m, m_ok, phi, proj, g
 
 
+@direct_launch
 @triton.jit
 def _query_grad_kernel(
     Q,
@@ -418,6 +423,7 @@ def _query_grad_kernel(
     tl.store(TV + pid_nh * L + offs_l, t, mask=l_ok)
 
 
+@direct_launch
 @triton.jit
 def _query_state_grad_kernel(
     Q,
@@ -497,6 +503,7 @@ def _query_state_grad_kernel(
     tl.store(DKS + part * M + offs_m, zacc, mask=m_ok)
 
 
+@direct_launch
 @triton.jit
 def _key_grad_kernel(
     K,
@@ -822,8 +829,7 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
         FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("query_state_grad", c),
     )
-    dst = dst.sum(1)
-    dks = dks.sum(1)
+    dst, dks = (dst[:, 0], dks[:, 0]) if nsplit == 1 else (dst.sum(1), dks.sum(1))
     bias = key_bias.contiguous() if key_bias is not None else dst
     _key_grad_kernel[(cdiv(s_len, BLOCK_ROWS), nh)](
         k,

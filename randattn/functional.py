@@ -152,9 +152,13 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: to
         raise ValueError(f"k and v must have the same length S, got {k.shape[-2]} and {v.shape[-2]}")
     if causal and q.shape[-2] != k.shape[-2]:
         raise ValueError(f"causal attention needs L == S, got L={q.shape[-2]}, S={k.shape[-2]}")
-    if projection.dim() != 2 or projection.shape[1] != q.shape[-1]:
-        raise ValueError(f"projection must have shape (m, {q.shape[-1]}), got {tuple(projection.shape)}")
-    if projection.device != q.device:
+    _check_projection(projection, q.shape[-1], q.device)
+
+
+def _check_projection(projection: torch.Tensor, head_dim: int, device: torch.device) -> None:
+    if projection.dim() != 2 or projection.shape[1] != head_dim:
+        raise ValueError(f"projection must have shape (m, {head_dim}), got {tuple(projection.shape)}")
+    if projection.device != device:
         raise ValueError(f"q, k, v and projection must be on one device; projection is on {projection.device}")
 
 
@@ -238,25 +242,30 @@ def packed_self_attention(
         raise ValueError(
             f"qkv must have shape (N, L, 3 E) with E divisible by num_heads={num_heads}, got {tuple(qkv.shape)}"
         )
-    q, k, v = split_packed(qkv, num_heads)
     check_kernel_fn(kernel_fn)
     check_backend(backend)
-    if torch.compiler.is_compiling() or not _use_triton(q, v, projection, backend, causal):
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    if (
+        torch.compiler.is_compiling()
+        or projection.dim() != 2
+        or not _use_triton_for(qkv.device, qkv.dtype, head_dim, head_dim, projection.shape[0], backend, causal)
+    ):
+        q, k, v = split_packed(qkv, num_heads)
         return rand_attention(
             q, k, v, projection, kernel_fn=kernel_fn, causal=causal, key_padding_mask=key_padding_mask, backend=backend
         )
-    _check_qkv(q, k, v, projection, causal)
-    key_bias = key_padding_bias(key_padding_mask, k.shape[0], k.shape[-2])
+    # q, k, v are views of one tensor: they agree in everything _check_qkv checks but the projection
+    _check_projection(projection, head_dim, qkv.device)
+    key_bias = key_padding_bias(key_padding_mask, qkv.shape[0], qkv.shape[1])
     from .ops import eager
     from .ops._triton_utils import kernel_dtype
 
     in_dtype, dtype = qkv.dtype, kernel_dtype(qkv.dtype)
     if dtype != in_dtype:
         qkv = qkv.to(dtype)
-        q, k, v = split_packed(qkv, num_heads)
-    out = eager.PackedSelfAttention.apply(
-        _kernel_module(causal), qkv, num_heads, projection.float(), kernel_fn, key_bias, (q, k, v)
-    )
+    if projection.dtype != torch.float32:
+        projection = projection.float()
+    out = eager.PackedSelfAttention.apply(_kernel_module(causal), qkv, num_heads, projection, kernel_fn, key_bias)
     return out if out.dtype == in_dtype else out.to(in_dtype)
 
 

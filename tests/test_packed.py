@@ -135,3 +135,20 @@ def test_column_sums_in_two_stages_equal_a_float64_sum(rows, gen):
     total = column_sums(t, group=256)
     assert total.dtype == torch.float32
     torch.testing.assert_close(total.double(), t.double().sum(0), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "offset"])
+def test_packed_views_are_the_split_views(layout, gen):
+    """The kernels' ``as_strided`` views address exactly the elements of ``split_packed``'s views."""
+    from randattn.ops.eager import packed_views
+
+    base = torch.randn(3, 2 * 5, 2 * 24, generator=gen)
+    qkv = {
+        "contiguous": base[:, :5, :24].contiguous(),
+        "strided": base[:, ::2, ::2],  # every stride above one element
+        "offset": base[1:, 3:8, 24:],  # a view starting inside its storage
+    }[layout]
+    for got, want in zip(packed_views(qkv, 4), split_packed(qkv, 4)):
+        assert got.shape == want.shape and got.stride() == want.stride()
+        assert got.data_ptr() == want.data_ptr()
+        assert torch.equal(got, want)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["KernelAttention", "PackedSelfAttention", "InProjection", "column_sums", "split_packed"]
+__all__ = ["KernelAttention", "PackedSelfAttention", "InProjection", "column_sums", "split_packed", "packed_views"]
 
 
 def split_packed(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -25,6 +25,22 @@ def split_packed(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch
     head_dim = three_e // (3 * num_heads)
     parts = qkv.view(n, length, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
     return parts[0], parts[1], parts[2]
+
+
+def packed_views(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The views of :func:`split_packed` as three ``as_strided`` views (three tensor ops instead of
+    five), for the kernels: not for autograd, whose backward of ``as_strided`` is generic and slow."""
+    n, length, three_e = qkv.shape
+    embed = three_e // 3
+    head_dim = embed // num_heads
+    s_n, s_l, s_e = qkv.stride()
+    size, stride = (n, num_heads, length, head_dim), (s_n, head_dim * s_e, s_l, s_e)
+    base = qkv.storage_offset()
+    return (
+        qkv.as_strided(size, stride, base),
+        qkv.as_strided(size, stride, base + embed * s_e),
+        qkv.as_strided(size, stride, base + 2 * embed * s_e),
+    )
 
 
 class KernelAttention(torch.autograd.Function):
@@ -53,9 +69,8 @@ class PackedSelfAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, op, qkv, num_heads, projection, kernel_fn, key_bias, views):
-        # views: the caller's split_packed(qkv, num_heads) (a tuple, so autograd does not track it)
-        q, k, v = views
+    def forward(ctx, op, qkv, num_heads, projection, kernel_fn, key_bias):
+        q, k, v = packed_views(qkv, num_heads)
         out, saved = op.forward_saving(q, k, v, projection, kernel_fn, key_bias)
         ctx.op, ctx.kernel_fn, ctx.num_heads = op, kernel_fn, num_heads
         ctx.save_for_backward(qkv, projection, key_bias, *saved)
@@ -65,10 +80,10 @@ class PackedSelfAttention(torch.autograd.Function):
     def backward(ctx, dout):
         qkv, projection, key_bias, *saved = ctx.saved_tensors
         dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
-        q, k, v = split_packed(qkv, ctx.num_heads)
-        grads = split_packed(dqkv, ctx.num_heads)
+        q, k, v = packed_views(qkv, ctx.num_heads)
+        grads = packed_views(dqkv, ctx.num_heads)
         ctx.op.backward_from(dout, q, k, v, projection, ctx.kernel_fn, key_bias, saved, grads)
-        return None, dqkv, None, None, None, None, None
+        return None, dqkv, None, None, None, None
 
 
 def column_sums(t: torch.Tensor, group: int = 256) -> torch.Tensor:

@@ -34,6 +34,26 @@ def test_matches_reference_low_precision(dtype, gen):
     check_against_reference(*inputs, "softmax", causal=False)
 
 
+@pytest.mark.parametrize("merge_in_kernel", [True, False], ids=["merge-in-kernel", "merge-kernel"])
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+def test_split_partials_merged_either_way(kernel_fn, merge_in_kernel, gen, monkeypatch):
+    """The key splits' partial states merged by the query-output kernel (short sequences) or by a
+    kernel of their own, and the query splits' state gradients summed by the key-gradient kernel or
+    on the host: both match the reference, and each other to float32 rounding."""
+    from randattn.ops.noncausal import triton as kernels
+
+    inputs = make_inputs(2, 2, 150, 200, 16, 16, 32, torch.float32, gen, scale=1.5, mask="bool")
+    nsplit, _ = kernels._split(200, 2 * 2, inputs[0].device)
+    assert nsplit > 1  # several splits to merge
+    monkeypatch.setattr(kernels, "MERGE_IN_KERNEL_MAX", 10**9 if merge_in_kernel else 0)
+    check_against_reference(*inputs, kernel_fn, causal=False)
+    got = run("triton", *inputs, kernel_fn, False)
+    monkeypatch.setattr(kernels, "MERGE_IN_KERNEL_MAX", 0 if merge_in_kernel else 10**9)
+    other = run("triton", *inputs, kernel_fn, False)
+    for a, b in zip(got, other):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_fully_masked_rows_are_zero_and_gradients_finite(gen):
     q, k, v, projection, dout, _ = make_inputs(2, 2, 21, 30, 16, 16, 16, torch.float32, gen)
     mask = torch.zeros(2, 30, dtype=torch.bool, device=DEVICE)

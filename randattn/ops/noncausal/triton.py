@@ -6,7 +6,8 @@ Forward (the ``(N, H, L, m)`` features never reach device memory):
    computed on chip from ``k`` tiles and the projection and reduced into a partial state
    ``A = phi_k^T v`` ``(m, d_v)`` and key sum ``(m)``, under a running maximum of the logits
    (rescaling as it grows). ``_merge_kernel`` merges the partials at the largest maximum ``c``, the
-   key stabiliser of the reference.
+   key stabiliser of the reference; for short sequences the query-output kernel merges them itself
+   (:data:`MERGE_IN_KERNEL_MAX`), one launch fewer.
 2. ``_query_out_kernel``: per block of queries, query features on chip (online row maximum over the
    feature blocks), ``out = phi_q S / phi_q z``; also keeps the row stabiliser and denominator
    (``(N, H, L)`` float32 each) for the backward.
@@ -17,7 +18,8 @@ so that the heads merge back into ``(N, L, E)`` for the projections without a co
 Backward (features recomputed, the output not kept): ``_query_grad_kernel`` (``dq`` and the
 per-row scalar ``t = dout . num / den^2``, with ``dout . num = sum_m phi_m (dout S^T)_m`` from a first
 pass over the feature blocks, float32-accurate), ``_query_state_grad_kernel`` (``dS = phi_q^T (dout / den)``,
-``dz = -phi_q^T t``, reduced over query splits) and ``_key_grad_kernel`` (``dk``, ``dv``).
+``dz = -phi_q^T t``, one partial per query split) and ``_key_grad_kernel`` (``dk``, ``dv``; it sums the
+splits' partials itself for short sequences, else they are summed on the host first).
 The projection gets no gradient.
 """
 
@@ -60,6 +62,11 @@ from ..launch import direct_launch
 __all__ = ["noncausal_attention", "forward_saving", "backward_from"]
 
 BLOCK_ROWS = 64
+#: Largest (blocks of rows) x (splits) for which the query-output kernel merges the key splits' partial
+#: states itself, and the key-gradient kernel sums the query splits' partial state gradients, instead
+#: of a kernel launch of their own (each block re-reads all splits' partials: cheap for short
+#: sequences, whose speed is set by the host's launches, not by the GPU).
+MERGE_IN_KERNEL_MAX = 128
 
 
 @direct_launch
@@ -155,6 +162,30 @@ def _key_state_kernel(
     tl.store(MX + part * tl.num_programs(0) + pid_m, mx)
 
 
+@triton.jit
+def _head_scale(MX, pid_nh, NSPLIT, NMB, BLOCK_P: tl.constexpr):
+    """The key scale ``c_k`` of head ``pid_nh``: the largest of its splits' and feature blocks' maxima."""
+    offs_p = tl.arange(0, BLOCK_P)
+    return tl.max(tl.load(MX + pid_nh * NSPLIT * NMB + offs_p, mask=offs_p < NSPLIT * NMB, other=NEG_BIG), 0)
+
+
+@triton.jit
+def _merged_block(
+    A, Z, MX, pid_nh, blk, ck, offs_m, m_ok, offs_dv, M, DV, NSPLIT, NMB, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr
+):
+    """State rows ``offs_m`` (feature block ``blk``) and key sums of head ``pid_nh``: the key splits'
+    partials, each at its own maximum, summed at the head's scale ``ck``."""
+    mask = m_ok[:, None] & (offs_dv[None, :] < DV)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    acc_z = tl.zeros((BLOCK_M,), tl.float32)
+    for sp in range(NSPLIT):
+        part = pid_nh * NSPLIT + sp
+        scale = tl.exp(tl.load(MX + part * NMB + blk) - ck)
+        acc += scale * tl.load(A + (part * M + offs_m[:, None]) * DV + offs_dv[None, :], mask=mask, other=0.0)
+        acc_z += scale * tl.load(Z + part * M + offs_m, mask=m_ok, other=0.0)
+    return acc, acc_z
+
+
 @direct_launch
 @triton.jit
 def _merge_kernel(
@@ -175,20 +206,16 @@ def _merge_kernel(
     """Merge the key splits' partial states at the largest maximum ``c_k`` of the head."""
     pid_m = tl.program_id(0)
     pid_nh = tl.program_id(1)
-    offs_p = tl.arange(0, BLOCK_P)
-    ck = tl.max(tl.load(MX + pid_nh * NSPLIT * NMB + offs_p, mask=offs_p < NSPLIT * NMB, other=NEG_BIG), 0)
+    ck = _head_scale(MX, pid_nh, NSPLIT, NMB, BLOCK_P)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < M
-    mask = m_ok[:, None] & (offs_dv[None, :] < DV)
-    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-    acc_z = tl.zeros((BLOCK_M,), tl.float32)
-    for sp in range(NSPLIT):
-        part = pid_nh * NSPLIT + sp
-        scale = tl.exp(tl.load(MX + part * NMB + pid_m) - ck)
-        acc += scale * tl.load(A + (part * M + offs_m[:, None]) * DV + offs_dv[None, :], mask=mask, other=0.0)
-        acc_z += scale * tl.load(Z + part * M + offs_m, mask=m_ok, other=0.0)
-    tl.store(ST + (pid_nh * M + offs_m[:, None]) * DV + offs_dv[None, :], acc, mask=mask)
+    acc, acc_z = _merged_block(
+        A, Z, MX, pid_nh, pid_m, ck, offs_m, m_ok, offs_dv, M, DV, NSPLIT, NMB, BLOCK_M, BLOCK_DV
+    )
+    tl.store(
+        ST + (pid_nh * M + offs_m[:, None]) * DV + offs_dv[None, :], acc, mask=m_ok[:, None] & (offs_dv[None, :] < DV)
+    )
     tl.store(KS + pid_nh * M + offs_m, acc_z, mask=m_ok)
     if pid_m == 0:
         tl.store(CK + pid_nh, ck)
@@ -200,11 +227,17 @@ def _query_out_kernel(
     Q,
     W_HI,
     W_LO,
+    A,
+    Z,
+    MX,
     ST,
     KS,
+    CK,
     OUT,
     CQ,
     DEN,
+    NSPLIT,
+    NMB,
     sq_n,
     sq_h,
     sq_l,
@@ -226,7 +259,11 @@ def _query_out_kernel(
     BLOCK_DV: tl.constexpr,
     MIXED_PASSES: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    MERGE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
+    """``MERGE``: merge the key splits' partials ``A, Z, MX`` here (as ``_merge_kernel`` does; the
+    first block of queries stores the merged ``ST, KS, CK`` for the backward), else read ``ST, KS``."""
     pid_l = tl.program_id(0)
     pid_nh = tl.program_id(1)
     n = pid_nh // H
@@ -235,6 +272,10 @@ def _query_out_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     l_ok = offs_l < L
+    if MERGE:
+        ck = _head_scale(MX, pid_nh, NSPLIT, NMB, BLOCK_P)
+        if pid_l == 0:
+            tl.store(CK + pid_nh, ck)
     x = tl.load(
         Q + n * sq_n + h * sq_h + offs_l[:, None] * sq_l + offs_d[None, :],
         mask=l_ok[:, None] & (offs_d[None, :] < D),
@@ -262,12 +303,17 @@ def _query_out_kernel(
             cq = new
         else:
             phi = tl.where(m_ok[None, :], tl.maximum(proj, 0.0) * RELU_SCALE + EPS, 0.0)
-        st = tl.load(
-            ST + pid_nh * M * DV + offs_m[:, None] * DV + offs_dv[None, :],
-            mask=m_ok[:, None] & (offs_dv[None, :] < DV),
-            other=0.0,
-        )
-        z = tl.load(KS + pid_nh * M + offs_m, mask=m_ok, other=0.0)
+        smask = m_ok[:, None] & (offs_dv[None, :] < DV)
+        if MERGE:
+            st, z = _merged_block(
+                A, Z, MX, pid_nh, m0 // BLOCK_M, ck, offs_m, m_ok, offs_dv, M, DV, NSPLIT, NMB, BLOCK_M, BLOCK_DV
+            )
+            if pid_l == 0:
+                tl.store(ST + pid_nh * M * DV + offs_m[:, None] * DV + offs_dv[None, :], st, mask=smask)
+                tl.store(KS + pid_nh * M + offs_m, z, mask=m_ok)
+        else:
+            st = tl.load(ST + pid_nh * M * DV + offs_m[:, None] * DV + offs_dv[None, :], mask=smask, other=0.0)
+            z = tl.load(KS + pid_nh * M + offs_m, mask=m_ok, other=0.0)
         num = mm_mixed(phi, st, num, x, MIXED_PASSES, FP32_DOT)
         den += tl.sum(phi * z[None, :], 1)
         if KERNEL == 0:
@@ -516,6 +562,7 @@ def _key_grad_kernel(
     DKS,
     DK,
     DVO,
+    NSPLIT,
     sk_n,
     sk_h,
     sk_s,
@@ -587,13 +634,18 @@ def _key_grad_kernel(
             phi, proj = features_tile(y, sq, wt_hi, wt_lo, wt_lo2, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
             phi = phi * tl.exp(b)[:, None]
         phi = tl.where(s_ok[:, None], phi, 0.0)
-        dstt = tl.load(
-            DST + pid_nh * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
-            mask=m_ok[None, :] & (offs_dv[:, None] < DV),
-            other=0.0,
-        )
+        # dS^T and dz: the sums of the NSPLIT query splits' partials
+        dstt = tl.zeros((BLOCK_DV, BLOCK_M), tl.float32)
+        dz = tl.zeros((BLOCK_M,), tl.float32)
+        for sp in range(NSPLIT):
+            part = pid_nh * NSPLIT + sp
+            dstt += tl.load(
+                DST + part * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
+                mask=m_ok[None, :] & (offs_dv[:, None] < DV),
+                other=0.0,
+            )
+            dz += tl.load(DKS + part * M + offs_m, mask=m_ok, other=0.0)
         dst_hi = dstt.to(vt.dtype)
-        dz = tl.load(DKS + pid_nh * M + offs_m, mask=m_ok, other=0.0)
         dphi = (
             mm_exact_a(
                 vt,
@@ -691,34 +743,42 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     state = torch.empty(nh, c["m"], c["dv"], **f32)
     ksum = torch.empty(nh, c["m"], **f32)
     ck = torch.empty(nh, **f32)
-    _merge_kernel[(nmb, nh)](
+    query_blocks = cdiv(length, BLOCK_ROWS)
+    merge_in_query = query_blocks * nsplit <= MERGE_IN_KERNEL_MAX
+    if not merge_in_query:
+        _merge_kernel[(nmb, nh)](
+            a,
+            z,
+            mx,
+            state,
+            ksum,
+            ck,
+            nsplit,
+            nmb,
+            c["m"],
+            c["dv"],
+            BLOCK_M=c["BLOCK_M"],
+            BLOCK_DV=c["BLOCK_DV"],
+            BLOCK_P=next_pow2(nsplit * nmb),
+        )
+    out = heads_last(n, h, length, c["dv"], device=q.device, dtype=store_dtype(q.dtype))
+    cq = torch.empty(nh, length, **f32)
+    den = torch.empty(nh, length, **f32)
+    _query_out_kernel[(query_blocks, nh)](
+        q,
+        w_hi,
+        w_lo,
         a,
         z,
         mx,
         state,
         ksum,
         ck,
-        nsplit,
-        nmb,
-        c["m"],
-        c["dv"],
-        BLOCK_M=c["BLOCK_M"],
-        BLOCK_DV=c["BLOCK_DV"],
-        BLOCK_P=next_pow2(nsplit * nmb),
-    )
-    del a, z, mx
-    out = heads_last(n, h, length, c["dv"], device=q.device, dtype=store_dtype(q.dtype))
-    cq = torch.empty(nh, length, **f32)
-    den = torch.empty(nh, length, **f32)
-    _query_out_kernel[(cdiv(length, BLOCK_ROWS), nh)](
-        q,
-        w_hi,
-        w_lo,
-        state,
-        ksum,
         out,
         cq,
         den,
+        nsplit,
+        nmb,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -740,6 +800,8 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
         BLOCK_DV=c["BLOCK_DV"],
         MIXED_PASSES=PRECISION.fwd_mixed,
         FP32_DOT=PRECISION.fp32_dot,
+        MERGE=merge_in_query,
+        BLOCK_P=next_pow2(nsplit * nmb),
         **launch_opts("query_out", c),
     )
     return out.to(q.dtype), state, ksum, ck, cq, den
@@ -829,7 +891,9 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
         FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("query_state_grad", c),
     )
-    dst, dks = (dst[:, 0], dks[:, 0]) if nsplit == 1 else (dst.sum(1), dks.sum(1))
+    key_blocks = cdiv(s_len, BLOCK_ROWS)
+    if key_blocks * nsplit > MERGE_IN_KERNEL_MAX:  # else the key-gradient kernel sums the splits
+        dst, dks, nsplit = dst.sum(1), dks.sum(1), 1
     bias = key_bias.contiguous() if key_bias is not None else dst
     _key_grad_kernel[(cdiv(s_len, BLOCK_ROWS), nh)](
         k,
@@ -842,6 +906,7 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
         dks,
         dk,
         dv,
+        nsplit,
         k.stride(0),
         k.stride(1),
         k.stride(2),

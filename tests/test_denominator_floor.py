@@ -64,7 +64,14 @@ def test_peaked_features_give_the_attention_and_finite_gradients(backend, causal
     # equal keys: the attention of query i is the mean of the values it sees
     count = torch.arange(1, v.shape[2] + 1, dtype=torch.float64, device=v.device)[:, None]
     expected = v.double().cumsum(2) / count if causal else v.double().mean(2, keepdim=True).expand_as(v)
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    # the feature logits here reach |s| ~ 400, whose float32 rounding (ulp ~3e-5) may differ between
+    # equal keys computed in different tiles: their weights then differ by that much, relatively
+    # (without the floor the outputs are 0 or NaN)
+    with torch.no_grad():
+        y = k.double() * k.shape[-1] ** -0.25
+        largest = max(s.abs().max().item(), (y @ projection.double().T - 0.5 * (y * y).sum(-1, keepdim=True)).abs().max().item())
+    tol = 4 * largest * 2.0**-23
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
     # and every gradient is the float64 formula's
     exact = run_fp64(q, k, v, projection, dout, None, "softmax", causal)
     for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), exact[1:]):
@@ -99,6 +106,10 @@ def test_dropped_key_with_the_largest_logit_does_not_set_the_scale(backend, caus
         assert (s[:, :, 0] - s[:, :, 1:].amax(-1) > 150).all()
     exact = run_fp64(q, k, v, projection, dout, mask, "softmax", causal)
     got = run(backend, q, k, v, projection, dout, mask, "softmax", causal)
+    # scaled by the dropped key, outputs and gradients are 0 (error 1). dq and dk subtract nearly equal
+    # terms of size |y| |sum_m ds_m| (|y| ~ 25 here): their float32 error, relative to their size,
+    # reaches 1e-3..1e-2 for some draws, in the reference op as well
+    bounds = {"out": 1e-4, "dq": 3e-2, "dk": 3e-2, "dv": 1e-4}
     for name, g, e in zip(("out", "dq", "dk", "dv"), got, exact):
         assert torch.isfinite(g).all(), name
-        assert rel_err(g, e) < 1e-4, f"{name}: {rel_err(g, e):.2e}"
+        assert rel_err(g, e) < bounds[name], f"{name}: {rel_err(g, e):.2e}"

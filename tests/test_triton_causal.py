@@ -77,6 +77,29 @@ def test_future_keys_do_not_change_the_past(gen):
     torch.testing.assert_close(out[:, :, :60], out2[:, :, :60], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("length", [1, 7, 8, 37, 70])
+def test_stabiliser_kernel_equals_the_cummax_formula(length, gen):
+    """``c = cummax(max(max_b r, floor))``, each chunk's end and the previous chunk's end (``c_0`` for
+    chunk 0), over several steps of the kernel (chunks of 4, 2 chunks per step), with dropped keys
+    (``-inf`` rows, also at the start)."""
+    from randattn.ops.causal.triton import _stabiliser_kernel
+    from randattn.ops.feature_maps import STABILISER_FLOOR
+
+    nh, nmb, chunk = 3, 3, 4
+    nt = -(-length // chunk)
+    rp = (torch.randn(nh, length, nmb, generator=gen) * 50).to(DEVICE)
+    rp[0, : min(3, length)] = float("-inf")  # the first keys of head 0 dropped
+    rp[1, length // 2 :: 3] = float("-inf")
+    rp[2, :, 1] = float("-inf")
+    c, cend, cprev = (torch.full(shape, float("nan"), device=DEVICE) for shape in ((nh, length), (nh, nt), (nh, nt)))
+    _stabiliser_kernel[(nh,)](rp, c, cend, cprev, length, nt, nmb, BLOCK_NMB=4, BLOCK_C=chunk, CHUNKS=2)
+    want = torch.cummax(rp.amax(-1).clamp_min(STABILISER_FLOOR), dim=-1).values
+    last = torch.clamp(torch.arange(nt, device=DEVICE) * chunk + chunk - 1, max=length - 1)
+    want_end = want[:, last]
+    want_prev = torch.cat([want[:, :1], want_end[:, :-1]], dim=1)
+    assert torch.equal(c, want) and torch.equal(cend, want_end) and torch.equal(cprev, want_prev)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_first_key_far_below_its_chunk(dtype, gen):
     """Key 0's largest logit ``y . w - |y|^2 / 2`` some 200 below the later keys' in the same chunk: the

@@ -9,7 +9,8 @@ Forward:
 
 1. ``_chunk_state_kernel`` (chunk x feature block, parallel): per chunk the partial state
    ``A_t = sum_j exp(s_k[j] - M_t) v_j`` at the chunk's own maximum ``M_t`` and the row maxima ``r``.
-2. host: ``c = cummax(r)``.
+2. ``_stabiliser_kernel`` (one program per head): ``c = cummax(r)``, each chunk's end and the scale
+   ``c_prev`` of its carried state.
 3. ``_scan_kernel``: sequential over chunks, parallel over ``(n, h)`` and feature blocks, it turns the
    partials into the carried states in place.
 4. ``_chunk_out_kernel`` (chunk-parallel): inter-chunk part ``phi_q S_t`` plus the intra-chunk
@@ -49,13 +50,13 @@ from .._triton_utils import (
     mm_exact_b,
     mm_mixed,
     mm_mixed_w,
+    next_pow2,
     prepare_projection,
     query_floor,
     rows_contiguous,
     store_dtype,
 )
 from ..eager import KernelAttention
-from ..feature_maps import STABILISER_FLOOR
 from ..launch import direct_launch
 
 __all__ = ["causal_attention", "CHUNK", "forward_saving", "backward_from"]
@@ -158,20 +159,23 @@ def _chunk_state_kernel(
 def _scan_kernel(
     X,
     XZ,
-    DECAY,
-    GAIN,
+    CPREV,
+    CEND,
+    MB,
     NT,
     M,
     DV,
     NMB,
     REVERSE: tl.constexpr,
+    HAS_GAIN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     FEATURE_BLOCK: tl.constexpr,
 ):
-    """In place: ``X[t] <- state before step t``; ``state <- state * DECAY[t] + X[t] * GAIN[t, block]``.
+    """In place: ``X[t] <- state before step t``; ``state <- state * decay[t] + X[t] * gain[t, block]``
+    with ``decay = exp(CPREV - CEND)`` and ``gain = exp(MB - CEND)`` (``HAS_GAIN``; else 1).
 
-    A tile is ``BLOCK_M`` rows of a feature block of ``FEATURE_BLOCK`` (``GAIN`` has one value per
+    A tile is ``BLOCK_M`` rows of a feature block of ``FEATURE_BLOCK`` (``MB`` has one value per
     feature block) by ``BLOCK_DV`` columns. Measured on the H100 (bf16, L=65536, fwd+bwd of the op):
     tiles of 64 x 64 with one warp 32.0 ms, 64 x 32 with four warps 38.3 ms, 32 x 16 48.3 ms.
     """
@@ -194,12 +198,69 @@ def _scan_kernel(
         ptrs = X + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :]
         x = tl.load(ptrs, mask=mask, other=0.0)
         xz = tl.load(XZ + base * M + offs_m, mask=m_ok & do_z, other=0.0)
-        decay = tl.load(DECAY + base)
-        gain = tl.load(GAIN + base * NMB + (pid_m * BLOCK_M) // FEATURE_BLOCK)
+        cend = tl.load(CEND + base)
+        decay = tl.exp(tl.load(CPREV + base) - cend)
         tl.store(ptrs, st, mask=mask)
         tl.store(XZ + base * M + offs_m, sz, mask=m_ok & do_z)
-        st = st * decay + x * gain
-        sz = sz * decay + xz * gain
+        if HAS_GAIN:
+            gain = tl.exp(tl.load(MB + base * NMB + (pid_m * BLOCK_M) // FEATURE_BLOCK) - cend)
+            st = st * decay + x * gain
+            sz = sz * decay + xz * gain
+        else:
+            st = st * decay + x
+            sz = sz * decay + xz
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@direct_launch
+@triton.jit
+def _stabiliser_kernel(
+    RP,
+    C,
+    CEND,
+    CPREV,
+    L,
+    NT,
+    NMB,
+    BLOCK_NMB: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CHUNKS: tl.constexpr,
+):
+    """Per head: ``c = cummax(max(max_b RP, floor))`` over positions, the chunks' ends ``CEND`` (``c``
+    at each chunk's last position) and ``CPREV`` (the previous chunk's end; for chunk 0 ``c_0``, the
+    smallest scale of that chunk). ``CHUNKS`` chunks of ``BLOCK_C`` positions per step."""
+    pid = tl.program_id(0)
+    offs_b = tl.arange(0, BLOCK_NMB)
+    offs_k = tl.arange(0, CHUNKS)
+    # c_0 = r_0 (floored): the scale of chunk 0's empty state
+    first = tl.maximum(tl.max(tl.load(RP + pid * L * NMB + offs_b, mask=offs_b < NMB, other=NEG_BIG), 0), NEG_BIG)
+    carry = NEG_BIG  # c before the positions of this step
+    for t0 in range(0, NT, CHUNKS):
+        offs_l = t0 * BLOCK_C + tl.arange(0, CHUNKS * BLOCK_C)
+        l_ok = offs_l < L
+        rp = tl.load(
+            RP + (pid * L + offs_l[:, None]) * NMB + offs_b[None, :],
+            mask=l_ok[:, None] & (offs_b[None, :] < NMB),
+            other=NEG_BIG,
+        )
+        r = tl.where(l_ok, tl.maximum(tl.max(rp, 1), NEG_BIG), NEG_BIG)
+        c = tl.maximum(tl.associative_scan(r, 0, _max_combine), carry)
+        tl.store(C + pid * L + offs_l, c, mask=l_ok)
+        # c is non-decreasing: a chunk's end is its largest c, and the previous chunk's end is the
+        # largest r before the chunk (or the carry)
+        cend = tl.max(tl.reshape(c, (CHUNKS, BLOCK_C)), 1)
+        chunk_r = tl.max(tl.reshape(r, (CHUNKS, BLOCK_C)), 1)
+        before = tl.max(tl.where(offs_k[None, :] < offs_k[:, None], chunk_r[None, :], NEG_BIG), 1)
+        offs_t = t0 + offs_k
+        cprev = tl.where(offs_t == 0, first, tl.maximum(before, carry))
+        t_ok = offs_t < NT
+        tl.store(CEND + pid * NT + offs_t, cend, mask=t_ok)
+        tl.store(CPREV + pid * NT + offs_t, cprev, mask=t_ok)
+        carry = tl.maximum(carry, tl.max(r, 0))
 
 
 @direct_launch
@@ -661,25 +722,32 @@ def _chunk_grad_kernel(
 # launchers
 
 
-def _scan(x, xz, decay, gain, nmb, sz, reverse):
-    nh, nt = decay.shape
+def _scan(x, xz, cprev, cend, mb, nmb, sz, reverse):
+    """States in place (see ``_scan_kernel``); ``mb=None``: no gain."""
+    nh, nt = cend.shape
     block_m = min(sz["BLOCK_M"], SCAN_BLOCK[0])
     block_dv = min(sz["BLOCK_DV"], SCAN_BLOCK[1])
     _scan_kernel[(cdiv(sz["m"], block_m), cdiv(sz["dv"], block_dv), nh)](
         x,
         xz,
-        decay,
-        gain,
+        cprev,
+        cend,
+        cend if mb is None else mb,
         nt,
         sz["m"],
         sz["dv"],
         nmb,
         REVERSE=reverse,
+        HAS_GAIN=mb is not None,
         BLOCK_M=block_m,
         BLOCK_DV=block_dv,
         FEATURE_BLOCK=sz["BLOCK_M"],
         **launch_opts("scan"),
     )
+
+
+#: Chunks per step of the stabiliser kernel.
+STABILISER_CHUNKS = 16
 
 
 def _stabilisers(k, v, w_hi, w_lo, key_bias, sz):
@@ -730,14 +798,27 @@ def _stabilisers(k, v, w_hi, w_lo, key_bias, sz):
         FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("chunk_state", sz),
     )
-    # STABILISER_FLOOR before the first kept key (its exp factors are 0 or 1, never NaN)
-    c = torch.cummax(rp.amax(-1).clamp_min(STABILISER_FLOOR), dim=-1).values
-    last = torch.clamp(torch.arange(nt, device=k.device) * CHUNK + CHUNK - 1, max=length - 1)
-    cend = c[:, last].contiguous()
-    # the (empty) state of chunk 0 takes the scale of position 0, the smallest of that chunk, so every
-    # factor exp(cprev - c_i) is at most 1 (chunk 0's end can stand more than 88 above position 0:
-    # exp would overflow to inf, and inf times the empty state is NaN)
-    cprev = torch.cat([c[:, :1], cend[:, :-1]], dim=1).contiguous()
+    # c = cummax(max(r, STABILISER_FLOOR)): the floor before the first kept key (its exp factors are 0
+    # or 1, never NaN). The (empty) state of chunk 0 takes the scale of position 0, the smallest of
+    # that chunk, so every factor exp(cprev - c_i) is at most 1 (chunk 0's end can stand more than 88
+    # above position 0: exp would overflow to inf, and inf times the empty state is NaN).
+    c = torch.empty(nh, length, **f32)
+    cend = torch.empty(nh, nt, **f32)
+    cprev = torch.empty(nh, nt, **f32)
+    _stabiliser_kernel[(nh,)](
+        rp,
+        c,
+        cend,
+        cprev,
+        length,
+        nt,
+        nmb,
+        BLOCK_NMB=next_pow2(nmb),
+        BLOCK_C=CHUNK,
+        CHUNKS=STABILISER_CHUNKS,
+        num_warps=4,
+        num_stages=1,
+    )
     return a, za, mb, c, cprev, cend
 
 
@@ -759,7 +840,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     nmb = cdiv(sz["m"], sz["BLOCK_M"])
     a, za, mb, c, cprev, cend = _stabilisers(k, v, w_hi, w_lo, key_bias, sz)
     # states at the scale of the previous chunk's end
-    _scan(a, za, torch.exp(cprev - cend).contiguous(), torch.exp(mb - cend[..., None]).contiguous(), nmb, sz, False)
+    _scan(a, za, cprev, cend, mb, nmb, sz, False)
     f32 = dict(device=q.device, dtype=torch.float32)
     out = heads_last(n, h, length, sz["dv"], device=q.device, dtype=store_dtype(q.dtype))
     out_lo = heads_last(n, h, length, sz["dv"], device=q.device, dtype=store_dtype(q.dtype))
@@ -876,7 +957,7 @@ def _backward(
         FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("chunk_rstate", sz),
     )
-    _scan(rb, rz, torch.exp(cprev - cend).contiguous(), torch.ones(nh, nt, nmb, **f32), nmb, sz, True)
+    _scan(rb, rz, cprev, cend, None, nmb, sz, True)
     dq, dk, dv = gradient_buffers(q, k, v, grads)
     if dq.stride() != dk.stride():
         raise ValueError(f"dq and dk must have one layout, got strides {dq.stride()} and {dk.stride()}")

@@ -80,8 +80,9 @@ def test_future_keys_do_not_change_the_past(gen):
 @pytest.mark.parametrize("length", [1, 7, 8, 37, 70])
 def test_stabiliser_kernel_equals_the_cummax_formula(length, gen):
     """``c = cummax(max(max_b r, floor))``, each chunk's end and the previous chunk's end (``c_0`` for
-    chunk 0), over several steps of the kernel (chunks of 4, 2 chunks per step), with dropped keys
-    (``-inf`` rows, also at the start)."""
+    chunk 0), over several programs of the kernel (chunks of 4, 2 chunks per program, the running
+    maximum before a program from the chunks' maxima), with dropped keys (``-inf`` rows, also at the
+    start)."""
     from randattn.ops.causal.triton import _stabiliser_kernel
     from randattn.ops.feature_maps import STABILISER_FLOOR
 
@@ -91,8 +92,13 @@ def test_stabiliser_kernel_equals_the_cummax_formula(length, gen):
     rp[0, : min(3, length)] = float("-inf")  # the first keys of head 0 dropped
     rp[1, length // 2 :: 3] = float("-inf")
     rp[2, :, 1] = float("-inf")
+    # the chunks' maxima per feature block, floored (as the chunk-state kernel writes them)
+    padded = torch.full((nh, nt * chunk, nmb), float("-inf"), device=DEVICE)
+    padded[:, :length] = rp
+    mb = padded.view(nh, nt, chunk, nmb).amax(2).clamp_min(STABILISER_FLOOR)
     c, cend, cprev = (torch.full(shape, float("nan"), device=DEVICE) for shape in ((nh, length), (nh, nt), (nh, nt)))
-    _stabiliser_kernel[(nh,)](rp, c, cend, cprev, length, nt, nmb, BLOCK_NMB=4, BLOCK_C=chunk, CHUNKS=2)
+    grid = (-(-nt // 2), nh)
+    _stabiliser_kernel[grid](rp, mb, c, cend, cprev, length, nt, nmb, BLOCK_NMB=4, BLOCK_C=chunk, CHUNKS=2, BLOCK_T=2)
     want = torch.cummax(rp.amax(-1).clamp_min(STABILISER_FLOOR), dim=-1).values
     last = torch.clamp(torch.arange(nt, device=DEVICE) * chunk + chunk - 1, max=length - 1)
     want_end = want[:, last]

@@ -9,8 +9,8 @@ Forward:
 
 1. ``_chunk_state_kernel`` (chunk x feature block, parallel): per chunk the partial state
    ``A_t = sum_j exp(s_k[j] - M_t) v_j`` at the chunk's own maximum ``M_t`` and the row maxima ``r``.
-2. ``_stabiliser_kernel`` (one program per head): ``c = cummax(r)``, each chunk's end and the scale
-   ``c_prev`` of its carried state.
+2. ``_stabiliser_kernel`` (blocks of chunks, parallel): ``c = cummax(r)``, each chunk's end and the
+   scale ``c_prev`` of its carried state.
 3. ``_scan_kernel``: sequential over chunks, parallel over ``(n, h)`` and feature blocks, it turns the
    partials into the carried states in place.
 4. ``_chunk_out_kernel`` (chunk-parallel): inter-chunk part ``phi_q S_t`` plus the intra-chunk
@@ -220,6 +220,7 @@ def _max_combine(a, b):
 @triton.jit
 def _stabiliser_kernel(
     RP,
+    MB,
     C,
     CEND,
     CPREV,
@@ -229,38 +230,49 @@ def _stabiliser_kernel(
     BLOCK_NMB: tl.constexpr,
     BLOCK_C: tl.constexpr,
     CHUNKS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
-    """Per head: ``c = cummax(max(max_b RP, floor))`` over positions, the chunks' ends ``CEND`` (``c``
-    at each chunk's last position) and ``CPREV`` (the previous chunk's end; for chunk 0 ``c_0``, the
-    smallest scale of that chunk). ``CHUNKS`` chunks of ``BLOCK_C`` positions per step."""
-    pid = tl.program_id(0)
+    """``c = cummax(max(max_b RP, floor))`` over positions, the chunks' ends ``CEND`` (``c`` at each
+    chunk's last position) and ``CPREV`` (the previous chunk's end; for chunk 0 ``c_0``, the smallest
+    scale of that chunk), for ``CHUNKS`` chunks of ``BLOCK_C`` positions per program. The running
+    maximum before the program's first chunk comes from the chunks' maxima ``MB`` (``(NT, NMB)`` per
+    head, floored), so the programs of a head run in parallel."""
+    pid_s = tl.program_id(0)
+    pid = tl.program_id(1)
     offs_b = tl.arange(0, BLOCK_NMB)
     offs_k = tl.arange(0, CHUNKS)
-    # c_0 = r_0 (floored): the scale of chunk 0's empty state
-    first = tl.maximum(tl.max(tl.load(RP + pid * L * NMB + offs_b, mask=offs_b < NMB, other=NEG_BIG), 0), NEG_BIG)
-    carry = NEG_BIG  # c before the positions of this step
-    for t0 in range(0, NT, CHUNKS):
-        offs_l = t0 * BLOCK_C + tl.arange(0, CHUNKS * BLOCK_C)
-        l_ok = offs_l < L
-        rp = tl.load(
-            RP + (pid * L + offs_l[:, None]) * NMB + offs_b[None, :],
-            mask=l_ok[:, None] & (offs_b[None, :] < NMB),
+    t0 = pid_s * CHUNKS
+    carry = NEG_BIG  # c before chunk t0: the largest maximum of the chunks before it
+    for tb in range(0, t0, BLOCK_T):
+        offs_tb = tb + tl.arange(0, BLOCK_T)
+        mb = tl.load(
+            MB + (pid * NT + offs_tb[:, None]) * NMB + offs_b[None, :],
+            mask=(offs_tb[:, None] < t0) & (offs_b[None, :] < NMB),
             other=NEG_BIG,
         )
-        r = tl.where(l_ok, tl.maximum(tl.max(rp, 1), NEG_BIG), NEG_BIG)
-        c = tl.maximum(tl.associative_scan(r, 0, _max_combine), carry)
-        tl.store(C + pid * L + offs_l, c, mask=l_ok)
-        # c is non-decreasing: a chunk's end is its largest c, and the previous chunk's end is the
-        # largest r before the chunk (or the carry)
-        cend = tl.max(tl.reshape(c, (CHUNKS, BLOCK_C)), 1)
-        chunk_r = tl.max(tl.reshape(r, (CHUNKS, BLOCK_C)), 1)
-        before = tl.max(tl.where(offs_k[None, :] < offs_k[:, None], chunk_r[None, :], NEG_BIG), 1)
-        offs_t = t0 + offs_k
-        cprev = tl.where(offs_t == 0, first, tl.maximum(before, carry))
-        t_ok = offs_t < NT
-        tl.store(CEND + pid * NT + offs_t, cend, mask=t_ok)
-        tl.store(CPREV + pid * NT + offs_t, cprev, mask=t_ok)
-        carry = tl.maximum(carry, tl.max(r, 0))
+        carry = tl.maximum(carry, tl.max(tl.max(mb, 1), 0))
+    # c_0 = r_0 (floored): the scale of chunk 0's empty state
+    first = tl.maximum(tl.max(tl.load(RP + pid * L * NMB + offs_b, mask=offs_b < NMB, other=NEG_BIG), 0), NEG_BIG)
+    offs_l = t0 * BLOCK_C + tl.arange(0, CHUNKS * BLOCK_C)
+    l_ok = offs_l < L
+    rp = tl.load(
+        RP + (pid * L + offs_l[:, None]) * NMB + offs_b[None, :],
+        mask=l_ok[:, None] & (offs_b[None, :] < NMB),
+        other=NEG_BIG,
+    )
+    r = tl.where(l_ok, tl.maximum(tl.max(rp, 1), NEG_BIG), NEG_BIG)
+    c = tl.maximum(tl.associative_scan(r, 0, _max_combine), carry)
+    tl.store(C + pid * L + offs_l, c, mask=l_ok)
+    # c is non-decreasing: a chunk's end is its largest c, and the previous chunk's end is the
+    # largest r before the chunk (or the carry)
+    cend = tl.max(tl.reshape(c, (CHUNKS, BLOCK_C)), 1)
+    chunk_r = tl.max(tl.reshape(r, (CHUNKS, BLOCK_C)), 1)
+    before = tl.max(tl.where(offs_k[None, :] < offs_k[:, None], chunk_r[None, :], NEG_BIG), 1)
+    offs_t = t0 + offs_k
+    cprev = tl.where(offs_t == 0, first, tl.maximum(before, carry))
+    t_ok = offs_t < NT
+    tl.store(CEND + pid * NT + offs_t, cend, mask=t_ok)
+    tl.store(CPREV + pid * NT + offs_t, cprev, mask=t_ok)
 
 
 @direct_launch
@@ -746,7 +758,7 @@ def _scan(x, xz, cprev, cend, mb, nmb, sz, reverse):
     )
 
 
-#: Chunks per step of the stabiliser kernel.
+#: Chunks per program of the stabiliser kernel.
 STABILISER_CHUNKS = 16
 
 
@@ -805,8 +817,9 @@ def _stabilisers(k, v, w_hi, w_lo, key_bias, sz):
     c = torch.empty(nh, length, **f32)
     cend = torch.empty(nh, nt, **f32)
     cprev = torch.empty(nh, nt, **f32)
-    _stabiliser_kernel[(nh,)](
+    _stabiliser_kernel[(cdiv(nt, STABILISER_CHUNKS), nh)](
         rp,
+        mb,
         c,
         cend,
         cprev,
@@ -816,6 +829,7 @@ def _stabilisers(k, v, w_hi, w_lo, key_bias, sz):
         BLOCK_NMB=next_pow2(nmb),
         BLOCK_C=CHUNK,
         CHUNKS=STABILISER_CHUNKS,
+        BLOCK_T=256,
         num_warps=4,
         num_stages=1,
     )

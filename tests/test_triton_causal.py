@@ -96,14 +96,21 @@ def test_stabiliser_kernel_equals_the_cummax_formula(length, gen):
     padded = torch.full((nh, nt * chunk, nmb), float("-inf"), device=DEVICE)
     padded[:, :length] = rp
     mb = padded.view(nh, nt, chunk, nmb).amax(2).clamp_min(STABILISER_FLOOR)
-    c, cend, cprev = (torch.full(shape, float("nan"), device=DEVICE) for shape in ((nh, length), (nh, nt), (nh, nt)))
+    shapes = ((nh, length), (nh, nt), (nh, nt), (nh, nt), (nh, nt, nmb))
+    c, cend, cprev, decay, gain = (torch.full(shape, float("nan"), device=DEVICE) for shape in shapes)
     grid = (-(-nt // 2), nh)
-    _stabiliser_kernel[grid](rp, mb, c, cend, cprev, length, nt, nmb, BLOCK_NMB=4, BLOCK_C=chunk, CHUNKS=2, BLOCK_T=2)
+    _stabiliser_kernel[grid](
+        rp, mb, c, cend, cprev, decay, gain, length, nt, nmb, BLOCK_NMB=4, BLOCK_C=chunk, CHUNKS=2, BLOCK_T=2
+    )
     want = torch.cummax(rp.amax(-1).clamp_min(STABILISER_FLOOR), dim=-1).values
     last = torch.clamp(torch.arange(nt, device=DEVICE) * chunk + chunk - 1, max=length - 1)
     want_end = want[:, last]
     want_prev = torch.cat([want[:, :1], want_end[:, :-1]], dim=1)
     assert torch.equal(c, want) and torch.equal(cend, want_end) and torch.equal(cprev, want_prev)
+    # the GPU's exp of x rounds x log2(e) first: relative error up to ~|x| 1e-7
+    torch.testing.assert_close(decay, torch.exp(want_prev - want_end), rtol=3e-5, atol=1e-30)
+    torch.testing.assert_close(gain, torch.exp(mb - want_end[..., None]), rtol=3e-5, atol=1e-30)
+    assert (decay <= 1).all() and (gain <= 1).all()  # the scales never grow along the chunks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

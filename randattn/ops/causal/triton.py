@@ -159,9 +159,8 @@ def _chunk_state_kernel(
 def _scan_kernel(
     X,
     XZ,
-    CPREV,
-    CEND,
-    MB,
+    DECAY,
+    GAIN,
     NT,
     M,
     DV,
@@ -172,12 +171,13 @@ def _scan_kernel(
     BLOCK_DV: tl.constexpr,
     FEATURE_BLOCK: tl.constexpr,
 ):
-    """In place: ``X[t] <- state before step t``; ``state <- state * decay[t] + X[t] * gain[t, block]``
-    with ``decay = exp(CPREV - CEND)`` and ``gain = exp(MB - CEND)`` (``HAS_GAIN``; else 1).
+    """In place: ``X[t] <- state before step t``; ``state <- state * DECAY[t] + X[t] * GAIN[t, block]``
+    (``GAIN`` is 1 unless ``HAS_GAIN``).
 
-    A tile is ``BLOCK_M`` rows of a feature block of ``FEATURE_BLOCK`` (``MB`` has one value per
+    A tile is ``BLOCK_M`` rows of a feature block of ``FEATURE_BLOCK`` (``GAIN`` has one value per
     feature block) by ``BLOCK_DV`` columns. Measured on the H100 (bf16, L=65536, fwd+bwd of the op):
-    tiles of 64 x 64 with one warp 32.0 ms, 64 x 32 with four warps 38.3 ms, 32 x 16 48.3 ms.
+    tiles of 64 x 64 with one warp 32.0 ms, 64 x 32 with four warps 38.3 ms, 32 x 16 48.3 ms. The
+    factors are loaded, not computed here: the loop is latency-bound.
     """
     pid_m = tl.program_id(0)
     pid_dv = tl.program_id(1)
@@ -198,12 +198,11 @@ def _scan_kernel(
         ptrs = X + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :]
         x = tl.load(ptrs, mask=mask, other=0.0)
         xz = tl.load(XZ + base * M + offs_m, mask=m_ok & do_z, other=0.0)
-        cend = tl.load(CEND + base)
-        decay = tl.exp(tl.load(CPREV + base) - cend)
+        decay = tl.load(DECAY + base)
         tl.store(ptrs, st, mask=mask)
         tl.store(XZ + base * M + offs_m, sz, mask=m_ok & do_z)
         if HAS_GAIN:
-            gain = tl.exp(tl.load(MB + base * NMB + (pid_m * BLOCK_M) // FEATURE_BLOCK) - cend)
+            gain = tl.load(GAIN + base * NMB + (pid_m * BLOCK_M) // FEATURE_BLOCK)
             st = st * decay + x * gain
             sz = sz * decay + xz * gain
         else:
@@ -224,6 +223,8 @@ def _stabiliser_kernel(
     C,
     CEND,
     CPREV,
+    DECAY,
+    GAIN,
     L,
     NT,
     NMB,
@@ -236,7 +237,8 @@ def _stabiliser_kernel(
     chunk's last position) and ``CPREV`` (the previous chunk's end; for chunk 0 ``c_0``, the smallest
     scale of that chunk), for ``CHUNKS`` chunks of ``BLOCK_C`` positions per program. The running
     maximum before the program's first chunk comes from the chunks' maxima ``MB`` (``(NT, NMB)`` per
-    head, floored), so the programs of a head run in parallel."""
+    head, floored), so the programs of a head run in parallel. Also the forward scan's factors
+    ``DECAY = exp(CPREV - CEND)`` and ``GAIN = exp(MB - CEND)``."""
     pid_s = tl.program_id(0)
     pid = tl.program_id(1)
     offs_b = tl.arange(0, BLOCK_NMB)
@@ -273,6 +275,10 @@ def _stabiliser_kernel(
     t_ok = offs_t < NT
     tl.store(CEND + pid * NT + offs_t, cend, mask=t_ok)
     tl.store(CPREV + pid * NT + offs_t, cprev, mask=t_ok)
+    tl.store(DECAY + pid * NT + offs_t, tl.exp(cprev - cend), mask=t_ok)
+    gmask = t_ok[:, None] & (offs_b[None, :] < NMB)
+    g_ptrs = (pid * NT + offs_t[:, None]) * NMB + offs_b[None, :]
+    tl.store(GAIN + g_ptrs, tl.exp(tl.load(MB + g_ptrs, mask=gmask, other=0.0) - cend[:, None]), mask=gmask)
 
 
 @direct_launch
@@ -734,23 +740,22 @@ def _chunk_grad_kernel(
 # launchers
 
 
-def _scan(x, xz, cprev, cend, mb, nmb, sz, reverse):
-    """States in place (see ``_scan_kernel``); ``mb=None``: no gain."""
-    nh, nt = cend.shape
+def _scan(x, xz, decay, gain, nmb, sz, reverse):
+    """States in place (see ``_scan_kernel``); ``gain=None``: a gain of 1."""
+    nh, nt = decay.shape
     block_m = min(sz["BLOCK_M"], SCAN_BLOCK[0])
     block_dv = min(sz["BLOCK_DV"], SCAN_BLOCK[1])
     _scan_kernel[(cdiv(sz["m"], block_m), cdiv(sz["dv"], block_dv), nh)](
         x,
         xz,
-        cprev,
-        cend,
-        cend if mb is None else mb,
+        decay,
+        decay if gain is None else gain,
         nt,
         sz["m"],
         sz["dv"],
         nmb,
         REVERSE=reverse,
-        HAS_GAIN=mb is not None,
+        HAS_GAIN=gain is not None,
         BLOCK_M=block_m,
         BLOCK_DV=block_dv,
         FEATURE_BLOCK=sz["BLOCK_M"],
@@ -763,7 +768,7 @@ STABILISER_CHUNKS = 16
 
 
 def _stabilisers(k, v, w_hi, w_lo, key_bias, sz):
-    """Chunk partial states and the stabilisers: returns ``(A, ZA, MB, c, cprev, cend)``."""
+    """Chunk partial states and the stabilisers: returns ``(A, ZA, c, cprev, cend, decay, gain)``."""
     n, h, length, _ = k.shape
     nh = n * h
     nt = cdiv(length, CHUNK)
@@ -817,12 +822,16 @@ def _stabilisers(k, v, w_hi, w_lo, key_bias, sz):
     c = torch.empty(nh, length, **f32)
     cend = torch.empty(nh, nt, **f32)
     cprev = torch.empty(nh, nt, **f32)
+    decay = torch.empty(nh, nt, **f32)
+    gain = torch.empty(nh, nt, nmb, **f32)
     _stabiliser_kernel[(cdiv(nt, STABILISER_CHUNKS), nh)](
         rp,
         mb,
         c,
         cend,
         cprev,
+        decay,
+        gain,
         length,
         nt,
         nmb,
@@ -833,7 +842,7 @@ def _stabilisers(k, v, w_hi, w_lo, key_bias, sz):
         num_warps=4,
         num_stages=1,
     )
-    return a, za, mb, c, cprev, cend
+    return a, za, c, cprev, cend, decay, gain
 
 
 def _split_output(out: torch.Tensor, out_lo: torch.Tensor, dtype: torch.dtype):
@@ -852,9 +861,10 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     sz = launch_sizes(q, v, projection, kernel_fn)
     w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
     nmb = cdiv(sz["m"], sz["BLOCK_M"])
-    a, za, mb, c, cprev, cend = _stabilisers(k, v, w_hi, w_lo, key_bias, sz)
+    a, za, c, cprev, cend, decay, gain = _stabilisers(k, v, w_hi, w_lo, key_bias, sz)
     # states at the scale of the previous chunk's end
-    _scan(a, za, cprev, cend, mb, nmb, sz, False)
+    _scan(a, za, decay, gain, nmb, sz, False)
+    del decay, gain
     f32 = dict(device=q.device, dtype=torch.float32)
     out = heads_last(n, h, length, sz["dv"], device=q.device, dtype=store_dtype(q.dtype))
     out_lo = heads_last(n, h, length, sz["dv"], device=q.device, dtype=store_dtype(q.dtype))
@@ -971,7 +981,7 @@ def _backward(
         FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("chunk_rstate", sz),
     )
-    _scan(rb, rz, cprev, cend, None, nmb, sz, True)
+    _scan(rb, rz, torch.exp(cprev - cend), None, nmb, sz, True)
     dq, dk, dv = gradient_buffers(q, k, v, grads)
     if dq.stride() != dk.stride():
         raise ValueError(f"dq and dk must have one layout, got strides {dq.stride()} and {dk.stride()}")

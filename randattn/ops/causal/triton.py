@@ -199,15 +199,14 @@ def _scan_kernel(
         x = tl.load(ptrs, mask=mask, other=0.0)
         xz = tl.load(XZ + base * M + offs_m, mask=m_ok & do_z, other=0.0)
         decay = tl.load(DECAY + base)
+        if HAS_GAIN:  # loaded before the stores below, which the compiler cannot move it across
+            gain = tl.load(GAIN + base * NMB + (pid_m * BLOCK_M) // FEATURE_BLOCK)
+            x = x * gain
+            xz = xz * gain
         tl.store(ptrs, st, mask=mask)
         tl.store(XZ + base * M + offs_m, sz, mask=m_ok & do_z)
-        if HAS_GAIN:
-            gain = tl.load(GAIN + base * NMB + (pid_m * BLOCK_M) // FEATURE_BLOCK)
-            st = st * decay + x * gain
-            sz = sz * decay + xz * gain
-        else:
-            st = st * decay + x
-            sz = sz * decay + xz
+        st = st * decay + x
+        sz = sz * decay + xz
 
 
 @triton.jit

@@ -17,6 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 
+from _triton_checks import DEVICE  # noqa: E402
+
 from randattn.functional import packed_self_attention  # noqa: E402
 from randattn.ops import launch as launch_mod  # noqa: E402
 
@@ -47,9 +49,9 @@ def test_tensor_ops_and_launches_per_pass(causal, monkeypatch):
     monkeypatch.setattr(
         launch_mod.DirectLauncher, "launch", lambda self, grid, *rest: launched.append(self.__name__)
     )
-    qkv = torch.randn(2, 256, 3 * 32, requires_grad=True)
-    projection = torch.randn(16, 8)
-    dout = torch.ones(2, 256, 4, 8).transpose(1, 2)  # heads-last, as from the out-projection
+    qkv = torch.randn(2, 256, 3 * 32, device=DEVICE, requires_grad=True)
+    projection = torch.randn(16, 8, device=DEVICE)
+    dout = torch.ones(2, 256, 4, 8, device=DEVICE).transpose(1, 2)  # heads-last, as from the out-projection
     # a first call prepares the projection (kept per tensor version, as for a layer's buffer)
     packed_self_attention(qkv, 4, projection, causal=causal, backend="triton").backward(dout)
     launched.clear()

@@ -14,6 +14,8 @@ An op is a module of kernels with two functions (see :mod:`randattn.ops.noncausa
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 __all__ = ["KernelAttention", "PackedSelfAttention", "InProjection", "column_sums", "split_packed", "packed_views"]
@@ -113,10 +115,9 @@ class InProjection(torch.autograd.Function):
         x_c, w_c = x.to(dtype), weight.to(dtype)
         b_c = None if bias is None else bias.to(dtype)
         device = x.device.type
-        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != dtype:
-            with torch.autocast(device, enabled=False):
-                qkv = torch.nn.functional.linear(x_c, w_c, b_c)
-        else:  # operands already in the autocast dtype (or no autocast): nothing to cast
+        # operands already in the autocast dtype (or no autocast) need no autocast context
+        casting = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != dtype
+        with torch.autocast(device, enabled=False) if casting else contextlib.nullcontext():
             qkv = torch.nn.functional.linear(x_c, w_c, b_c)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.save_for_backward(x_c, w_c)

@@ -856,7 +856,6 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     n, h, length, _ = q.shape
     nh = n * h
-    cdiv(length, CHUNK)
     sz = launch_sizes(q, v, projection, kernel_fn)
     w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
     nmb = cdiv(sz["m"], sz["BLOCK_M"])

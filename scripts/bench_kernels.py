@@ -11,10 +11,15 @@ the bytes of ``q, k, v, out`` (and gradients) at the copy bandwidth, whichever i
 ``--accuracy``: worst ratio (kernel error / reference error, both against float64) over output and
 gradients, per precision setting (:class:`randattn.ops._triton_utils.Precision`), dtype and mode.
 
+``--interleaved``: for short sequences, whose speed is set by the host: randattn and
+``nn.MultiheadAttention`` run in turns in one process (12 rounds of 10 forward+backward steps), and
+their ratio is printed.
+
 Usage::
 
     python scripts/bench_kernels.py --out results.json
     python scripts/bench_kernels.py --accuracy
+    python scripts/bench_kernels.py --interleaved --lengths 1024 2048 4096 --dtypes bfloat16
 """
 
 from __future__ import annotations
@@ -319,6 +324,25 @@ def profile(args) -> None:
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40))
 
 
+def interleaved_host(args) -> None:
+    """Short sequences: randattn (kernels) and ``nn.MultiheadAttention`` measured in turns in one
+    process (:func:`randattn.benchmark.timing.interleaved`), so that the host's drift cancels in
+    their ratio."""
+    from randattn.benchmark.timing import interleaved
+
+    for causal, length in itertools.product(args.modes, args.lengths):
+        x = torch.randn(BATCH, length, EMBED, device="cuda", requires_grad=True)
+        models = {impl: build(impl, causal, "cuda") for impl in ("rand_triton", "mha")}
+        r = interleaved(models, x, dtype=args.dtypes[0])
+        cells = " | ".join(
+            f"{name}: fwd issue {m['fwd_issue_us']:.0f} us, bwd issue {m['bwd_issue_us']:.0f} us, "
+            f"fwd+bwd {m['total_us']:.0f} us"
+            for name, m in r.items()
+        )
+        ratio = r["rand_triton"]["total_us"] / r["mha"]["total_us"]
+        print(f"INTERLEAVED causal={causal} L={length} {cells} | randattn / MHA {ratio:.2f}", flush=True)
+
+
 def host(args) -> None:
     """Where the time of a short sequence goes: module forward+backward (bf16 autocast) profiled on the
     host and the GPU, and the wall time per call against the summed GPU time of its kernels."""
@@ -486,6 +510,8 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="per-kernel times of the op (bf16)")
     p.add_argument("--diagnose", action="store_true", help="causal errors at one shape (bf16)")
     p.add_argument("--host", action="store_true", help="host vs GPU time of the module at each length")
+    p.add_argument("--interleaved", action="store_true",
+                   help="randattn vs nn.MultiheadAttention in turns (short sequences: host-bound)")
     p.add_argument("--memory", action="store_true", help="tensors alive at the backward's peak, first length")
     p.add_argument("--launch", action="store_true", help="host time per call at the first length")
     p.add_argument("--sweep-launch", action="store_true", help="launch settings per kernel, first length")
@@ -505,6 +531,9 @@ def main() -> int:
         return 0
     if args.host:
         host(args)
+        return 0
+    if args.interleaved:
+        interleaved_host(args)
         return 0
     if args.memory:
         memory(args)

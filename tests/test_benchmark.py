@@ -303,3 +303,48 @@ def test_ratio_and_crossover(tmp_path):
     assert crossover(lengths, ratios) is None
     assert crossover([16, 32, 64, 128], [0.5, 1.5, 0.9, 2.0]) == 128
     assert crossover([16, 32, 64], [0.5, 1.5, 3.0]) == 32
+
+
+def test_interleaved_timing_runs_the_models_in_turns_and_separates_the_passes():
+    """Each model runs every round; a forward that waits 3 ms (or a backward that does) shows up in
+    that pass of that model only."""
+    import time as _time
+
+    from randattn.benchmark.timing import interleaved
+
+    order = []
+
+    class Slow(nn.Module):
+        def __init__(self, name, fwd_wait=0.0, bwd_wait=0.0):
+            super().__init__()
+            self.name, self.fwd_wait, self.bwd_wait = name, fwd_wait, bwd_wait
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, q, k, v, need_weights=False):
+            order.append(self.name)
+            _time.sleep(self.fwd_wait)
+            out = self.lin(q)
+            if self.bwd_wait:
+                wait = self.bwd_wait
+
+                def hook(grad):
+                    _time.sleep(wait)
+                    return grad
+
+                out.register_hook(hook)
+            return out, None
+
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    models = {
+        "plain": Slow("plain"),
+        "slow_fwd": Slow("slow_fwd", fwd_wait=0.003),
+        "slow_bwd": Slow("slow_bwd", bwd_wait=0.003),
+    }
+    result = interleaved(models, x, dtype="float32", rounds=3, steps=2, skip_rounds=1)
+    assert order == (["plain"] * 2 + ["slow_fwd"] * 2 + ["slow_bwd"] * 2) * 3
+    assert result["slow_fwd"]["fwd_issue_us"] > result["plain"]["fwd_issue_us"] + 2500
+    assert result["slow_bwd"]["bwd_issue_us"] > result["plain"]["bwd_issue_us"] + 2500
+    assert result["slow_fwd"]["bwd_issue_us"] < 2500 and result["slow_bwd"]["fwd_issue_us"] < 2500
+    assert result["slow_fwd"]["total_us"] > 3000 and result["slow_bwd"]["total_us"] > 3000
+    with pytest.raises(ValueError, match="rounds > skip_rounds"):
+        interleaved(models, x, rounds=2, skip_rounds=2)

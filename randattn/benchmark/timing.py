@@ -186,3 +186,63 @@ def _measure_into(result: dict, model: nn.Module, x: torch.Tensor, dtype: str, b
     result["bwd_ms"], result["bwd_runs"] = _repeat(timed_backward, budget)
     if cuda:
         result["bwd_mib"] = bwd_mib
+
+
+def interleaved(
+    models: dict[str, nn.Module],
+    x: torch.Tensor,
+    *,
+    dtype: str = "bfloat16",
+    rounds: int = 12,
+    steps: int = 10,
+    skip_rounds: int = 2,
+) -> dict[str, dict[str, float]]:
+    """Wall time of forward and backward of several models measured in turns, for short sequences.
+
+    Where the host's time sets a layer's speed (short sequences), it drifts during a run and
+    differs between runs by tens of percent; measured in turns, the models see the same drift, so
+    their ratios hold. Each round runs ``steps`` forward+backward steps of every model in order;
+    the first ``skip_rounds`` rounds warm up.
+
+    Args:
+        models: name -> module with the ``nn.MultiheadAttention`` call signature (``batch_first``).
+        x: input ``(N, L, E)`` with ``requires_grad`` set.
+        dtype: ``"bfloat16"`` (autocast) or ``"float32"``.
+        rounds, steps, skip_rounds: as above (``rounds > skip_rounds``).
+
+    Returns:
+        name -> ``{"fwd_issue_us", "bwd_issue_us", "total_us"}``: medians over the timed steps of
+        the host time to issue the forward and the backward, and of the wall time of both passes
+        with the device synchronised after each.
+    """
+    if rounds <= skip_rounds or steps < 1:
+        raise ValueError(f"need rounds > skip_rounds and steps >= 1, got {rounds}, {skip_rounds}, {steps}")
+    clock = _Clock(x.device)
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+    samples: dict[str, tuple[list[float], list[float], list[float]]] = {name: ([], [], []) for name in models}
+    for r in range(rounds):
+        for name, model in models.items():
+            for _ in range(steps):
+                model.zero_grad(set_to_none=True)
+                x.grad = None
+                clock.sync()
+                t0 = time.perf_counter()
+                with autocast:
+                    out = model(x, x, x, need_weights=False)[0]
+                t1 = time.perf_counter()
+                clock.sync()
+                t2 = time.perf_counter()
+                out.backward(torch.ones_like(out))
+                t3 = time.perf_counter()
+                clock.sync()
+                t4 = time.perf_counter()
+                if r >= skip_rounds:
+                    fwd, bwd, total = samples[name]
+                    fwd.append((t1 - t0) * 1e6)
+                    bwd.append((t3 - t2) * 1e6)
+                    total.append((t4 - t0) * 1e6)
+    for model in models.values():
+        model.zero_grad(set_to_none=True)
+    x.grad = None
+    keys = ("fwd_issue_us", "bwd_issue_us", "total_us")
+    return {name: dict(zip(keys, map(statistics.median, samples[name]))) for name in models}

@@ -8,13 +8,13 @@ loads every kernel from the cache. Timings are unaffected: the sweep warms up ea
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import time
 
 import torch
 
 from .grid import RAND, SPEC_GRID, Grid, Point
+from .timing import compute_context
 
 
 def kernel_configurations(grid: Grid) -> list[Point]:
@@ -31,9 +31,8 @@ def _warm(args: tuple[Point, str, int]) -> str:
     device = torch.device("cuda")
     model = build_model(point, device)
     x = torch.randn(batch, point.seq_len, point.embed_dim, device=device, requires_grad=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
     try:
-        with autocast:
+        with compute_context("cuda", dtype):
             out, _ = model(x, x, x, need_weights=False)
         out.float().sum().backward()
         torch.cuda.synchronize()

@@ -73,6 +73,11 @@ def _repeat(timed: Callable[[], float], budget: Budget) -> tuple[float, int]:
     return statistics.median(samples), len(samples)
 
 
+def compute_context(device_type: str, dtype: str) -> contextlib.AbstractContextManager:
+    """The context a benchmark pass runs in: bf16 autocast for ``"bfloat16"``, none for ``"float32"``."""
+    return torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+
+
 def empty_record(failure: str | None = None) -> dict:
     """A record of :func:`measure` with nothing measured (and an optional failure message)."""
     return {
@@ -125,7 +130,7 @@ def _measure_into(result: dict, model: nn.Module, x: torch.Tensor, dtype: str, b
     device = x.device
     cuda = device.type == "cuda"
     clock = _Clock(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+    autocast = compute_context(device.type, dtype)
 
     def forward() -> torch.Tensor:
         with autocast:
@@ -218,7 +223,7 @@ def interleaved(
     if rounds <= skip_rounds or steps < 1:
         raise ValueError(f"need rounds > skip_rounds and steps >= 1, got {rounds}, {skip_rounds}, {steps}")
     clock = _Clock(x.device)
-    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+    autocast = compute_context(x.device.type, dtype)
     samples: dict[str, tuple[list[float], list[float], list[float]]] = {name: ([], [], []) for name in models}
     for r in range(rounds):
         for name, model in models.items():

@@ -39,7 +39,7 @@ BUDGET = {
     False: {"forward": (13, ["_key_state_kernel", "_query_out_kernel"]),
             "backward": (11, ["_query_grad_kernel", "_query_state_grad_kernel", "_key_grad_kernel"])},
     True: {"forward": (19, ["_chunk_state_kernel", "_stabiliser_kernel", "_scan_kernel", "_chunk_out_kernel"]),
-           "backward": (13, ["_chunk_rstate_kernel", "_scan_kernel", "_chunk_grad_kernel"])},
+           "backward": (11, ["_chunk_rstate_kernel", "_scan_kernel", "_chunk_grad_kernel"])},
 }  # fmt: skip
 
 

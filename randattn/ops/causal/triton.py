@@ -862,7 +862,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     a, za, c, cprev, cend, decay, gain = _stabilisers(k, v, w_hi, w_lo, key_bias, sz)
     # states at the scale of the previous chunk's end
     _scan(a, za, decay, gain, nmb, sz, False)
-    del decay, gain
+    del gain
     f32 = dict(device=q.device, dtype=torch.float32)
     out = heads_last(n, h, length, sz["dv"], device=q.device, dtype=store_dtype(q.dtype))
     out_lo = heads_last(n, h, length, sz["dv"], device=q.device, dtype=store_dtype(q.dtype))
@@ -870,7 +870,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     den = torch.empty(nh, length, **f32)
     _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, a, za, out, out_lo, cq, den, sz)
     out, out_lo = _split_output(out, out_lo, q.dtype)
-    return out, out_lo, a, za, c, cprev, cend, cq, den
+    return out, out_lo, a, za, c, cprev, cend, cq, den, decay
 
 
 def _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, out, out_lo, cq, den, sz):
@@ -929,7 +929,7 @@ def _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, out, out_lo, c
 
 
 def _backward(
-    dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den, grads=None
+    dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den, decay, grads=None
 ):
     q, k, v, dout = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v), rows_contiguous(dout)
     if out.stride() != dout.stride():
@@ -979,7 +979,7 @@ def _backward(
         FP32_DOT=PRECISION.fp32_dot,
         **launch_opts("chunk_rstate", sz),
     )
-    _scan(rb, rz, torch.exp(cprev - cend), None, nmb, sz, True)
+    _scan(rb, rz, decay, None, nmb, sz, True)
     dq, dk, dv = gradient_buffers(q, k, v, grads)
     if dq.stride() != dk.stride():
         raise ValueError(f"dq and dk must have one layout, got strides {dq.stride()} and {dk.stride()}")
@@ -1068,6 +1068,7 @@ def _causal_fwd(
     torch.Tensor,
     torch.Tensor,
     torch.Tensor,
+    torch.Tensor,
 ]:
     return _forward(q, k, v, projection, kernel_fn, key_bias)
 
@@ -1088,6 +1089,7 @@ def _(q, k, v, projection, kernel_fn, key_bias):
         torch.empty(n * h, nt, **f32),
         torch.empty(n * h, length, **f32),
         torch.empty(n * h, length, **f32),
+        torch.empty(n * h, nt, **f32),
     )
 
 
@@ -1109,12 +1111,15 @@ def _causal_bwd(
     cend: torch.Tensor,
     cq: torch.Tensor,
     den: torch.Tensor,
+    decay: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den)
+    return _backward(
+        dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den, decay
+    )
 
 
 @_causal_bwd.register_fake
-def _(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den):
+def _(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den, decay):
     n, h, length, d = q.shape
     return (
         heads_last(n, h, length, d, device=q.device, dtype=q.dtype),

@@ -43,7 +43,7 @@ def test_split_partials_merged_either_way(kernel_fn, merge_in_kernel, gen, monke
     from randattn.ops.noncausal import triton as kernels
 
     inputs = make_inputs(2, 2, 150, 200, 16, 16, 32, torch.float32, gen, scale=1.5, mask="bool")
-    nsplit, _ = kernels._split(200, 2 * 2, inputs[0].device)
+    nsplit, _ = kernels._split(200, 2 * 2, inputs[0].device, kernels.ROWS["key_state"])
     assert nsplit > 1  # several splits to merge
     monkeypatch.setattr(kernels, "MERGE_IN_KERNEL_MAX", 10**9 if merge_in_kernel else 0)
     check_against_reference(*inputs, kernel_fn, causal=False)

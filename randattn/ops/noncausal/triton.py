@@ -25,6 +25,7 @@ The projection gets no gradient.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -61,7 +62,34 @@ from ..launch import direct_launch
 
 __all__ = ["noncausal_attention", "forward_saving", "backward_from"]
 
-BLOCK_ROWS = 64
+#: Rows (queries or keys) per program of each kernel, with the launch settings of
+#: :data:`~randattn.ops._triton_utils.LAUNCH`.
+ROWS = {"key_state": 64, "query_out": 64, "query_grad": 64, "query_state_grad": 64, "key_grad": 64}
+#: Rows per program, ``num_warps`` and ``num_stages`` for bfloat16 tiles of head dims up to 64 (the
+#: fastest of 10 settings per kernel on an H100: B=4, H=8, L=65536, d=64, m=256, fwd+bwd kernel time
+#: 9.51 -> 8.0 ms; see ``scripts/KERNEL_NOTES.md``).
+NARROW_BF16 = {
+    "key_state": (64, 4, 3),
+    "query_out": (128, 4, 1),
+    "query_grad": (256, 8, 2),
+    "query_state_grad": (64, 4, 3),
+}
+#: ``RANDATTN_TRITON_ROWS="name=rows;..."`` (tuning runs) sets the rows of every tile kind.
+_ROWS_ENV = os.environ.get("RANDATTN_TRITON_ROWS", "")
+for _item in filter(None, _ROWS_ENV.split(";")):
+    _name, _value = _item.split("=")
+    ROWS[_name] = int(_value)
+_TUNING = bool(_ROWS_ENV or os.environ.get("RANDATTN_TRITON_LAUNCH"))
+
+
+def _tiles(name: str, c: dict) -> tuple[int, dict]:
+    """Rows per program and launch options of kernel ``name`` for the launch sizes ``c``."""
+    if not _TUNING and name in NARROW_BF16 and not c["fp32"] and max(c["BLOCK_D"], c["BLOCK_DV"]) <= 64:
+        rows, warps, stages = NARROW_BF16[name]
+        return rows, {"num_warps": warps, "num_stages": stages}
+    return ROWS[name], launch_opts(name, c)
+
+
 #: Largest (blocks of rows) x (splits) for which the query-output kernel merges the key splits' partial
 #: states itself, and the key-gradient kernel sums the query splits' partial state gradients, instead
 #: of a kernel launch of their own (each block re-reads all splits' partials: cheap for short
@@ -683,11 +711,11 @@ def _key_grad_kernel(
 # launchers
 
 
-def _split(rows: int, blocks_per_row_group: int, device: torch.device) -> tuple[int, int]:
-    """Number of splits of ``rows`` (a multiple of ``BLOCK_ROWS`` each) that fills the device."""
+def _split(rows: int, blocks_per_row_group: int, device: torch.device, block: int) -> tuple[int, int]:
+    """Number of splits of ``rows`` (a multiple of ``block`` each) that fills the device."""
     want = max(1, -(-2 * fixed_grid_size(device) // max(1, blocks_per_row_group)))
-    nsplit = max(1, min(want, cdiv(rows, BLOCK_ROWS)))
-    per = cdiv(cdiv(rows, nsplit), BLOCK_ROWS) * BLOCK_ROWS
+    nsplit = max(1, min(want, cdiv(rows, block)))
+    per = cdiv(cdiv(rows, nsplit), block) * block
     return cdiv(rows, per), per
 
 
@@ -698,7 +726,9 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     c = launch_sizes(q, v, projection, kernel_fn)
     w_hi, w_lo = prepare_projection(projection, c["d"], q.dtype)
     nmb = cdiv(c["m"], c["BLOCK_M"])
-    nsplit, per = _split(s_len, nmb * n * h, q.device)
+    ks_rows, ks_opts = _tiles("key_state", c)
+    qo_rows, qo_opts = _tiles("query_out", c)
+    nsplit, per = _split(s_len, nmb * n * h, q.device, ks_rows)
     nh = n * h
     f32 = dict(device=q.device, dtype=torch.float32)
     a = torch.empty(nh, nsplit, c["m"], c["dv"], **f32)
@@ -732,18 +762,18 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
         c["eps"],
         HAS_BIAS=key_bias is not None,
         KERNEL=c["KERNEL"],
-        BLOCK_S=BLOCK_ROWS,
+        BLOCK_S=ks_rows,
         BLOCK_D=c["BLOCK_D"],
         BLOCK_M=c["BLOCK_M"],
         BLOCK_DV=c["BLOCK_DV"],
         STATE_PASSES=PRECISION.fwd_state,
         FP32_DOT=PRECISION.fp32_dot,
-        **launch_opts("key_state", c),
+        **ks_opts,
     )
     state = torch.empty(nh, c["m"], c["dv"], **f32)
     ksum = torch.empty(nh, c["m"], **f32)
     ck = torch.empty(nh, **f32)
-    query_blocks = cdiv(length, BLOCK_ROWS)
+    query_blocks = cdiv(length, qo_rows)
     merge_in_query = query_blocks * nsplit <= MERGE_IN_KERNEL_MAX
     if not merge_in_query:
         _merge_kernel[(nmb, nh)](
@@ -794,7 +824,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
         c["rscale"],
         c["eps"],
         KERNEL=c["KERNEL"],
-        BLOCK_L=BLOCK_ROWS,
+        BLOCK_L=qo_rows,
         BLOCK_D=c["BLOCK_D"],
         BLOCK_M=c["BLOCK_M"],
         BLOCK_DV=c["BLOCK_DV"],
@@ -802,7 +832,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
         FP32_DOT=PRECISION.fp32_dot,
         MERGE=merge_in_query,
         BLOCK_P=next_pow2(nsplit * nmb),
-        **launch_opts("query_out", c),
+        **qo_opts,
     )
     return out.to(q.dtype), state, ksum, ck, cq, den
 
@@ -818,7 +848,8 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
     common_consts = (c["half"], c["rscale"], c["eps"])
     dq, dk, dv = gradient_buffers(q, k, v, grads)
     tv = torch.empty(nh, length, **f32)
-    _query_grad_kernel[(cdiv(length, BLOCK_ROWS), nh)](
+    qg_rows, qg_opts = _tiles("query_grad", c)
+    _query_grad_kernel[(cdiv(length, qg_rows), nh)](
         q,
         dout,
         w_hi,
@@ -845,17 +876,18 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
         c["m"],
         *common_consts,
         KERNEL=c["KERNEL"],
-        BLOCK_L=BLOCK_ROWS,
+        BLOCK_L=qg_rows,
         BLOCK_D=c["BLOCK_D"],
         BLOCK_M=c["BLOCK_M"],
         BLOCK_DV=c["BLOCK_DV"],
         STATE_PASSES=PRECISION.state,
         GRADW_PASSES=PRECISION.grad_w,
         FP32_DOT=PRECISION.fp32_dot,
-        **launch_opts("query_grad", c),
+        **qg_opts,
     )
     nmb = cdiv(c["m"], c["BLOCK_M"])
-    nsplit, per = _split(length, nmb * nh, q.device)
+    sg_rows, sg_opts = _tiles("query_state_grad", c)
+    nsplit, per = _split(length, nmb * nh, q.device, sg_rows)
     dst = torch.empty(nh, nsplit, c["m"], c["dv"], **f32)
     dks = torch.empty(nh, nsplit, c["m"], **f32)
     _query_state_grad_kernel[(nmb, nsplit, nh)](
@@ -883,19 +915,20 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
         nsplit,
         *common_consts,
         KERNEL=c["KERNEL"],
-        BLOCK_L=BLOCK_ROWS,
+        BLOCK_L=sg_rows,
         BLOCK_D=c["BLOCK_D"],
         BLOCK_M=c["BLOCK_M"],
         BLOCK_DV=c["BLOCK_DV"],
         STATE_PASSES=PRECISION.state,
         FP32_DOT=PRECISION.fp32_dot,
-        **launch_opts("query_state_grad", c),
+        **sg_opts,
     )
-    key_blocks = cdiv(s_len, BLOCK_ROWS)
+    kg_rows, kg_opts = _tiles("key_grad", c)
+    key_blocks = cdiv(s_len, kg_rows)
     if key_blocks * nsplit > MERGE_IN_KERNEL_MAX:  # else the key-gradient kernel sums the splits
         dst, dks, nsplit = dst.sum(1), dks.sum(1), 1
     bias = key_bias.contiguous() if key_bias is not None else dst
-    _key_grad_kernel[(cdiv(s_len, BLOCK_ROWS), nh)](
+    _key_grad_kernel[(key_blocks, nh)](
         k,
         v,
         w_hi,
@@ -927,7 +960,7 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
         *common_consts,
         HAS_BIAS=key_bias is not None,
         KERNEL=c["KERNEL"],
-        BLOCK_S=BLOCK_ROWS,
+        BLOCK_S=kg_rows,
         BLOCK_D=c["BLOCK_D"],
         BLOCK_M=c["BLOCK_M"],
         BLOCK_DV=c["BLOCK_DV"],
@@ -935,7 +968,7 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
         MIXED_PASSES=PRECISION.mixed,
         GRADW_PASSES=PRECISION.grad_w,
         FP32_DOT=PRECISION.fp32_dot,
-        **launch_opts("key_grad", c),
+        **kg_opts,
     )
     return finish_gradients((dq, dk, dv), q, k, v, grads)
 

@@ -40,10 +40,12 @@ def test_split_partials_merged_either_way(kernel_fn, merge_in_kernel, gen, monke
     """The key splits' partial states merged by the query-output kernel (short sequences) or by a
     kernel of their own, and the query splits' state gradients summed by the key-gradient kernel or
     on the host: both match the reference, and each other to float32 rounding."""
+    from randattn.ops._triton_utils import launch_sizes
     from randattn.ops.noncausal import triton as kernels
 
     inputs = make_inputs(2, 2, 150, 200, 16, 16, 32, torch.float32, gen, scale=1.5, mask="bool")
-    nsplit, _ = kernels._split(200, 2 * 2, inputs[0].device, kernels.ROWS["key_state"])
+    rows, _ = kernels._tiles("key_state", launch_sizes(inputs[0], inputs[2], inputs[3], kernel_fn))
+    nsplit, _ = kernels._split(200, 2 * 2, inputs[0].device, rows)
     assert nsplit > 1  # several splits to merge
     monkeypatch.setattr(kernels, "MERGE_IN_KERNEL_MAX", 10**9 if merge_in_kernel else 0)
     check_against_reference(*inputs, kernel_fn, causal=False)

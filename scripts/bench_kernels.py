@@ -497,11 +497,13 @@ def launch(args) -> None:
 
 
 def main() -> int:
+    global EMBED
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     p.add_argument("--modes", nargs="+", default=["noncausal", "causal"])
     p.add_argument("--impls", nargs="+", default=["proj", "rand_triton", "rand_reference", "mha"])
+    p.add_argument("--embed", type=int, default=EMBED, help="embedding dim (head dim = embed / 8)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--accuracy", action="store_true")
     p.add_argument("--settings", default="11233,11223,11133,11213,tf32x3",
@@ -517,6 +519,7 @@ def main() -> int:
     p.add_argument("--sweep-launch", action="store_true", help="launch settings per kernel, first length")
     args = p.parse_args()
     args.modes = [m == "causal" for m in args.modes]
+    EMBED = args.embed
     if args.accuracy:
         accuracy(args)
         return 0

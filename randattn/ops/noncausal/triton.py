@@ -65,18 +65,20 @@ __all__ = ["noncausal_attention", "forward_saving", "backward_from"]
 #: Rows (queries or keys) per program of each kernel, with the launch settings of
 #: :data:`~randattn.ops._triton_utils.LAUNCH`.
 ROWS = {"key_state": 64, "query_out": 64, "query_grad": 64, "query_state_grad": 64, "key_grad": 64}
-#: Rows per program, ``num_warps`` and ``num_stages`` per kernel for tiles of head dims up to 64, by
-#: operand dtype (float32 also runs float16 inputs): the fastest of 8-10 settings per kernel on an
-#: H100 (B=4, H=8, L=65536, d=64, m=256, fwd+bwd kernel time: bfloat16 9.51 -> 8.03 ms, float32
-#: 37.1 -> 27.5 ms; ``scripts/KERNEL_NOTES.md``). Other kernels and wider tiles: :data:`ROWS`.
-NARROW_TILES = {
-    False: {
+#: Rows per program, ``num_warps`` and ``num_stages`` per kernel, by ``(float32 operands, widest head
+#: tile)`` (float32 operands also run float16 inputs): the fastest of 8-10 settings per kernel on an
+#: H100 at B=4, H=8, L=65536, m=256, fwd+bwd kernel time: bfloat16 d=64 9.51 -> 8.03 ms, d=128
+#: 24.0 -> ~16.8 ms; float32 d=64 37.1 -> 27.5 ms (``scripts/KERNEL_NOTES.md``). Other kernels and
+#: tiles: :data:`ROWS` with :data:`~randattn.ops._triton_utils.LAUNCH`.
+TILES = {
+    (False, 64): {
         "key_state": (64, 4, 3),
         "query_out": (128, 4, 1),
         "query_grad": (256, 8, 2),
         "query_state_grad": (64, 4, 3),
     },
-    True: {name: (128, 8, 1) for name in ROWS},
+    (False, 128): {"query_out": (128, 8, 1), "query_grad": (128, 8, 1), "key_grad": (128, 8, 1)},
+    (True, 64): {name: (128, 8, 1) for name in ROWS},
 }
 #: ``RANDATTN_TRITON_ROWS="name=rows;..."`` (tuning runs) sets the rows of every tile kind.
 _ROWS_ENV = os.environ.get("RANDATTN_TRITON_ROWS", "")
@@ -88,9 +90,10 @@ _TUNING = bool(_ROWS_ENV or os.environ.get("RANDATTN_TRITON_LAUNCH"))
 
 def _tiles(name: str, c: dict) -> tuple[int, dict]:
     """Rows per program and launch options of kernel ``name`` for the launch sizes ``c``."""
-    narrow = NARROW_TILES[c["fp32"]]
-    if not _TUNING and name in narrow and max(c["BLOCK_D"], c["BLOCK_DV"]) <= 64:
-        rows, warps, stages = narrow[name]
+    widest = max(c["BLOCK_D"], c["BLOCK_DV"])
+    tuned = TILES.get((c["fp32"], max(widest, 64)), {})
+    if not _TUNING and name in tuned:
+        rows, warps, stages = tuned[name]
         return rows, {"num_warps": warps, "num_stages": stages}
     return ROWS[name], launch_opts(name, c)
 

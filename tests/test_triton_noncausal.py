@@ -28,6 +28,25 @@ def test_matches_reference_fp32(kernel_fn, shape, mask, gen):
     check_against_reference(*inputs, kernel_fn, causal=False)
 
 
+@pytest.mark.parametrize(
+    "dtype, d, dv",
+    [(torch.bfloat16, 64, 64), (torch.bfloat16, 128, 64), (torch.float32, 64, 32)],
+    ids=["bf16-d64", "bf16-d128", "fp32-d64"],
+)
+def test_tuned_tiles_match_reference(dtype, d, dv, gen):
+    """Each table of tuned rows per program (up to 256 rows) on ragged lengths longer than its
+    largest block: more than one block of queries and keys, the last one partial."""
+    from randattn.ops._triton_utils import launch_sizes
+    from randattn.ops.noncausal import triton as kernels
+
+    inputs = make_inputs(1, 2, 300, 150, d, dv, 32, dtype, gen, mask="bool")
+    sizes = launch_sizes(inputs[0], inputs[2], inputs[3], "softmax")
+    table = kernels.TILES[(dtype == torch.float32, max(d, dv))]
+    for name, (rows, warps, stages) in table.items():
+        assert kernels._tiles(name, sizes) == (rows, {"num_warps": warps, "num_stages": stages})
+    check_against_reference(*inputs, "softmax", causal=False)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matches_reference_low_precision(dtype, gen):
     inputs = make_inputs(2, 1, 33, 50, 16, 32, 32, dtype, gen, mask="bool")

@@ -35,6 +35,7 @@ __all__ = [
     "PRECISION",
     "KERNEL_CODES",
     "LAUNCH",
+    "env_settings",
     "launch_opts",
     "launch_sizes",
     "prepare_projection",
@@ -113,6 +114,15 @@ PRECISION = Precision.parse(
 )
 
 
+def env_settings(variable: str) -> dict[str, tuple[int, ...]]:
+    """Per-kernel settings of a tuning run from ``variable="name=n[,n...];..."`` (empty if unset)."""
+    settings = {}
+    for item in filter(None, os.environ.get(variable, "").split(";")):
+        name, value = item.split("=")
+        settings[name] = tuple(int(x) for x in value.split(","))
+    return settings
+
+
 #: Launch settings per kernel: ``(num_warps, num_stages)``; ``"*"`` is the default. Overridable with
 #: ``RANDATTN_TRITON_LAUNCH="name=warps,stages;..."`` for tuning runs.
 LAUNCH: dict[str, tuple[int, int]] = {
@@ -122,9 +132,7 @@ LAUNCH: dict[str, tuple[int, int]] = {
     "chunk_state": (4, 1),
     "scan": (1, 3),
 }
-for _item in filter(None, os.environ.get("RANDATTN_TRITON_LAUNCH", "").split(";")):
-    _name, _value = _item.split("=")
-    LAUNCH[_name] = tuple(int(x) for x in _value.split(","))  # type: ignore[assignment]
+LAUNCH.update(env_settings("RANDATTN_TRITON_LAUNCH"))  # type: ignore[arg-type]
 
 #: Feature-block width (columns of ``W'`` per tile) and rows per tile of the kernels.
 BLOCK_FEATURES = int(os.environ.get("RANDATTN_TRITON_BLOCK_M", "64"))

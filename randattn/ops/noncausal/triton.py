@@ -36,6 +36,7 @@ from .._triton_utils import (
     NEG_BIG,
     PRECISION,
     cdiv,
+    env_settings,
     features_tile,
     finish_gradients,
     fixed_grid_size,
@@ -68,7 +69,7 @@ ROWS = {"key_state": 64, "query_out": 64, "query_grad": 64, "query_state_grad": 
 #: Rows per program, ``num_warps`` and ``num_stages`` per kernel, by ``(float32 operands, widest head
 #: tile)`` (float32 operands also run float16 inputs): the fastest of 8-10 settings per kernel on an
 #: H100 at B=4, H=8, L=65536, m=256, fwd+bwd kernel time: bfloat16 d=64 9.51 -> 8.03 ms, d=128
-#: 24.0 -> ~16.8 ms; float32 d=64 37.1 -> 27.5 ms (``scripts/KERNEL_NOTES.md``). Other kernels and
+#: 24.0 -> 17.1 ms; float32 d=64 37.1 -> 27.3 ms (``scripts/KERNEL_NOTES.md``). Other kernels and
 #: tiles: :data:`ROWS` with :data:`~randattn.ops._triton_utils.LAUNCH`.
 TILES = {
     (False, 64): {
@@ -80,12 +81,10 @@ TILES = {
     (False, 128): {"query_out": (128, 8, 1), "query_grad": (128, 8, 1), "key_grad": (128, 8, 1)},
     (True, 64): {name: (128, 8, 1) for name in ROWS},
 }
-#: ``RANDATTN_TRITON_ROWS="name=rows;..."`` (tuning runs) sets the rows of every tile kind.
-_ROWS_ENV = os.environ.get("RANDATTN_TRITON_ROWS", "")
-for _item in filter(None, _ROWS_ENV.split(";")):
-    _name, _value = _item.split("=")
-    ROWS[_name] = int(_value)
-_TUNING = bool(_ROWS_ENV or os.environ.get("RANDATTN_TRITON_LAUNCH"))
+#: ``RANDATTN_TRITON_ROWS="name=rows;..."`` (tuning runs) sets the rows of every tile kind; with it or
+#: ``RANDATTN_TRITON_LAUNCH`` set, :data:`TILES` is not used.
+ROWS.update({name: value[0] for name, value in env_settings("RANDATTN_TRITON_ROWS").items()})
+_TUNING = bool(os.environ.get("RANDATTN_TRITON_ROWS") or os.environ.get("RANDATTN_TRITON_LAUNCH"))
 
 
 def _tiles(name: str, c: dict) -> tuple[int, dict]:

@@ -212,7 +212,7 @@ def tune(args) -> None:
             q, k, v, w, dout = op_inputs(length, getattr(torch, args.dtypes[0]))
 
             def fwd(q=q, k=k, v=v, w=w, causal=causal):
-                return rand_attention(q, k, v, w, causal=causal, backend="triton")
+                return rand_attention(q, k, v, w, kernel_fn=args.kernel, causal=causal, backend="triton")
 
             def fwd_bwd(fwd=fwd, dout=dout, inputs=(q, k, v)):
                 # gradients returned, not accumulated into .grad: the op's own work only
@@ -220,7 +220,7 @@ def tune(args) -> None:
 
             f = triton.testing.do_bench(fwd, warmup=25, rep=200, return_mode="median")
             fb = triton.testing.do_bench(fwd_bwd, warmup=25, rep=200, return_mode="median")
-            print(f"TUNE {args.dtypes[0]} causal={causal} L={length} fwd {f:.3f} ms fwd+bwd {fb:.3f} ms "
+            print(f"TUNE {args.dtypes[0]} {args.kernel} causal={causal} L={length} fwd {f:.3f} ms fwd+bwd {fb:.3f} ms "
                   f"floor {floor_ms(length, args.dtypes[0], 'fwd'):.3f}/{floor_ms(length, args.dtypes[0], 'total'):.3f}",
                   flush=True)
 
@@ -317,7 +317,7 @@ def profile(args) -> None:
             q, k, v, w, dout = op_inputs(length, getattr(torch, args.dtypes[0]))
             for _ in range(3):
                 with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    out = rand_attention(q, k, v, w, causal=causal, backend="triton")
+                    out = rand_attention(q, k, v, w, kernel_fn=args.kernel, causal=causal, backend="triton")
                     torch.autograd.grad(out, (q, k, v), dout)
                     torch.cuda.synchronize()
             print(f"PROFILE causal={causal} L={length}")
@@ -509,6 +509,7 @@ def main() -> int:
     p.add_argument("--settings", default="11233,11223,11133,11213,tf32x3",
                    help="precision settings to compare: five digits (see Precision.parse) or a float32 dot mode")
     p.add_argument("--tune", action="store_true", help="time the op alone (bf16) with the current settings")
+    p.add_argument("--kernel", default="softmax", choices=["softmax", "relu"], help="feature map of --tune, --profile")
     p.add_argument("--profile", action="store_true", help="per-kernel times of the op (bf16)")
     p.add_argument("--diagnose", action="store_true", help="causal errors at one shape (bf16)")
     p.add_argument("--host", action="store_true", help="host vs GPU time of the module at each length")

@@ -12,7 +12,9 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def gen(request) -> torch.Generator:
-    """A generator with a fresh seed per test; the seed is printed so a failure can be replayed."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    """A generator with a fresh seed per test; the seed is printed so a failure can be replayed
+    (``RANDATTN_TEST_SEED=<seed> pytest -k <test>``)."""
+    replay = os.environ.get("RANDATTN_TEST_SEED")
+    seed = int(replay) if replay else int.from_bytes(os.urandom(4), "little")
     print(f"[{request.node.name}] seed={seed}")
     return torch.Generator().manual_seed(seed)

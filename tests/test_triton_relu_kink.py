@@ -4,6 +4,8 @@ The gradient of a ReLU feature jumps where its logit ``x . w`` crosses zero, so 
 more error than float32 arithmetic can flip the feature's whole contribution to ``dk`` / ``dq``.
 The kernels compute the logits of bfloat16 inputs from three bfloat16 parts of the float32
 projection (``hi + lo + lo2``); with two parts, about half of the logits built below would flip.
+float32 and float16 inputs take six TF32 products of TF32 parts of ``x`` and the projection (the
+interpreter computes every product in float32, so there only the GPU tells the schemes apart).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from _triton_checks import DEVICE, rel_err, run, run_fp64  # noqa: E402
+from _triton_checks import DEVICE, rel_err, relu_kink_bounds, run, run_fp64  # noqa: E402
 
 
 def kink_inputs(gen, d=32, m=32, length=24, at_kink=8, delta=1e-7):
@@ -38,9 +40,11 @@ def kink_inputs(gen, d=32, m=32, length=24, at_kink=8, delta=1e-7):
     return [t.to(DEVICE) for t in (q, k, v, projection, dout)], logits
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-def test_relu_logits_near_zero_keep_their_sign_in_bfloat16(causal, gen):
+def test_relu_logits_near_zero_keep_their_sign(causal, dtype, gen):
     (q, k, v, projection, dout), logits = kink_inputs(gen)
+    q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))  # bfloat16 values: exact in each dtype
     # the construction worked: those logits are tiny, yet several times float32 rounding (~2e-8)
     assert logits.abs().min() > 5e-8 and logits.abs().max() < 4e-7
     exact = run_fp64(q, k, v, projection, dout, None, "relu", causal)
@@ -52,3 +56,20 @@ def test_relu_logits_near_zero_keep_their_sign_in_bfloat16(causal, gen):
     err_tri = rel_err(tri[2][0, 0, :at_kink], dk)
     assert err_ref < 2e-2  # the float32 reference keeps the signs
     assert err_tri <= 2 * err_ref + 1e-3, f"dk of the keys at the kink: {err_tri:.2e} vs reference {err_ref:.2e}"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_kink_bounds_cover_every_flip(causal, gen):
+    """The tests' allowance for kink flips: the float64 gradients with every logit at the kink flipped
+    stay within the bounds, and the unflipped gradients are those of the float64 formula."""
+    (q, k, v, projection, dout), logits = kink_inputs(gen)
+    exact = run_fp64(q, k, v, projection, dout, None, "relu", causal)
+    (dq, bound_q), (dk, bound_k) = relu_kink_bounds(q, k, v, projection, dout, None, causal)
+    (dq_f, _), (dk_f, _) = relu_kink_bounds(q, k, v, projection, dout, None, causal, flip="all")
+    torch.testing.assert_close(dq, exact[1], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(dk, exact[2], rtol=1e-9, atol=1e-12)
+    at_kink = logits.shape[0]
+    moved = (dk_f - dk).abs()[0, 0, :at_kink]
+    assert moved.amax() > 1e-3 * dk.abs().amax()  # the flips matter
+    assert ((dk_f - dk).abs() <= bound_k * (1 + 1e-9) + 1e-15).all()
+    assert ((dq_f - dq).abs() <= bound_q * (1 + 1e-9) + 1e-15).all()

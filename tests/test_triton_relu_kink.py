@@ -4,8 +4,6 @@ The gradient of a ReLU feature jumps where its logit ``x . w`` crosses zero, so 
 more error than float32 arithmetic can flip the feature's whole contribution to ``dk`` / ``dq``.
 The kernels compute the logits of bfloat16 inputs from three bfloat16 parts of the float32
 projection (``hi + lo + lo2``); with two parts, about half of the logits built below would flip.
-float32 and float16 inputs take six TF32 products of TF32 parts of ``x`` and the projection (the
-interpreter computes every product in float32, so there only the GPU tells the schemes apart).
 """
 
 from __future__ import annotations
@@ -40,11 +38,9 @@ def kink_inputs(gen, d=32, m=32, length=24, at_kink=8, delta=1e-7):
     return [t.to(DEVICE) for t in (q, k, v, projection, dout)], logits
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-def test_relu_logits_near_zero_keep_their_sign(causal, dtype, gen):
+def test_relu_logits_near_zero_keep_their_sign_in_bfloat16(causal, gen):
     (q, k, v, projection, dout), logits = kink_inputs(gen)
-    q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))  # bfloat16 values: exact in each dtype
     # the construction worked: those logits are tiny, yet several times float32 rounding (~2e-8)
     assert logits.abs().min() > 5e-8 and logits.abs().max() < 4e-7
     exact = run_fp64(q, k, v, projection, dout, None, "relu", causal)

@@ -39,7 +39,6 @@ __all__ = [
     "launch_opts",
     "launch_sizes",
     "prepare_projection",
-    "tf32_round",
     "interpreting",
     "fixed_grid_size",
     "cdiv",
@@ -234,8 +233,7 @@ def prepare_projection(
     For bfloat16 ``hi`` is ``(m, d)`` and ``lo`` is ``(2, m, d)``: ``lo[0]`` is the rounding of
     ``W' - hi`` and ``lo[1]`` that of the remainder, so ``hi + lo[0] + lo[1]`` holds the float32
     ``W'`` to about 24 bits (the third part is read only for the ReLU logits, see :func:`logits_tile`).
-    For float32 inputs ``hi`` is ``W'`` and ``lo`` is ``(3, m, d)``: three parts exact in TF32
-    (:func:`tf32_round`) that sum to ``W'`` exactly, read only for the ReLU logits. The result is kept
+    For float32 inputs ``hi`` is ``W'`` and ``lo`` is unused (the same tensor). The result is kept
     for the same projection tensor while it is alive and unchanged (same version counter), so the
     forward and backward of a layer prepare it once.
     """
@@ -254,9 +252,7 @@ def prepare_projection(
     w = projection.float() * (head_dim**-0.25)
     if dtype == torch.float32:
         w = w.contiguous()
-        hi = tf32_round(w)
-        lo = tf32_round(w - hi)
-        result = (w, torch.stack([hi, lo, w - hi - lo]))
+        result = (w, w)
     else:
         hi = w.to(dtype)
         rest = w - hi.float()
@@ -267,11 +263,6 @@ def prepare_projection(
             _PREPARED.pop(next(iter(_PREPARED)))
         _PREPARED[id(projection)] = (weakref.ref(projection), version, head_dim, dtype, result)
     return result
-
-
-def tf32_round(x: torch.Tensor) -> torch.Tensor:
-    """float32 ``x`` rounded to 11 significant bits (TF32), ties away from zero, as :func:`tf32_split`."""
-    return ((x.contiguous().view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
 
 
 def heads_last(n: int, h: int, length: int, dim: int, *, device, dtype) -> torch.Tensor:
@@ -410,9 +401,8 @@ def mm_mixed_w(a, w_hi, w_lo, acc, PASSES: tl.constexpr, FP32_DOT: tl.constexpr)
 def load_wt(w_hi_ptr, w_lo_ptr, offs_d, offs_m, D, M, KERNEL: tl.constexpr):
     """Tiles ``(BLOCK_D, BLOCK_M)`` of ``W'^T`` from row-major ``(m, d)`` storage: ``(hi, lo, lo2)``.
 
-    The ReLU kernel reads the three parts of :func:`prepare_projection` (bfloat16: ``hi``, ``lo[0]``,
-    ``lo[1]``; float32: the TF32 parts ``lo[0..2]``); the softmax kernel reads ``hi`` and ``lo`` and
-    gets ``lo`` again as ``lo2`` (unused).
+    ``lo2`` (the third part, see :func:`prepare_projection`) is loaded for the ReLU kernel in bfloat16
+    only; otherwise it is ``lo`` again and unused.
     """
     mask = (offs_d[:, None] < D) & (offs_m[None, :] < M)
     ptrs = offs_m[None, :] * D + offs_d[:, None]
@@ -420,21 +410,9 @@ def load_wt(w_hi_ptr, w_lo_ptr, offs_d, offs_m, D, M, KERNEL: tl.constexpr):
     lo = tl.load(w_lo_ptr + ptrs, mask=mask, other=0.0)
     lo2 = lo
     if KERNEL == 1:
-        if hi.dtype == tl.float32:
-            hi = lo
-            lo = tl.load(w_lo_ptr + M * D + ptrs, mask=mask, other=0.0)
-            lo2 = tl.load(w_lo_ptr + 2 * M * D + ptrs, mask=mask, other=0.0)
-        else:
+        if hi.dtype != tl.float32:
             lo2 = tl.load(w_lo_ptr + M * D + ptrs, mask=mask, other=0.0)
     return hi, lo, lo2
-
-
-@triton.jit
-def tf32_split(x):
-    """float32 ``x = hi + lo`` with ``hi`` rounded to TF32 (11 significant bits, ties away from zero)
-    and ``lo`` the exact rest (at most 13 significant bits)."""
-    hi = ((x.to(tl.int32, bitcast=True) + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
-    return hi, x - hi
 
 
 @triton.jit
@@ -442,30 +420,14 @@ def logits_tile(x, wt_hi, wt_lo, wt_lo2, KERNEL: tl.constexpr, FP32_DOT: tl.cons
     """Feature logits ``x W'^T`` of a tile (``x`` exact in the operand dtype), float32-accurate.
 
     Softmax: ``hi`` and ``lo`` (``exp`` needs the absolute error of float32 rounding of ``W'``, not
-    more). ReLU: the sign of a logit decides whether its feature has a gradient, so its logits take
-    the products to float32 accuracy; with less, more logits near 0 fall on the other side of the
-    kink than with float32 arithmetic, and each such flip moves a whole feature's gradient. bfloat16
-    adds the third part of ``W'`` (with two parts about 2^8 times more flips: 3x the reference's
-    ``dk`` error on an H100). float32 (and float16, which runs these kernels) splits ``x`` into TF32
-    parts ``x1 + x2 + x3`` and ``W'`` is given as TF32 parts ``w1 + w2 + w3``: six TF32 products whose
-    terms are all exact, where ``tf32x3`` drops ``x2 w2`` and the rounding of ``x2`` and ``w2``
-    (about 2^-22 of the logit's terms: an intermittent float16 ``dq`` error of 10x the reference's at
-    head dim 128 on an H100).
+    more). ReLU in bfloat16 adds the third part: the sign of a logit decides whether its feature has a
+    gradient, and with two parts about 2^8 times more logits near 0 fall on the other side of the kink
+    than with float32 arithmetic (seen as 3x the reference's ``dk`` error on an H100).
     """
     acc = tl.zeros((x.shape[0], wt_hi.shape[1]), tl.float32)
     if KERNEL == 1:
-        if x.dtype == tl.float32:
-            if FP32_DOT == "ieee":
-                return tl.dot(x, (wt_hi + wt_lo) + wt_lo2, acc, input_precision="ieee")
-            x1, rest = tf32_split(x)
-            x2, x3 = tf32_split(rest)
-            acc = tl.dot(x3, wt_hi, acc, input_precision="tf32")
-            acc = tl.dot(x2, wt_lo, acc, input_precision="tf32")
-            acc = tl.dot(x2, wt_hi, acc, input_precision="tf32")
-            acc = tl.dot(x1, wt_lo2, acc, input_precision="tf32")
-            acc = tl.dot(x1, wt_lo, acc, input_precision="tf32")
-            return tl.dot(x1, wt_hi, acc, input_precision="tf32")
-        acc = dot_lowp(x, wt_lo2, acc)
+        if x.dtype != tl.float32:
+            acc = dot_lowp(x, wt_lo2, acc)
     return mm_exact_a(x, wt_hi, wt_lo, acc, 2, FP32_DOT)
 
 

@@ -5,11 +5,12 @@
 #   training parity of a character LM on the CPython standard library sources (same architecture,
 #   steps, data order and seeds per study): the full model (2500 steps each: exact vs softmax m in
 #   {64, 256}, softmax m=256 redrawn every 250 steps, relu m=256; one process per variant, merged
-#   with --merge) and a smaller one (1500 steps: exact vs softmax m in {32, 128} vs relu m=64);
+#   with --merge), the same model at softmax m in {256, 512, 1024} beside a second exact run, and a
+#   smaller one (1500 steps: exact vs softmax m in {32, 128} vs relu m=64);
 #   multi-query associative recall (exact vs softmax m in {64, 256} vs relu m=64, 4 and 8 pairs with
 #   every key asked, 2000 steps of 1024 sequences each: the RecallConfig defaults).
-# Results are written as JSON to $OUT (default: ./fidelity-out); copy parity.json, parity_small.json
-# and recall.json to docs/_data/fidelity/.
+# Results are written as JSON to $OUT (default: ./fidelity-out); copy parity.json, parity_features.json,
+# parity_small.json and recall.json to docs/_data/fidelity/.
 # Usage: OUT=/path/to/dir bash scripts/gpu_fidelity.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -24,6 +25,13 @@ for i in "${!specs[@]}"; do
   [ "$i" -gt 0 ] && extra=(--no-layer-errors)  # the trained-layer errors come with the exact model
   python scripts/train_parity.py --device cuda --bf16 --steps ${PARITY_STEPS:-2500} --specs "${specs[$i]}" \
       "${extra[@]}" --out "$OUT/parts/parity_$i.json" > "$OUT/parts/parity_$i.log" 2>&1 &
+  pids+=($!)
+done
+# the same model with more features, in one run of its own: exact vs softmax m in {256, 512, 1024}
+fspecs=(exact softmax:256 softmax:512 softmax:1024)
+for i in "${!fspecs[@]}"; do
+  python scripts/train_parity.py --device cuda --bf16 --steps ${PARITY_STEPS:-2500} --specs "${fspecs[$i]}" \
+      --no-layer-errors --out "$OUT/parts/features_$i.json" > "$OUT/parts/features_$i.log" 2>&1 &
   pids+=($!)
 done
 # the same comparison with a smaller model (2 layers of 2 heads, d_model 64, context 128)
@@ -42,6 +50,10 @@ done
 parts=()
 for i in "${!specs[@]}"; do parts+=("$OUT/parts/parity_$i.json"); done
 python scripts/train_parity.py --merge "${parts[@]}" --out "$OUT/parity.json" 2>&1 | tee "$OUT/parity.log" || status=1
+fparts=()
+for i in "${!fspecs[@]}"; do fparts+=("$OUT/parts/features_$i.json"); done
+python scripts/train_parity.py --merge "${fparts[@]}" --out "$OUT/parity_features.json" 2>&1 \
+    | tee "$OUT/parity_features.log" || status=1
 tail -n 4 "$OUT/parity_small.log" "$OUT/recall.log"
-echo "exit status $status; results in $OUT/parity.json $OUT/parity_small.json $OUT/recall.json"
+echo "exit status $status; results in $OUT/parity.json $OUT/parity_features.json $OUT/parity_small.json $OUT/recall.json"
 exit $status

@@ -133,6 +133,13 @@ GPU_SHAPES = [
     (1, 2, 4096, 3000, 128, 64, 512),
     (1, 2, 1024, 1024, 128, 128, 256),  # the widest float32 / ReLU tiles (unpipelined: shared memory)
     (2, 2, 2048, 2048, 32, 32, 64),
+    # head dims and feature counts away from powers of two: padded head tiles, partial feature blocks
+    (1, 2, 777, 600, 16, 16, 16),
+    (2, 1, 777, 600, 48, 80, 100),
+    (1, 2, 777, 600, 80, 48, 333),
+    (1, 2, 777, 600, 96, 96, 512),
+    (1, 2, 600, 777, 112, 64, 200),
+    (2, 2, 777, 600, 24, 40, 48),
 ]
 
 

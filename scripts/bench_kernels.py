@@ -74,6 +74,21 @@ class CausalMHA(nn.Module):
         return self.mha(query, key, value, need_weights=False, attn_mask=mask, is_causal=True)
 
 
+class Stack(nn.Module):
+    """``depth`` attention layers with residual connections (``x <- x + attn(x)``): what a model of
+    many layers holds between its forward and backward passes."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, query, key, value, need_weights=False):
+        x = query
+        for layer in self.layers:
+            x = x + layer(x, x, x, need_weights=False)[0]
+        return x, None
+
+
 def floor_ms(length: int, dtype: str, passes: str) -> float:
     """Floor of the attention core: max(FLOPs / matrix rate, bytes / copy bandwidth), in ms."""
     dh = EMBED // HEADS
@@ -85,7 +100,9 @@ def floor_ms(length: int, dtype: str, passes: str) -> float:
     return 1e3 * max(flops / MATMUL_FLOPS[dtype], nbytes / COPY_BYTES_PER_S)
 
 
-def build(impl: str, causal: bool, device) -> nn.Module:
+def build(impl: str, causal: bool, device, depth: int = 1) -> nn.Module:
+    if depth > 1:
+        return Stack([build(impl, causal, device) for _ in range(depth)])
     if impl == "proj":
         return Projections(EMBED).to(device)
     if impl == "mha":
@@ -114,13 +131,13 @@ def bench(args) -> list[dict]:
                 proj_fwd = None
                 for impl in args.impls:
                     reason = skip_reason(impl, causal, dtype, length)
-                    row = dict(impl=impl, causal=causal, dtype=dtype, L=length)
+                    row = dict(impl=impl, causal=causal, dtype=dtype, L=length, depth=args.depth)
                     if reason:
                         row["failure"] = reason
                         rows.append(row)
                         continue
                     torch.manual_seed(0)
-                    model = build(impl, causal, device)
+                    model = build(impl, causal, device, args.depth)
                     x = torch.randn(BATCH, length, EMBED, device=device, requires_grad=True)
                     t0 = time.time()
                     rec = measure(model, x, dtype=dtype)
@@ -133,8 +150,8 @@ def bench(args) -> list[dict]:
                     if impl != "proj" and proj_total is not None and "total_ms" in row:
                         row["core_fwd_ms"] = row["fwd_ms"] - proj_fwd
                         row["core_total_ms"] = row["total_ms"] - proj_total
-                        row["floor_fwd_ms"] = floor_ms(length, dtype, "fwd")
-                        row["floor_total_ms"] = floor_ms(length, dtype, "total")
+                        row["floor_fwd_ms"] = args.depth * floor_ms(length, dtype, "fwd")
+                        row["floor_total_ms"] = args.depth * floor_ms(length, dtype, "total")
                         row["total_over_proj"] = row["total_ms"] / proj_total
                     rows.append(row)
                     print(format_row(row), flush=True)
@@ -504,6 +521,7 @@ def main() -> int:
     p.add_argument("--modes", nargs="+", default=["noncausal", "causal"])
     p.add_argument("--impls", nargs="+", default=["proj", "rand_triton", "rand_reference", "mha"])
     p.add_argument("--embed", type=int, default=EMBED, help="embedding dim (head dim = embed / 8)")
+    p.add_argument("--depth", type=int, default=1, help="layers per model (residual stack; memory held across layers)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--accuracy", action="store_true")
     p.add_argument("--settings", default="11233,11223,11133,11213,tf32x3",

@@ -16,7 +16,9 @@ Forward:
 4. ``_chunk_out_kernel`` (chunk-parallel): inter-chunk part ``phi_q S_t`` plus the intra-chunk
    quadratic part ``(phi_q phit_k^T * exp(c_j - c_i))_{j<=i} v``, divided by the matching denominator.
 
-Backward: ``t_i = dout_i . num_i / den_i^2 = dout_i . out_i / den_i`` comes from the output kept as
+Backward: steps 1-3 again (the carried states, ``N H L/C m d_v`` float32 values, are not kept
+between the passes: a model of many layers would hold one such tensor per layer);
+``t_i = dout_i . num_i / den_i^2 = dout_i . out_i / den_i`` comes from the output kept as
 ``hi + lo`` in the input dtype (float32-accurate);
 ``_chunk_rstate_kernel`` and a reverse ``_scan_kernel`` build the states of later queries
 ``R_t = sum_{i after chunk t} exp(c_end - c_i) phi_q[i] g_i^T``; ``_chunk_grad_kernel`` gives
@@ -852,25 +854,30 @@ def _split_output(out: torch.Tensor, out_lo: torch.Tensor, dtype: torch.dtype):
     return hi, (out - hi.float()).to(dtype)
 
 
+def _states(k, v, w_hi, w_lo, key_bias, sz):
+    """The carried states and their scales (steps 1-3 of the module docstring):
+    ``(S, Z, c, cprev, cend, decay)``, ``S`` ``(N H, T, m, d_v)`` and ``Z`` ``(N H, T, m)`` at the
+    scale of the previous chunk's end."""
+    a, za, c, cprev, cend, decay, gain = _stabilisers(k, v, w_hi, w_lo, key_bias, sz)
+    _scan(a, za, decay, gain, cdiv(sz["m"], sz["BLOCK_M"]), sz, False)
+    return a, za, c, cprev, cend, decay
+
+
 def _forward(q, k, v, projection, kernel_fn, key_bias):
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     n, h, length, _ = q.shape
     nh = n * h
     sz = launch_sizes(q, v, projection, kernel_fn)
     w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
-    nmb = cdiv(sz["m"], sz["BLOCK_M"])
-    a, za, c, cprev, cend, decay, gain = _stabilisers(k, v, w_hi, w_lo, key_bias, sz)
-    # states at the scale of the previous chunk's end
-    _scan(a, za, decay, gain, nmb, sz, False)
-    del gain
+    st, szs, c, cprev, _, _ = _states(k, v, w_hi, w_lo, key_bias, sz)
     f32 = dict(device=q.device, dtype=torch.float32)
     out = heads_last(n, h, length, sz["dv"], device=q.device, dtype=store_dtype(q.dtype))
     out_lo = heads_last(n, h, length, sz["dv"], device=q.device, dtype=store_dtype(q.dtype))
     cq = torch.empty(nh, length, **f32)
     den = torch.empty(nh, length, **f32)
-    _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, a, za, out, out_lo, cq, den, sz)
+    _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, out, out_lo, cq, den, sz)
     out, out_lo = _split_output(out, out_lo, q.dtype)
-    return out, out_lo, a, za, c, cprev, cend, cq, den, decay
+    return out, out_lo, cq, den
 
 
 def _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, out, out_lo, cq, den, sz):
@@ -928,9 +935,7 @@ def _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, out, out_lo, c
     )
 
 
-def _backward(
-    dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den, decay, grads=None
-):
+def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, cq, den, grads=None):
     q, k, v, dout = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v), rows_contiguous(dout)
     if out.stride() != dout.stride():
         out, out_lo, dout = out.contiguous(), out_lo.contiguous(), dout.contiguous()
@@ -939,6 +944,7 @@ def _backward(
     nt = cdiv(length, CHUNK)
     sz = launch_sizes(q, v, projection, kernel_fn)
     w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
+    st, szs, c, cprev, cend, decay = _states(k, v, w_hi, w_lo, key_bias, sz)
     nmb = cdiv(sz["m"], sz["BLOCK_M"])
     f32 = dict(device=q.device, dtype=torch.float32)
     consts = (sz["half"], sz["rscale"], sz["eps"])
@@ -1058,38 +1064,20 @@ def _causal_fwd(
     projection: torch.Tensor,
     kernel_fn: str,
     key_bias: torch.Tensor | None,
-) -> tuple[
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, projection, kernel_fn, key_bias)
 
 
 @_causal_fwd.register_fake
 def _(q, k, v, projection, kernel_fn, key_bias):
     n, h, length, _ = q.shape
-    m, dv = projection.shape[0], v.shape[-1]
-    nt = -(-length // CHUNK)
+    dv = v.shape[-1]
     f32 = dict(device=q.device, dtype=torch.float32)
     return (
         heads_last(n, h, length, dv, device=q.device, dtype=q.dtype),
         heads_last(n, h, length, dv, device=q.device, dtype=q.dtype),
-        torch.empty(n * h, nt, m, dv, **f32),
-        torch.empty(n * h, nt, m, **f32),
-        torch.empty(n * h, length, **f32),
-        torch.empty(n * h, nt, **f32),
-        torch.empty(n * h, nt, **f32),
         torch.empty(n * h, length, **f32),
         torch.empty(n * h, length, **f32),
-        torch.empty(n * h, nt, **f32),
     )
 
 
@@ -1104,22 +1092,14 @@ def _causal_bwd(
     projection: torch.Tensor,
     kernel_fn: str,
     key_bias: torch.Tensor | None,
-    st: torch.Tensor,
-    szs: torch.Tensor,
-    c: torch.Tensor,
-    cprev: torch.Tensor,
-    cend: torch.Tensor,
     cq: torch.Tensor,
     den: torch.Tensor,
-    decay: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(
-        dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den, decay
-    )
+    return _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, cq, den)
 
 
 @_causal_bwd.register_fake
-def _(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, st, szs, c, cprev, cend, cq, den, decay):
+def _(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, cq, den):
     n, h, length, d = q.shape
     return (
         heads_last(n, h, length, d, device=q.device, dtype=q.dtype),

@@ -20,9 +20,11 @@ Backward: steps 1-3 again (the carried states, ``N H L/C m d_v`` float32 values,
 between the passes: a model of many layers would hold one such tensor per layer);
 ``t_i = dout_i . num_i / den_i^2 = dout_i . out_i / den_i`` comes from the output kept as
 ``hi + lo`` in the input dtype (float32-accurate);
+``_chunk_grad_kernel`` gives ``dq`` chunk by chunk from the carried states, which are then freed;
 ``_chunk_rstate_kernel`` and a reverse ``_scan_kernel`` build the states of later queries
-``R_t = sum_{i after chunk t} exp(c_end - c_i) phi_q[i] g_i^T``; ``_chunk_grad_kernel`` gives
-``dq``, ``dk``, ``dv`` chunk by chunk. Features are always recomputed, never stored.
+``R_t = sum_{i after chunk t} exp(c_end - c_i) phi_q[i] g_i^T``, and a second launch of
+``_chunk_grad_kernel`` gives ``dk`` and ``dv``. So at most one ``N H L/C m d_v`` tensor of states
+exists at a time. Features are always recomputed, never stored.
 """
 
 from __future__ import annotations
@@ -592,7 +594,11 @@ def _chunk_grad_kernel(
     MIXED_PASSES: tl.constexpr,
     GRADW_PASSES: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    SIDE: tl.constexpr,
 ):
+    """The gradients of one chunk: ``SIDE`` 0 gives ``dq`` (reads the carried states ``ST``, ``SZ``),
+    1 gives ``dk`` and ``dv`` (reads the states of later queries ``RS``, ``RZ``). Two launches, so
+    that the two kinds of states never need to exist at once."""
     pid_t = tl.program_id(0)
     pid_nh = tl.program_id(1)
     n = pid_nh // H
@@ -673,68 +679,76 @@ def _chunk_grad_kernel(
             phik = phik * tl.exp(b)[:, None]
         phik = tl.where(c_ok[:, None], phik, 0.0)
         phiq_f = query_floor(phiq, m_ok, KERNEL, EPS)  # the features; phiq stays their derivative
-        pp = mm_mixed(phiq_f, tl.trans(phik), pp, x, MIXED_PASSES, FP32_DOT)
-        # query side: dphi_q = dAE phit_k + e_q (S_t dout / den - t z_t)
-        stt = tl.load(
-            ST + base * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
-            mask=m_ok[None, :] & (offs_dv[:, None] < DV),
-            other=0.0,
-        )
-        st_hi = stt.to(do.dtype)
-        g = mm_exact_a(
-            do,
-            st_hi,
-            (stt - st_hi.to(tl.float32)).to(do.dtype),
-            tl.zeros((BLOCK_C, BLOCK_M), tl.float32),
-            STATE_PASSES,
-            FP32_DOT,
-        )
-        z = tl.load(SZ + base * M + offs_m, mask=m_ok, other=0.0)
-        dphiq = (g * inv_den[:, None] - t[:, None] * z[None, :]) * e_q[:, None]
-        dphiq = mm_mixed(dae, phik, dphiq, x, MIXED_PASSES, FP32_DOT)
-        # key side: dphit_k = dAE^T phi_q + e_k (v R_t^T + u_t)
-        rtt = tl.load(
-            RS + base * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
-            mask=m_ok[None, :] & (offs_dv[:, None] < DV),
-            other=0.0,
-        )
-        rt_hi = rtt.to(vt.dtype)
-        gk = mm_exact_a(
-            vt,
-            rt_hi,
-            (rtt - rt_hi.to(tl.float32)).to(vt.dtype),
-            tl.zeros((BLOCK_C, BLOCK_M), tl.float32),
-            STATE_PASSES,
-            FP32_DOT,
-        )
-        u = tl.load(RZ + base * M + offs_m, mask=m_ok, other=0.0)
-        dphik = (gk + u[None, :]) * e_k[:, None]
-        dphik = mm_mixed(tl.trans(dae), phiq_f, dphik, x, MIXED_PASSES, FP32_DOT)
-        dv_inter = mm_mixed(phik, tl.trans(rtt), dv_inter, x, MIXED_PASSES, FP32_DOT)
-        if KERNEL == 0:
-            dsq = dphiq * phiq
-            dsk = dphik * phik
-            rsq += tl.sum(dsq, 1)
-            rsk += tl.sum(dsk, 1)
-        else:
-            dsq = tl.where((projq > 0.0) & m_ok[None, :], dphiq * RELU_SCALE, 0.0)
-            dsk = tl.where((projk > 0.0) & m_ok[None, :], dphik * RELU_SCALE * tl.exp(b)[:, None], 0.0)
         w_hi, w_lo = load_w(W_HI, W_LO, offs_m, offs_d, D, M)
-        dx = mm_mixed_w(dsq, w_hi, w_lo, dx, GRADW_PASSES, FP32_DOT)
-        dy = mm_mixed_w(dsk, w_hi, w_lo, dy, GRADW_PASSES, FP32_DOT)
-    pe = pp * ee * inv_den[:, None]
-    dv = mm_exact_b(tl.trans(pe), do, dv_inter * e_k[:, None], STATE_PASSES, FP32_DOT)
-    if KERNEL == 0:
-        dx = dx - rsq[:, None] * xf * (2.0 * half_inv_sqrt_d)
-        dy = dy - rsk[:, None] * yf * (2.0 * half_inv_sqrt_d)
+        if SIDE == 0:
+            # query side: dphi_q = dAE phit_k + e_q (S_t dout / den - t z_t)
+            stt = tl.load(
+                ST + base * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
+                mask=m_ok[None, :] & (offs_dv[:, None] < DV),
+                other=0.0,
+            )
+            st_hi = stt.to(do.dtype)
+            g = mm_exact_a(
+                do,
+                st_hi,
+                (stt - st_hi.to(tl.float32)).to(do.dtype),
+                tl.zeros((BLOCK_C, BLOCK_M), tl.float32),
+                STATE_PASSES,
+                FP32_DOT,
+            )
+            z = tl.load(SZ + base * M + offs_m, mask=m_ok, other=0.0)
+            dphiq = (g * inv_den[:, None] - t[:, None] * z[None, :]) * e_q[:, None]
+            dphiq = mm_mixed(dae, phik, dphiq, x, MIXED_PASSES, FP32_DOT)
+            if KERNEL == 0:
+                dsq = dphiq * phiq
+                rsq += tl.sum(dsq, 1)
+            else:
+                dsq = tl.where((projq > 0.0) & m_ok[None, :], dphiq * RELU_SCALE, 0.0)
+            dx = mm_mixed_w(dsq, w_hi, w_lo, dx, GRADW_PASSES, FP32_DOT)
+        else:
+            # key side: dphit_k = dAE^T phi_q + e_k (v R_t^T + u_t); pp for the intra-chunk dv
+            pp = mm_mixed(phiq_f, tl.trans(phik), pp, x, MIXED_PASSES, FP32_DOT)
+            rtt = tl.load(
+                RS + base * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
+                mask=m_ok[None, :] & (offs_dv[:, None] < DV),
+                other=0.0,
+            )
+            rt_hi = rtt.to(vt.dtype)
+            gk = mm_exact_a(
+                vt,
+                rt_hi,
+                (rtt - rt_hi.to(tl.float32)).to(vt.dtype),
+                tl.zeros((BLOCK_C, BLOCK_M), tl.float32),
+                STATE_PASSES,
+                FP32_DOT,
+            )
+            u = tl.load(RZ + base * M + offs_m, mask=m_ok, other=0.0)
+            dphik = (gk + u[None, :]) * e_k[:, None]
+            dphik = mm_mixed(tl.trans(dae), phiq_f, dphik, x, MIXED_PASSES, FP32_DOT)
+            dv_inter = mm_mixed(phik, tl.trans(rtt), dv_inter, x, MIXED_PASSES, FP32_DOT)
+            if KERNEL == 0:
+                dsk = dphik * phik
+                rsk += tl.sum(dsk, 1)
+            else:
+                dsk = tl.where((projk > 0.0) & m_ok[None, :], dphik * RELU_SCALE * tl.exp(b)[:, None], 0.0)
+            dy = mm_mixed_w(dsk, w_hi, w_lo, dy, GRADW_PASSES, FP32_DOT)
     g_ptrs = n * sg_n + h * sg_h + offs_c[:, None] * sg_l + offs_d[None, :]
-    tl.store(DQ + g_ptrs, dx.to(DQ.dtype.element_ty), mask=c_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DK + g_ptrs, dy.to(DK.dtype.element_ty), mask=c_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(
-        DVO + n * sgv_n + h * sgv_h + offs_c[:, None] * sgv_l + offs_dv[None, :],
-        dv.to(DVO.dtype.element_ty),
-        mask=c_ok[:, None] & (offs_dv[None, :] < DV),
-    )
+    g_mask = c_ok[:, None] & (offs_d[None, :] < D)
+    if SIDE == 0:
+        if KERNEL == 0:
+            dx = dx - rsq[:, None] * xf * (2.0 * half_inv_sqrt_d)
+        tl.store(DQ + g_ptrs, dx.to(DQ.dtype.element_ty), mask=g_mask)
+    else:
+        pe = pp * ee * inv_den[:, None]
+        dv = mm_exact_b(tl.trans(pe), do, dv_inter * e_k[:, None], STATE_PASSES, FP32_DOT)
+        if KERNEL == 0:
+            dy = dy - rsk[:, None] * yf * (2.0 * half_inv_sqrt_d)
+        tl.store(DK + g_ptrs, dy.to(DK.dtype.element_ty), mask=g_mask)
+        tl.store(
+            DVO + n * sgv_n + h * sgv_h + offs_c[:, None] * sgv_l + offs_dv[None, :],
+            dv.to(DVO.dtype.element_ty),
+            mask=c_ok[:, None] & (offs_dv[None, :] < DV),
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -944,10 +958,79 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, cq, d
     nt = cdiv(length, CHUNK)
     sz = launch_sizes(q, v, projection, kernel_fn)
     w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
-    st, szs, c, cprev, cend, decay = _states(k, v, w_hi, w_lo, key_bias, sz)
     nmb = cdiv(sz["m"], sz["BLOCK_M"])
     f32 = dict(device=q.device, dtype=torch.float32)
     consts = (sz["half"], sz["rscale"], sz["eps"])
+    dq, dk, dv = gradient_buffers(q, k, v, grads)
+    if dq.stride() != dk.stride():
+        raise ValueError(f"dq and dk must have one layout, got strides {dq.stride()} and {dk.stride()}")
+
+    def grad_launch(side, states, sums):
+        """``dq`` from the carried states (side 0), or ``dk``, ``dv`` from the later queries' (side 1)."""
+        _chunk_grad_kernel[(nt, nh)](
+            q,
+            k,
+            v,
+            dout,
+            out,
+            out_lo,
+            w_hi,
+            w_lo,
+            key_bias.contiguous() if key_bias is not None else c,
+            c,
+            cprev,
+            cend,
+            cq,
+            den,
+            states,
+            sums,
+            states,
+            sums,
+            dq,
+            dk,
+            dv,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            dout.stride(0),
+            dout.stride(1),
+            dout.stride(2),
+            dq.stride(0),
+            dq.stride(1),
+            dq.stride(2),
+            dv.stride(0),
+            dv.stride(1),
+            dv.stride(2),
+            h,
+            length,
+            sz["d"],
+            sz["dv"],
+            sz["m"],
+            nt,
+            *consts,
+            HAS_BIAS=key_bias is not None,
+            KERNEL=sz["KERNEL"],
+            BLOCK_C=CHUNK,
+            BLOCK_D=sz["BLOCK_D"],
+            BLOCK_M=sz["BLOCK_M"],
+            BLOCK_DV=sz["BLOCK_DV"],
+            STATE_PASSES=PRECISION.state,
+            MIXED_PASSES=PRECISION.mixed,
+            GRADW_PASSES=PRECISION.grad_w,
+            FP32_DOT=PRECISION.fp32_dot,
+            SIDE=side,
+            **launch_opts("chunk_grad", sz),
+        )
+
+    st, szs, c, cprev, cend, decay = _states(k, v, w_hi, w_lo, key_bias, sz)
+    grad_launch(0, st, szs)
+    del st, szs  # freed before the later queries' states exist
     rb = torch.empty(nh, nt, sz["m"], sz["dv"], **f32)
     rz = torch.empty(nh, nt, sz["m"], **f32)
     _chunk_rstate_kernel[(nmb, nt, nh)](
@@ -986,69 +1069,7 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, cq, d
         **launch_opts("chunk_rstate", sz),
     )
     _scan(rb, rz, decay, None, nmb, sz, True)
-    dq, dk, dv = gradient_buffers(q, k, v, grads)
-    if dq.stride() != dk.stride():
-        raise ValueError(f"dq and dk must have one layout, got strides {dq.stride()} and {dk.stride()}")
-    bias = key_bias.contiguous() if key_bias is not None else c
-    _chunk_grad_kernel[(nt, nh)](
-        q,
-        k,
-        v,
-        dout,
-        out,
-        out_lo,
-        w_hi,
-        w_lo,
-        bias,
-        c,
-        cprev,
-        cend,
-        cq,
-        den,
-        st,
-        szs,
-        rb,
-        rz,
-        dq,
-        dk,
-        dv,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        dout.stride(0),
-        dout.stride(1),
-        dout.stride(2),
-        dq.stride(0),
-        dq.stride(1),
-        dq.stride(2),
-        dv.stride(0),
-        dv.stride(1),
-        dv.stride(2),
-        h,
-        length,
-        sz["d"],
-        sz["dv"],
-        sz["m"],
-        nt,
-        *consts,
-        HAS_BIAS=key_bias is not None,
-        KERNEL=sz["KERNEL"],
-        BLOCK_C=CHUNK,
-        BLOCK_D=sz["BLOCK_D"],
-        BLOCK_M=sz["BLOCK_M"],
-        BLOCK_DV=sz["BLOCK_DV"],
-        STATE_PASSES=PRECISION.state,
-        MIXED_PASSES=PRECISION.mixed,
-        GRADW_PASSES=PRECISION.grad_w,
-        FP32_DOT=PRECISION.fp32_dot,
-        **launch_opts("chunk_grad", sz),
-    )
+    grad_launch(1, rb, rz)
     return finish_gradients((dq, dk, dv), q, k, v, grads)
 
 

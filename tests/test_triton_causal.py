@@ -36,6 +36,25 @@ def test_several_feature_blocks_and_scan_tiles(kernel_fn, gen):
     check_against_reference(*inputs, kernel_fn, causal=True)
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "recomputed"])
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+def test_carried_states_kept_or_recomputed_match(kernel_fn, keep, gen, monkeypatch):
+    """The backward with the forward's carried states and with states it recomputes (long sequences):
+    both match the reference, and each other exactly (the recomputation is deterministic)."""
+    from randattn.ops.causal import triton as kernels
+
+    length, dtype = (2048, torch.bfloat16) if CUDA else (150, torch.float32)
+    inputs = make_inputs(1, 2, length, length, 32, 16, 80, dtype, gen, scale=1.5, mask="bool")
+    monkeypatch.setattr(kernels, "KEEP_STATES_MAX_BYTES", 1 << 40 if keep else 0)
+    saved = kernels.forward_saving(*inputs[:4], kernel_fn, None)[1]
+    assert (saved[-2].numel() > 0) == keep
+    check_against_reference(*inputs, kernel_fn, causal=True)
+    got = run("triton", *inputs, kernel_fn, True)
+    monkeypatch.setattr(kernels, "KEEP_STATES_MAX_BYTES", 0 if keep else 1 << 40)
+    for a, b in zip(got, run("triton", *inputs, kernel_fn, True)):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matches_reference_low_precision(dtype, gen):
     inputs = make_inputs(2, 1, 90, 90, 16, 32, 32, dtype, gen, mask="bool")

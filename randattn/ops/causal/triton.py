@@ -16,8 +16,9 @@ Forward:
 4. ``_chunk_out_kernel`` (chunk-parallel): inter-chunk part ``phi_q S_t`` plus the intra-chunk
    quadratic part ``(phi_q phit_k^T * exp(c_j - c_i))_{j<=i} v``, divided by the matching denominator.
 
-Backward: steps 1-3 again (the carried states, ``N H L/C m d_v`` float32 values, are not kept
-between the passes: a model of many layers would hold one such tensor per layer);
+Backward: steps 1-3 again, unless the forward kept the carried states (``N H L/C m d_v`` float32
+values: kept only up to :data:`KEEP_STATES_MAX_BYTES`, since a model of many layers would hold one
+such tensor per layer between the passes);
 ``t_i = dout_i . num_i / den_i^2 = dout_i . out_i / den_i`` comes from the output kept as
 ``hi + lo`` in the input dtype (float32-accurate);
 ``_chunk_grad_kernel`` gives ``dq`` chunk by chunk from the carried states, which are then freed;
@@ -67,6 +68,17 @@ __all__ = ["causal_attention", "CHUNK", "forward_saving", "backward_from"]
 
 #: Positions per chunk of the kernels.
 CHUNK = 64
+#: The forward keeps the carried states for the backward up to this many bytes (short sequences,
+#: where the three launches that recompute them cost more host time than the GPU time they take);
+#: larger states are recomputed in the backward instead of held between the passes.
+KEEP_STATES_MAX_BYTES = 64 << 20
+
+
+def _keeps_states(nh: int, length: int, m: int, dv: int) -> bool:
+    """Whether the forward keeps the ``(nh, T, m, dv)`` float32 carried states for the backward."""
+    return nh * -(-length // CHUNK) * m * dv * 4 <= KEEP_STATES_MAX_BYTES
+
+
 #: Tile of the state scan (feature rows, value columns); overridable for tuning runs.
 SCAN_BLOCK = tuple(int(x) for x in os.environ.get("RANDATTN_TRITON_SCAN_BLOCK", "64,64").split(","))
 
@@ -883,7 +895,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     nh = n * h
     sz = launch_sizes(q, v, projection, kernel_fn)
     w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
-    st, szs, c, cprev, _, _ = _states(k, v, w_hi, w_lo, key_bias, sz)
+    st, szs, c, cprev, cend, decay = _states(k, v, w_hi, w_lo, key_bias, sz)
     f32 = dict(device=q.device, dtype=torch.float32)
     out = heads_last(n, h, length, sz["dv"], device=q.device, dtype=store_dtype(q.dtype))
     out_lo = heads_last(n, h, length, sz["dv"], device=q.device, dtype=store_dtype(q.dtype))
@@ -891,7 +903,9 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     den = torch.empty(nh, length, **f32)
     _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, out, out_lo, cq, den, sz)
     out, out_lo = _split_output(out, out_lo, q.dtype)
-    return out, out_lo, cq, den
+    if not _keeps_states(nh, length, sz["m"], sz["dv"]):
+        st, szs = st.new_empty(0), szs.new_empty(0)
+    return out, out_lo, cq, den, c, cprev, cend, decay, st, szs
 
 
 def _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, out, out_lo, cq, den, sz):
@@ -949,7 +963,9 @@ def _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, out, out_lo, c
     )
 
 
-def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, cq, den, grads=None):
+def _backward(
+    dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, cq, den, c, cprev, cend, decay, st, szs, grads=None
+):
     q, k, v, dout = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v), rows_contiguous(dout)
     if out.stride() != dout.stride():
         out, out_lo, dout = out.contiguous(), out_lo.contiguous(), dout.contiguous()
@@ -1028,9 +1044,10 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, cq, d
             **launch_opts("chunk_grad", sz),
         )
 
-    st, szs, c, cprev, cend, decay = _states(k, v, w_hi, w_lo, key_bias, sz)
+    if st.numel() == 0:  # not kept by the forward: the same values again
+        st, szs = _states(k, v, w_hi, w_lo, key_bias, sz)[:2]
     grad_launch(0, st, szs)
-    del st, szs  # freed before the later queries' states exist
+    del st, szs  # recomputed ones are freed before the later queries' states exist
     rb = torch.empty(nh, nt, sz["m"], sz["dv"], **f32)
     rz = torch.empty(nh, nt, sz["m"], **f32)
     _chunk_rstate_kernel[(nmb, nt, nh)](
@@ -1085,20 +1102,39 @@ def _causal_fwd(
     projection: torch.Tensor,
     kernel_fn: str,
     key_bias: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
     return _forward(q, k, v, projection, kernel_fn, key_bias)
 
 
 @_causal_fwd.register_fake
 def _(q, k, v, projection, kernel_fn, key_bias):
     n, h, length, _ = q.shape
-    dv = v.shape[-1]
+    m, dv = projection.shape[0], v.shape[-1]
+    nt = -(-length // CHUNK)
     f32 = dict(device=q.device, dtype=torch.float32)
+    keep = _keeps_states(n * h, length, m, dv)
     return (
         heads_last(n, h, length, dv, device=q.device, dtype=q.dtype),
         heads_last(n, h, length, dv, device=q.device, dtype=q.dtype),
         torch.empty(n * h, length, **f32),
         torch.empty(n * h, length, **f32),
+        torch.empty(n * h, length, **f32),
+        torch.empty(n * h, nt, **f32),
+        torch.empty(n * h, nt, **f32),
+        torch.empty(n * h, nt, **f32),
+        torch.empty(n * h, nt, m, dv, **f32) if keep else torch.empty(0, **f32),
+        torch.empty(n * h, nt, m, **f32) if keep else torch.empty(0, **f32),
     )
 
 
@@ -1115,12 +1151,20 @@ def _causal_bwd(
     key_bias: torch.Tensor | None,
     cq: torch.Tensor,
     den: torch.Tensor,
+    c: torch.Tensor,
+    cprev: torch.Tensor,
+    cend: torch.Tensor,
+    decay: torch.Tensor,
+    st: torch.Tensor,
+    szs: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, cq, den)
+    return _backward(
+        dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, cq, den, c, cprev, cend, decay, st, szs
+    )
 
 
 @_causal_bwd.register_fake
-def _(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, cq, den):
+def _(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, cq, den, c, cprev, cend, decay, st, szs):
     n, h, length, d = q.shape
     return (
         heads_last(n, h, length, d, device=q.device, dtype=q.dtype),

@@ -148,9 +148,16 @@ def next_pow2(x: int) -> int:
     return 1 << (x - 1).bit_length()
 
 
+#: Smallest tile side of the head and feature dimensions. Tiles of 16 are legal for the tensor cores,
+#: but Triton 3.6 miscompiles some of them on an H100: causal bfloat16 kernels with value tiles of 16
+#: and key tiles of 32 or 64 read and write out of bounds (an illegal memory access, or outputs off
+#: by orders of magnitude); smaller dimensions are padded (masked) up to this side instead.
+MIN_TILE = 32
+
+
 def pow2_block(x: int) -> int:
-    """Smallest power of two >= ``x``, at least 16 (the smallest tensor-core tile side)."""
-    return max(16, next_pow2(x))
+    """Smallest power of two >= ``x``, at least :data:`MIN_TILE`."""
+    return max(MIN_TILE, next_pow2(x))
 
 
 def feature_block(m: int) -> int:

@@ -160,6 +160,16 @@ def pow2_block(x: int) -> int:
     return max(MIN_TILE, next_pow2(x))
 
 
+def value_block(d: int, dv: int) -> int:
+    """Value tile side: :func:`pow2_block` of ``dv``, raised to the key tile's side, at most to 64.
+
+    On an H100 (Triton 3.6) the causal bfloat16 output kernel made an illegal memory access with
+    value tiles narrower than that: key / value tiles of 64 / 32 and 128 / 32, like 32 / 16 (see
+    :data:`MIN_TILE`); equal sides up to 64 and 128 / 64 are correct.
+    """
+    return max(pow2_block(dv), min(pow2_block(d), 64))
+
+
 def feature_block(m: int) -> int:
     """Features per block: the padded ``m``, capped at :data:`BLOCK_FEATURES`."""
     return min(BLOCK_FEATURES, pow2_block(m))
@@ -173,7 +183,7 @@ def _launch_sizes(d: int, dv: int, m: int, fp32: bool, kernel_fn: str) -> dict:
         m=m,
         fp32=fp32,
         BLOCK_D=pow2_block(d),
-        BLOCK_DV=pow2_block(dv),
+        BLOCK_DV=value_block(d, dv),
         BLOCK_M=feature_block(m),
         KERNEL=KERNEL_CODES[kernel_fn],
         half=0.5 * d**-0.5,

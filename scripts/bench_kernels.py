@@ -413,11 +413,11 @@ def _live_at_peak(snapshot: dict) -> tuple[int, list[dict]]:
 
 
 def memory(args) -> None:
-    """Which tensors are alive at the backward's peak (module fwd+bwd, bf16 autocast, first length)."""
-    length = args.lengths[0]
+    """Which tensors are alive at the backward's peak (module fwd+bwd, bf16 autocast, first length and mode)."""
+    length, causal = args.lengths[0], args.modes[0]
     for impl in ("rand_triton", "mha"):
         torch.manual_seed(0)
-        model = build(impl, False, "cuda")
+        model = build(impl, causal, "cuda")
         x = torch.randn(BATCH, length, EMBED, device="cuda", requires_grad=True)
 
         def step(model=model, x=x):
@@ -435,7 +435,8 @@ def memory(args) -> None:
         snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
         peak, blocks = _live_at_peak(snapshot)
-        print(f"MEMORY {impl} L={length}: {peak / 2**20:.1f} MiB allocated during the step at its peak "
+        mode = "causal" if causal else "non-causal"
+        print(f"MEMORY {impl} {mode} L={length}: {peak / 2**20:.1f} MiB allocated during the step at its peak "
               f"({len(blocks)} blocks)")
         for block in sorted(blocks, key=lambda b: -b["size"])[:20]:
             frames = [f"{Path(f['filename']).name}:{f['line']}:{f['name']}" for f in block.get("frames", [])

@@ -36,22 +36,29 @@ def test_several_feature_blocks_and_scan_tiles(kernel_fn, gen):
     check_against_reference(*inputs, kernel_fn, causal=True)
 
 
-@pytest.mark.parametrize("keep", [True, False], ids=["kept", "recomputed"])
+@pytest.mark.parametrize("mode", ["kept", "recomputed", "windows"])
 @pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
-def test_carried_states_kept_or_recomputed_match(kernel_fn, keep, gen, monkeypatch):
-    """The backward with the forward's carried states and with states it recomputes (long sequences):
-    both match the reference, and each other exactly (the recomputation is deterministic)."""
+def test_carried_states_kept_recomputed_or_windowed_match(kernel_fn, mode, gen, monkeypatch):
+    """The backward with the forward's carried states, with states it recomputes (long sequences), and
+    with states that exist one window of chunks at a time in both passes (a ragged last window): all
+    match the reference, and the kept-states result exactly (the recomputation is deterministic, and a
+    window's scan starts from the previous window's final state, so the sums run in the same order)."""
     from randattn.ops.causal import triton as kernels
 
-    length, dtype = (2048, torch.bfloat16) if CUDA else (150, torch.float32)
+    length, dtype = (2048, torch.bfloat16) if CUDA else (300, torch.float32)
     inputs = make_inputs(1, 2, length, length, 32, 16, 80, dtype, gen, scale=1.5, mask="bool")
-    monkeypatch.setattr(kernels, "KEEP_STATES_MAX_BYTES", 1 << 40 if keep else 0)
+    monkeypatch.setattr(kernels, "KEEP_STATES_MAX_BYTES", 1 << 40)
+    want = run("triton", *inputs, kernel_fn, True)
+    monkeypatch.setattr(kernels, "KEEP_STATES_MAX_BYTES", 1 << 40 if mode == "kept" else 0)
+    if mode == "windows":  # windows of 2 chunks (CPU) or 16 (GPU): 3 and 2 windows, the last one short
+        monkeypatch.setattr(kernels, "STABILISER_CHUNKS", 16 if CUDA else 2)
+        monkeypatch.setattr(kernels, "STATE_WINDOW_BYTES", (20 if CUDA else 2) * 2 * 80 * 16 * 4)
+    nw = kernels._windows(2, -(-length // kernels.CHUNK), 80, 16, mode == "kept")
+    assert (nw < -(-length // kernels.CHUNK)) == (mode == "windows")
     saved = kernels.forward_saving(*inputs[:4], kernel_fn, None)[1]
-    assert (saved[-2].numel() > 0) == keep
+    assert (saved[-2].numel() > 0) == (mode == "kept")
     check_against_reference(*inputs, kernel_fn, causal=True)
-    got = run("triton", *inputs, kernel_fn, True)
-    monkeypatch.setattr(kernels, "KEEP_STATES_MAX_BYTES", 0 if keep else 1 << 40)
-    for a, b in zip(got, run("triton", *inputs, kernel_fn, True)):
+    for a, b in zip(run("triton", *inputs, kernel_fn, True), want):
         assert torch.equal(a, b)
 
 
@@ -97,11 +104,12 @@ def test_future_keys_do_not_change_the_past(gen):
 
 
 @pytest.mark.parametrize("length", [1, 7, 8, 37, 70])
-def test_stabiliser_kernel_equals_the_cummax_formula(length, gen):
+@pytest.mark.parametrize("window", [None, 4], ids=["whole", "windows"])
+def test_stabiliser_kernel_equals_the_cummax_formula(length, window, gen):
     """``c = cummax(max(max_b r, floor))``, each chunk's end and the previous chunk's end (``c_0`` for
     chunk 0), over several programs of the kernel (chunks of 4, 2 chunks per program, the running
     maximum before a program from the chunks' maxima), with dropped keys (``-inf`` rows, also at the
-    start)."""
+    start); in one call, or window by window (4 chunks each, row maxima of the window only)."""
     from randattn.ops.causal.triton import _stabiliser_kernel
     from randattn.ops.feature_maps import STABILISER_FLOOR
 
@@ -117,10 +125,16 @@ def test_stabiliser_kernel_equals_the_cummax_formula(length, gen):
     mb = padded.view(nh, nt, chunk, nmb).amax(2).clamp_min(STABILISER_FLOOR)
     shapes = ((nh, length), (nh, nt), (nh, nt), (nh, nt), (nh, nt, nmb))
     c, cend, cprev, decay, gain = (torch.full(shape, float("nan"), device=DEVICE) for shape in shapes)
-    grid = (-(-nt // 2), nh)
-    _stabiliser_kernel[grid](
-        rp, mb, c, cend, cprev, decay, gain, length, nt, nmb, BLOCK_NMB=4, BLOCK_C=chunk, CHUNKS=2, BLOCK_T=2
-    )
+    nw = nt if window is None else window
+    for t0 in range(0, nt, nw):
+        steps = min(nw, nt - t0)
+        rp_window = torch.full((nh, nw * chunk, nmb), float("nan"), device=DEVICE)
+        part = rp[:, t0 * chunk : (t0 + nw) * chunk]
+        rp_window[:, : part.shape[1]] = part
+        _stabiliser_kernel[(-(-steps // 2), nh)](
+            rp_window, mb, c, cend, cprev, decay, gain, length, nt, nmb, t0, nw,
+            BLOCK_NMB=4, BLOCK_C=chunk, CHUNKS=2, BLOCK_T=2,
+        )  # fmt: skip
     want = torch.cummax(rp.amax(-1).clamp_min(STABILISER_FLOOR), dim=-1).values
     last = torch.clamp(torch.arange(nt, device=DEVICE) * chunk + chunk - 1, max=length - 1)
     want_end = want[:, last]

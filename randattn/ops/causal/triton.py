@@ -16,16 +16,22 @@ Forward:
 4. ``_chunk_out_kernel`` (chunk-parallel): inter-chunk part ``phi_q S_t`` plus the intra-chunk
    quadratic part ``(phi_q phit_k^T * exp(c_j - c_i))_{j<=i} v``, divided by the matching denominator.
 
-Backward: steps 1-3 again, unless the forward kept the carried states (``N H L/C m d_v`` float32
-values: kept only up to :data:`KEEP_STATES_MAX_BYTES`, since a model of many layers would hold one
-such tensor per layer between the passes);
+States in windows: the carried states are ``N H L/C m d_v`` float32 values (537 MB for 4 x 8 heads,
+16384 positions, ``m = 256``, ``d_v = 64``). Unless they fit :data:`STATE_WINDOW_BYTES`, steps 1-4
+run window by window (chunks ``t0 .. t0 + W``): the scan of a window starts from the previous
+window's final state (``CARRY``), and the stabilisers of a window need no later position, so the
+results equal those of one window bit for bit while only one window's states exist.
+
+Backward: steps 1-3 again, window by window, unless the forward kept the carried states (kept only up
+to :data:`KEEP_STATES_MAX_BYTES`, since a model of many layers would hold one such tensor per layer
+between the passes);
 ``t_i = dout_i . num_i / den_i^2 = dout_i . out_i / den_i`` comes from the output kept as
 ``hi + lo`` in the input dtype (float32-accurate);
 ``_chunk_grad_kernel`` gives ``dq`` chunk by chunk from the carried states, which are then freed;
 ``_chunk_rstate_kernel`` and a reverse ``_scan_kernel`` build the states of later queries
-``R_t = sum_{i after chunk t} exp(c_end - c_i) phi_q[i] g_i^T``, and a second launch of
-``_chunk_grad_kernel`` gives ``dk`` and ``dv``. So at most one ``N H L/C m d_v`` tensor of states
-exists at a time. Features are always recomputed, never stored.
+``R_t = sum_{i after chunk t} exp(c_end - c_i) phi_q[i] g_i^T`` (windows from the last one back),
+and a second launch of ``_chunk_grad_kernel`` gives ``dk`` and ``dv``. So at most one window of
+states exists at a time. Features are always recomputed, never stored.
 """
 
 from __future__ import annotations
@@ -72,6 +78,13 @@ CHUNK = 64
 #: where the three launches that recompute them cost more host time than the GPU time they take);
 #: larger states are recomputed in the backward instead of held between the passes.
 KEEP_STATES_MAX_BYTES = 64 << 20
+#: Otherwise the states exist one window of chunks at a time, at most this many bytes (float32; at
+#: least :data:`STABILISER_CHUNKS` chunks): the forward's output and the backward's two gradient sides
+#: run window by window, each window's states computed from the previous window's final state. Each
+#: window costs about ten dependent launches: larger windows are faster and hold more memory
+#: (H100, bf16, 4 x 8 heads, m = 256, op fwd+bwd at 16384 / 65536 positions: 32 MiB 10.96 / 38.70 ms,
+#: 64 MiB 9.27 / 37.02 ms, one window 7.99 / 31.43 ms).
+STATE_WINDOW_BYTES = int(os.environ.get("RANDATTN_TRITON_STATE_WINDOW", 32 << 20))
 
 
 def _keeps_states(nh: int, length: int, m: int, dv: int) -> bool:
@@ -108,6 +121,8 @@ def _chunk_state_kernel(
     M,
     NT,
     NMB,
+    T0,
+    NW,
     half_inv_sqrt_d,
     RELU_SCALE,
     EPS,
@@ -120,8 +135,11 @@ def _chunk_state_kernel(
     STATE_PASSES: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
+    """Chunk ``T0 + program_id(1)`` of a window of ``NW`` chunks: ``A``, ``ZA``, ``RP`` are the window's
+    (chunk and position counted from ``T0``), ``MB`` the whole sequence's."""
     pid_m = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    pid_w = tl.program_id(1)
+    pid_t = T0 + pid_w
     pid_nh = tl.program_id(2)
     n = pid_nh // H
     h = pid_nh % H
@@ -161,13 +179,13 @@ def _chunk_state_kernel(
         mx = 0.0
         p = tl.where(ok, (tl.maximum(proj, 0.0) * RELU_SCALE + EPS) * tl.exp(b)[:, None], 0.0)
     acc = mm_exact_b(tl.trans(p), vt, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), STATE_PASSES, FP32_DOT)
-    base = pid_nh * NT + pid_t
+    base = pid_nh * NW + pid_w
     tl.store(
         A + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :], acc, mask=m_ok[:, None] & (offs_dv[None, :] < DV)
     )
     tl.store(ZA + base * M + offs_m, tl.sum(p, 0), mask=m_ok)
-    tl.store(MB + base * NMB + pid_m, mx)
-    tl.store(RP + (pid_nh * L + offs_s) * NMB + pid_m, rmax, mask=s_ok)
+    tl.store(MB + (pid_nh * NT + pid_t) * NMB + pid_m, mx)
+    tl.store(RP + (pid_nh * NW * BLOCK_C + offs_s - T0 * BLOCK_C) * NMB + pid_m, rmax, mask=s_ok)
 
 
 @direct_launch
@@ -177,18 +195,27 @@ def _scan_kernel(
     XZ,
     DECAY,
     GAIN,
+    CARRY,
+    CARRY_Z,
     NT,
+    NW,
+    SF,
     M,
     DV,
     NMB,
     REVERSE: tl.constexpr,
     HAS_GAIN: tl.constexpr,
+    HAS_CARRY: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     FEATURE_BLOCK: tl.constexpr,
 ):
     """In place: ``X[t] <- state before step t``; ``state <- state * DECAY[t] + X[t] * GAIN[t, block]``
-    (``GAIN`` is 1 unless ``HAS_GAIN``).
+    (``GAIN`` is 1 unless ``HAS_GAIN``), for ``NT`` steps.
+
+    ``X`` holds ``NW`` steps per head, ``DECAY`` and ``GAIN`` ``SF`` steps per head (the scan of a
+    window of chunks gets views that start at its first chunk). ``HAS_CARRY``: the state starts from
+    ``CARRY``, ``CARRY_Z`` (one per head; the previous window's final state) and ends there.
 
     A tile is ``BLOCK_M`` rows of a feature block of ``FEATURE_BLOCK`` (``GAIN`` has one value per
     feature block) by ``BLOCK_DV`` columns. Measured on the H100 (bf16, L=65536, fwd+bwd of the op):
@@ -203,26 +230,36 @@ def _scan_kernel(
     mask = (offs_m[:, None] < M) & (offs_dv[None, :] < DV)
     m_ok = offs_m < M
     do_z = (offs_m * 0 + pid_dv) == 0
-    st = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-    sz = tl.zeros((BLOCK_M,), tl.float32)
+    c_ptrs = CARRY + pid_nh * M * DV + offs_m[:, None] * DV + offs_dv[None, :]
+    cz_ptrs = CARRY_Z + pid_nh * M + offs_m
+    if HAS_CARRY:
+        st = tl.load(c_ptrs, mask=mask, other=0.0)
+        sz = tl.load(cz_ptrs, mask=m_ok & do_z, other=0.0)
+    else:
+        st = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+        sz = tl.zeros((BLOCK_M,), tl.float32)
     for i in range(0, NT):
         if REVERSE:
             t = NT - 1 - i
         else:
             t = i
-        base = pid_nh * NT + t
+        base = pid_nh * NW + t
+        fbase = pid_nh * SF + t
         ptrs = X + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :]
         x = tl.load(ptrs, mask=mask, other=0.0)
         xz = tl.load(XZ + base * M + offs_m, mask=m_ok & do_z, other=0.0)
-        decay = tl.load(DECAY + base)
+        decay = tl.load(DECAY + fbase)
         if HAS_GAIN:  # loaded before the stores below, which the compiler cannot move it across
-            gain = tl.load(GAIN + base * NMB + (pid_m * BLOCK_M) // FEATURE_BLOCK)
+            gain = tl.load(GAIN + fbase * NMB + (pid_m * BLOCK_M) // FEATURE_BLOCK)
             x = x * gain
             xz = xz * gain
         tl.store(ptrs, st, mask=mask)
         tl.store(XZ + base * M + offs_m, sz, mask=m_ok & do_z)
         st = st * decay + x
         sz = sz * decay + xz
+    if HAS_CARRY:
+        tl.store(c_ptrs, st, mask=mask)
+        tl.store(cz_ptrs, sz, mask=m_ok & do_z)
 
 
 @triton.jit
@@ -243,6 +280,8 @@ def _stabiliser_kernel(
     L,
     NT,
     NMB,
+    T0,
+    NW,
     BLOCK_NMB: tl.constexpr,
     BLOCK_C: tl.constexpr,
     CHUNKS: tl.constexpr,
@@ -253,12 +292,15 @@ def _stabiliser_kernel(
     scale of that chunk), for ``CHUNKS`` chunks of ``BLOCK_C`` positions per program. The running
     maximum before the program's first chunk comes from the chunks' maxima ``MB`` (``(NT, NMB)`` per
     head, floored), so the programs of a head run in parallel. Also the forward scan's factors
-    ``DECAY = exp(CPREV - CEND)`` and ``GAIN = exp(MB - CEND)``."""
+    ``DECAY = exp(CPREV - CEND)`` and ``GAIN = exp(MB - CEND)``. The programs cover the window of
+    chunks from ``T0`` (a multiple of ``CHUNKS``), whose row maxima ``RP`` hold ``NW`` chunks per head
+    (positions counted from the window's first)."""
     pid_s = tl.program_id(0)
     pid = tl.program_id(1)
     offs_b = tl.arange(0, BLOCK_NMB)
     offs_k = tl.arange(0, CHUNKS)
-    t0 = pid_s * CHUNKS
+    t0 = T0 + pid_s * CHUNKS
+    rp_head = RP + (pid * NW * BLOCK_C - T0 * BLOCK_C) * NMB  # position p of the head at rp_head + p * NMB
     carry = NEG_BIG  # c before chunk t0: the largest maximum of the chunks before it
     for tb in range(0, t0, BLOCK_T):
         offs_tb = tb + tl.arange(0, BLOCK_T)
@@ -268,12 +310,15 @@ def _stabiliser_kernel(
             other=NEG_BIG,
         )
         carry = tl.maximum(carry, tl.max(tl.max(mb, 1), 0))
-    # c_0 = r_0 (floored): the scale of chunk 0's empty state
-    first = tl.maximum(tl.max(tl.load(RP + pid * L * NMB + offs_b, mask=offs_b < NMB, other=NEG_BIG), 0), NEG_BIG)
+    # c_0 = r_0 (floored): the scale of chunk 0's empty state (used by the first window only; later
+    # windows read their own first position here)
+    first = tl.maximum(
+        tl.max(tl.load(rp_head + T0 * BLOCK_C * NMB + offs_b, mask=offs_b < NMB, other=NEG_BIG), 0), NEG_BIG
+    )
     offs_l = t0 * BLOCK_C + tl.arange(0, CHUNKS * BLOCK_C)
     l_ok = offs_l < L
     rp = tl.load(
-        RP + (pid * L + offs_l[:, None]) * NMB + offs_b[None, :],
+        rp_head + offs_l[:, None] * NMB + offs_b[None, :],
         mask=l_ok[:, None] & (offs_b[None, :] < NMB),
         other=NEG_BIG,
     )
@@ -331,6 +376,8 @@ def _chunk_out_kernel(
     DV,
     M,
     NT,
+    T0,
+    NW,
     half_inv_sqrt_d,
     RELU_SCALE,
     EPS,
@@ -344,8 +391,10 @@ def _chunk_out_kernel(
     MIXED_PASSES: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
-    """Forward output of one chunk, as ``hi + lo`` in the output dtype (float32-accurate for the backward)."""
-    pid_t = tl.program_id(0)
+    """Forward output of chunk ``T0 + program_id(0)``, as ``hi + lo`` in the output dtype
+    (float32-accurate for the backward); ``ST``, ``SZ`` hold the states of a window of ``NW`` chunks from ``T0``."""
+    pid_w = tl.program_id(0)
+    pid_t = T0 + pid_w
     pid_nh = tl.program_id(1)
     n = pid_nh // H
     h = pid_nh % H
@@ -410,11 +459,11 @@ def _chunk_out_kernel(
         phik = tl.where(c_ok[:, None], phik, 0.0)
         pp = mm_mixed(phiq, tl.trans(phik), pp, x, MIXED_PASSES, FP32_DOT)
         st = tl.load(
-            ST + (pid_nh * NT + pid_t) * M * DV + offs_m[:, None] * DV + offs_dv[None, :],
+            ST + (pid_nh * NW + pid_w) * M * DV + offs_m[:, None] * DV + offs_dv[None, :],
             mask=m_ok[:, None] & (offs_dv[None, :] < DV),
             other=0.0,
         )
-        z = tl.load(SZ + (pid_nh * NT + pid_t) * M + offs_m, mask=m_ok, other=0.0)
+        z = tl.load(SZ + (pid_nh * NW + pid_w) * M + offs_m, mask=m_ok, other=0.0)
         num = mm_mixed(phiq, st, num, x, MIXED_PASSES, FP32_DOT)
         den += tl.sum(phiq * z[None, :], 1)
         if KERNEL == 0:
@@ -483,6 +532,8 @@ def _chunk_rstate_kernel(
     DV,
     M,
     NT,
+    T0,
+    NW,
     half_inv_sqrt_d,
     RELU_SCALE,
     EPS,
@@ -495,9 +546,11 @@ def _chunk_rstate_kernel(
     FP32_DOT: tl.constexpr,
 ):
     """Per chunk and feature block: ``B_t = sum_i exp(c_prev - c_i) phi_q[i] (dout_i / den_i)^T`` and
-    ``u_t = -sum_i exp(c_prev - c_i) phi_q[i] t_i``."""
+    ``u_t = -sum_i exp(c_prev - c_i) phi_q[i] t_i``, for chunk ``T0 + program_id(1)`` into a window of
+    ``NW`` chunks from ``T0``."""
     pid_m = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    pid_w = tl.program_id(1)
+    pid_t = T0 + pid_w
     pid_nh = tl.program_id(2)
     n = pid_nh // H
     h = pid_nh % H
@@ -538,7 +591,7 @@ def _chunk_rstate_kernel(
     phiq = phiq * w[:, None]
     p = phiq / tl.where(den == 0.0, 1.0, den)[:, None]
     acc = mm_exact_b(tl.trans(p), do, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), STATE_PASSES, FP32_DOT)
-    base = pid_nh * NT + pid_t
+    base = pid_nh * NW + pid_w
     tl.store(
         RB + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :], acc, mask=m_ok[:, None] & (offs_dv[None, :] < DV)
     )
@@ -593,6 +646,8 @@ def _chunk_grad_kernel(
     DV,
     M,
     NT,
+    T0,
+    NW,
     half_inv_sqrt_d,
     RELU_SCALE,
     EPS,
@@ -608,10 +663,12 @@ def _chunk_grad_kernel(
     FP32_DOT: tl.constexpr,
     SIDE: tl.constexpr,
 ):
-    """The gradients of one chunk: ``SIDE`` 0 gives ``dq`` (reads the carried states ``ST``, ``SZ``),
-    1 gives ``dk`` and ``dv`` (reads the states of later queries ``RS``, ``RZ``). Two launches, so
-    that the two kinds of states never need to exist at once."""
-    pid_t = tl.program_id(0)
+    """The gradients of chunk ``T0 + program_id(0)``: ``SIDE`` 0 gives ``dq`` (reads the carried states
+    ``ST``, ``SZ``), 1 gives ``dk`` and ``dv`` (reads the states of later queries ``RS``, ``RZ``); the
+    states are a window's, ``NW`` chunks from ``T0``. Two launches, so that the two kinds of states
+    never need to exist at once."""
+    pid_w = tl.program_id(0)
+    pid_t = T0 + pid_w
     pid_nh = tl.program_id(1)
     n = pid_nh // H
     h = pid_nh % H
@@ -676,7 +733,7 @@ def _chunk_grad_kernel(
     dv_inter = tl.zeros((BLOCK_C, BLOCK_DV), tl.float32)
     rsq = tl.zeros((BLOCK_C,), tl.float32)
     rsk = tl.zeros((BLOCK_C,), tl.float32)
-    base = pid_nh * NT + pid_t
+    base = pid_nh * NW + pid_w
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
@@ -767,9 +824,20 @@ def _chunk_grad_kernel(
 # launchers
 
 
-def _scan(x, xz, decay, gain, nmb, sz, reverse):
-    """States in place (see ``_scan_kernel``); ``gain=None``: a gain of 1."""
-    nh, nt = decay.shape
+def _windows(nh: int, nt: int, m: int, dv: int, keep: bool) -> int:
+    """Chunks per window of states: all ``nt`` when the states are kept (or fit the window), else the
+    most chunks, a multiple of :data:`STABILISER_CHUNKS`, whose states fit :data:`STATE_WINDOW_BYTES`."""
+    per_chunk = nh * m * dv * 4
+    if keep or nt * per_chunk <= STATE_WINDOW_BYTES:
+        return nt
+    return max(STABILISER_CHUNKS, STATE_WINDOW_BYTES // per_chunk // STABILISER_CHUNKS * STABILISER_CHUNKS)
+
+
+def _scan(x, xz, decay, gain, nmb, sz, reverse, steps, carry=None):
+    """States in place (see ``_scan_kernel``) for ``steps`` chunks; ``x`` holds a window of
+    ``x.shape[1]`` chunks, ``decay`` and ``gain`` are views from the window's first chunk;
+    ``gain=None``: a gain of 1; ``carry``: ``(state, sums)`` carried in and out."""
+    nh = x.shape[0]
     block_m = min(sz["BLOCK_M"], SCAN_BLOCK[0])
     block_dv = min(sz["BLOCK_DV"], SCAN_BLOCK[1])
     _scan_kernel[(cdiv(sz["m"], block_m), cdiv(sz["dv"], block_dv), nh)](
@@ -777,12 +845,17 @@ def _scan(x, xz, decay, gain, nmb, sz, reverse):
         xz,
         decay,
         decay if gain is None else gain,
-        nt,
+        x if carry is None else carry[0],
+        xz if carry is None else carry[1],
+        steps,
+        x.shape[1],
+        decay.stride(0),
         sz["m"],
         sz["dv"],
         nmb,
         REVERSE=reverse,
         HAS_GAIN=gain is not None,
+        HAS_CARRY=carry is not None,
         BLOCK_M=block_m,
         BLOCK_DV=block_dv,
         FEATURE_BLOCK=sz["BLOCK_M"],
@@ -794,82 +867,117 @@ def _scan(x, xz, decay, gain, nmb, sz, reverse):
 STABILISER_CHUNKS = 16
 
 
-def _stabilisers(k, v, w_hi, w_lo, key_bias, sz):
-    """Chunk partial states and the stabilisers: returns ``(A, ZA, c, cprev, cend, decay, gain)``."""
-    n, h, length, _ = k.shape
-    nh = n * h
-    nt = cdiv(length, CHUNK)
-    nmb = cdiv(sz["m"], sz["BLOCK_M"])
-    f32 = dict(device=k.device, dtype=torch.float32)
-    a = torch.empty(nh, nt, sz["m"], sz["dv"], **f32)
-    za = torch.empty(nh, nt, sz["m"], **f32)
-    mb = torch.empty(nh, nt, nmb, **f32)
-    rp = torch.empty(nh, length, nmb, **f32)
-    bias = key_bias.contiguous() if key_bias is not None else a
-    _chunk_state_kernel[(nmb, nt, nh)](
-        k,
-        v,
-        w_hi,
-        w_lo,
-        bias,
-        a,
-        za,
-        mb,
-        rp,
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        h,
-        length,
-        sz["d"],
-        sz["dv"],
-        sz["m"],
-        nt,
-        nmb,
-        sz["half"],
-        sz["rscale"],
-        sz["eps"],
-        HAS_BIAS=key_bias is not None,
-        KERNEL=sz["KERNEL"],
-        BLOCK_C=CHUNK,
-        BLOCK_D=sz["BLOCK_D"],
-        BLOCK_M=sz["BLOCK_M"],
-        BLOCK_DV=sz["BLOCK_DV"],
-        STATE_PASSES=PRECISION.fwd_state,
-        FP32_DOT=PRECISION.fp32_dot,
-        **launch_opts("chunk_state", sz),
-    )
-    # c = cummax(max(r, STABILISER_FLOOR)): the floor before the first kept key (its exp factors are 0
-    # or 1, never NaN). The (empty) state of chunk 0 takes the scale of position 0, the smallest of
-    # that chunk, so every factor exp(cprev - c_i) is at most 1 (chunk 0's end can stand more than 88
-    # above position 0: exp would overflow to inf, and inf times the empty state is NaN).
-    c = torch.empty(nh, length, **f32)
-    cend = torch.empty(nh, nt, **f32)
-    cprev = torch.empty(nh, nt, **f32)
-    decay = torch.empty(nh, nt, **f32)
-    gain = torch.empty(nh, nt, nmb, **f32)
-    _stabiliser_kernel[(cdiv(nt, STABILISER_CHUNKS), nh)](
-        rp,
-        mb,
-        c,
-        cend,
-        cprev,
-        decay,
-        gain,
-        length,
-        nt,
-        nmb,
-        BLOCK_NMB=next_pow2(nmb),
-        BLOCK_C=CHUNK,
-        CHUNKS=STABILISER_CHUNKS,
-        BLOCK_T=256,
-        num_warps=4,
-        num_stages=1,
-    )
-    return a, za, c, cprev, cend, decay, gain
+class _States:
+    """The carried states ``S_t`` window by window (steps 1-3 of the module docstring).
+
+    Holds the stabilisers of the whole sequence (``c``, ``cprev``, ``cend``, ``decay``, filled window
+    by window), one window's buffers ``a`` ``(N H, W, m, d_v)`` and ``za`` ``(N H, W, m)``, and the
+    state carried between windows. :meth:`window` turns chunks ``t0 .. t0 + steps`` into their carried
+    states in ``a``, ``za`` (at the scale of each previous chunk's end); windows must come in order.
+    """
+
+    def __init__(self, k, v, w_hi, w_lo, key_bias, sz, nw):
+        n, h, length, _ = k.shape
+        self.args = (k, v, w_hi, w_lo, key_bias, sz)
+        nh, nt = n * h, cdiv(length, CHUNK)
+        self.nmb = nmb = cdiv(sz["m"], sz["BLOCK_M"])
+        f32 = dict(device=k.device, dtype=torch.float32)
+        self.a = torch.empty(nh, nw, sz["m"], sz["dv"], **f32)
+        self.za = torch.empty(nh, nw, sz["m"], **f32)
+        self.carry = _zero_carry(nh, sz, k.device) if nw < nt else None
+        self.mb = torch.empty(nh, nt, nmb, **f32)
+        self.rp = torch.empty(nh, nw * CHUNK, nmb, **f32)
+        self.c = torch.empty(nh, length, **f32)
+        self.cend = torch.empty(nh, nt, **f32)
+        self.cprev = torch.empty(nh, nt, **f32)
+        self.decay = torch.empty(nh, nt, **f32)
+        self.gain = torch.empty(nh, nt, nmb, **f32)
+
+    def window(self, t0: int, steps: int) -> None:
+        k, v, w_hi, w_lo, key_bias, sz = self.args
+        n, h, length, _ = k.shape
+        nh, nt, nw = n * h, self.decay.shape[1], self.a.shape[1]
+        _chunk_state_kernel[(self.nmb, steps, nh)](
+            k,
+            v,
+            w_hi,
+            w_lo,
+            key_bias.contiguous() if key_bias is not None else self.a,
+            self.a,
+            self.za,
+            self.mb,
+            self.rp,
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            h,
+            length,
+            sz["d"],
+            sz["dv"],
+            sz["m"],
+            nt,
+            self.nmb,
+            t0,
+            nw,
+            sz["half"],
+            sz["rscale"],
+            sz["eps"],
+            HAS_BIAS=key_bias is not None,
+            KERNEL=sz["KERNEL"],
+            BLOCK_C=CHUNK,
+            BLOCK_D=sz["BLOCK_D"],
+            BLOCK_M=sz["BLOCK_M"],
+            BLOCK_DV=sz["BLOCK_DV"],
+            STATE_PASSES=PRECISION.fwd_state,
+            FP32_DOT=PRECISION.fp32_dot,
+            **launch_opts("chunk_state", sz),
+        )
+        # c = cummax(max(r, STABILISER_FLOOR)): the floor before the first kept key (its exp factors
+        # are 0 or 1, never NaN). The (empty) state of chunk 0 takes the scale of position 0, the
+        # smallest of that chunk, so every factor exp(cprev - c_i) is at most 1 (chunk 0's end can
+        # stand more than 88 above position 0: exp would overflow to inf, and inf times the empty
+        # state is NaN). c depends on earlier positions only, so a window's stabilisers need no later one.
+        _stabiliser_kernel[(cdiv(steps, STABILISER_CHUNKS), nh)](
+            self.rp,
+            self.mb,
+            self.c,
+            self.cend,
+            self.cprev,
+            self.decay,
+            self.gain,
+            length,
+            nt,
+            self.nmb,
+            t0,
+            nw,
+            BLOCK_NMB=next_pow2(self.nmb),
+            BLOCK_C=CHUNK,
+            CHUNKS=STABILISER_CHUNKS,
+            BLOCK_T=256,
+            num_warps=4,
+            num_stages=1,
+        )
+        _scan(self.a, self.za, _from(self.decay, t0), _from(self.gain, t0), self.nmb, sz, False, steps, self.carry)
+
+
+def _from(x: torch.Tensor, t0: int) -> torch.Tensor:
+    """``x[:, t0:]`` (``x`` itself for ``t0 = 0``: no view op on the common one-window path)."""
+    return x[:, t0:] if t0 else x
+
+
+def _zero_carry(nh: int, sz: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A state and its sums carried between windows, starting empty."""
+    f32 = dict(device=device, dtype=torch.float32)
+    return torch.zeros(nh, sz["m"], sz["dv"], **f32), torch.zeros(nh, sz["m"], **f32)
+
+
+def _window_starts(nt: int, nw: int, reverse: bool = False) -> list[tuple[int, int]]:
+    """``(first chunk, chunks)`` of each window, in scan order."""
+    starts = [(t0, min(nw, nt - t0)) for t0 in range(0, nt, nw)]
+    return starts[::-1] if reverse else starts
 
 
 def _split_output(out: torch.Tensor, out_lo: torch.Tensor, dtype: torch.dtype):
@@ -880,49 +988,41 @@ def _split_output(out: torch.Tensor, out_lo: torch.Tensor, dtype: torch.dtype):
     return hi, (out - hi.float()).to(dtype)
 
 
-def _states(k, v, w_hi, w_lo, key_bias, sz):
-    """The carried states and their scales (steps 1-3 of the module docstring):
-    ``(S, Z, c, cprev, cend, decay)``, ``S`` ``(N H, T, m, d_v)`` and ``Z`` ``(N H, T, m)`` at the
-    scale of the previous chunk's end."""
-    a, za, c, cprev, cend, decay, gain = _stabilisers(k, v, w_hi, w_lo, key_bias, sz)
-    _scan(a, za, decay, gain, cdiv(sz["m"], sz["BLOCK_M"]), sz, False)
-    return a, za, c, cprev, cend, decay
-
-
 def _forward(q, k, v, projection, kernel_fn, key_bias):
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     n, h, length, _ = q.shape
-    nh = n * h
+    nh, nt = n * h, cdiv(length, CHUNK)
     sz = launch_sizes(q, v, projection, kernel_fn)
     w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
-    st, szs, c, cprev, cend, decay = _states(k, v, w_hi, w_lo, key_bias, sz)
+    keep = _keeps_states(nh, length, sz["m"], sz["dv"])
+    states = _States(k, v, w_hi, w_lo, key_bias, sz, _windows(nh, nt, sz["m"], sz["dv"], keep))
     f32 = dict(device=q.device, dtype=torch.float32)
     out = heads_last(n, h, length, sz["dv"], device=q.device, dtype=store_dtype(q.dtype))
     out_lo = heads_last(n, h, length, sz["dv"], device=q.device, dtype=store_dtype(q.dtype))
     cq = torch.empty(nh, length, **f32)
     den = torch.empty(nh, length, **f32)
-    _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, out, out_lo, cq, den, sz)
+    for t0, steps in _window_starts(nt, states.a.shape[1]):
+        states.window(t0, steps)
+        _out_launch(q, k, v, w_hi, w_lo, key_bias, states, out, out_lo, cq, den, sz, t0, steps)
     out, out_lo = _split_output(out, out_lo, q.dtype)
-    if not _keeps_states(nh, length, sz["m"], sz["dv"]):
-        st, szs = st.new_empty(0), szs.new_empty(0)
-    return out, out_lo, cq, den, c, cprev, cend, decay, st, szs
+    st, szs = (states.a, states.za) if keep else (states.a.new_empty(0), states.za.new_empty(0))
+    return out, out_lo, cq, den, states.c, states.cprev, states.cend, states.decay, st, szs
 
 
-def _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, out, out_lo, cq, den, sz):
+def _out_launch(q, k, v, w_hi, w_lo, key_bias, states, out, out_lo, cq, den, sz, t0, steps):
     n, h, length, _ = q.shape
     nt = cdiv(length, CHUNK)
-    bias = key_bias.contiguous() if key_bias is not None else c
-    _chunk_out_kernel[(nt, n * h)](
+    _chunk_out_kernel[(steps, n * h)](
         q,
         k,
         v,
         w_hi,
         w_lo,
-        bias,
-        c,
-        cprev,
-        st,
-        szs,
+        key_bias.contiguous() if key_bias is not None else states.c,
+        states.c,
+        states.cprev,
+        states.a,
+        states.za,
         out,
         out_lo,
         cq,
@@ -945,6 +1045,8 @@ def _out_launch(q, k, v, w_hi, w_lo, key_bias, c, cprev, st, szs, out, out_lo, c
         sz["dv"],
         sz["m"],
         nt,
+        t0,
+        states.a.shape[1],
         sz["half"],
         sz["rscale"],
         sz["eps"],
@@ -981,9 +1083,10 @@ def _backward(
     if dq.stride() != dk.stride():
         raise ValueError(f"dq and dk must have one layout, got strides {dq.stride()} and {dk.stride()}")
 
-    def grad_launch(side, states, sums):
-        """``dq`` from the carried states (side 0), or ``dk``, ``dv`` from the later queries' (side 1)."""
-        _chunk_grad_kernel[(nt, nh)](
+    def grad_launch(side, states, sums, t0, steps):
+        """``dq`` from the carried states (side 0), or ``dk``, ``dv`` from the later queries' (side 1),
+        for the window of chunks ``t0 .. t0 + steps`` whose states ``states``, ``sums`` hold."""
+        _chunk_grad_kernel[(steps, nh)](
             q,
             k,
             v,
@@ -1029,6 +1132,8 @@ def _backward(
             sz["dv"],
             sz["m"],
             nt,
+            t0,
+            states.shape[1],
             *consts,
             HAS_BIAS=key_bias is not None,
             KERNEL=sz["KERNEL"],
@@ -1044,49 +1149,60 @@ def _backward(
             **launch_opts("chunk_grad", sz),
         )
 
-    if st.numel() == 0:  # not kept by the forward: the same values again
-        st, szs = _states(k, v, w_hi, w_lo, key_bias, sz)[:2]
-    grad_launch(0, st, szs)
-    del st, szs  # recomputed ones are freed before the later queries' states exist
-    rb = torch.empty(nh, nt, sz["m"], sz["dv"], **f32)
-    rz = torch.empty(nh, nt, sz["m"], **f32)
-    _chunk_rstate_kernel[(nmb, nt, nh)](
-        q,
-        dout,
-        out,
-        out_lo,
-        w_hi,
-        w_lo,
-        c,
-        cprev,
-        cq,
-        den,
-        rb,
-        rz,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        dout.stride(0),
-        dout.stride(1),
-        dout.stride(2),
-        h,
-        length,
-        sz["d"],
-        sz["dv"],
-        sz["m"],
-        nt,
-        *consts,
-        KERNEL=sz["KERNEL"],
-        BLOCK_C=CHUNK,
-        BLOCK_D=sz["BLOCK_D"],
-        BLOCK_M=sz["BLOCK_M"],
-        BLOCK_DV=sz["BLOCK_DV"],
-        STATE_PASSES=PRECISION.state,
-        FP32_DOT=PRECISION.fp32_dot,
-        **launch_opts("chunk_rstate", sz),
-    )
-    _scan(rb, rz, decay, None, nmb, sz, True)
-    grad_launch(1, rb, rz)
+    if st.numel():  # kept by the forward: one window
+        nw = nt
+        grad_launch(0, st, szs, 0, nt)
+    else:  # the same values again, window by window
+        nw = _windows(nh, nt, sz["m"], sz["dv"], False)
+        states = _States(k, v, w_hi, w_lo, key_bias, sz, nw)
+        for t0, steps in _window_starts(nt, nw):
+            states.window(t0, steps)
+            grad_launch(0, states.a, states.za, t0, steps)
+        del states  # freed before the later queries' states exist
+    del st, szs
+    rb = torch.empty(nh, nw, sz["m"], sz["dv"], **f32)
+    rz = torch.empty(nh, nw, sz["m"], **f32)
+    carry = _zero_carry(nh, sz, q.device) if nw < nt else None
+    for t0, steps in _window_starts(nt, nw, reverse=True):
+        _chunk_rstate_kernel[(nmb, steps, nh)](
+            q,
+            dout,
+            out,
+            out_lo,
+            w_hi,
+            w_lo,
+            c,
+            cprev,
+            cq,
+            den,
+            rb,
+            rz,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            dout.stride(0),
+            dout.stride(1),
+            dout.stride(2),
+            h,
+            length,
+            sz["d"],
+            sz["dv"],
+            sz["m"],
+            nt,
+            t0,
+            nw,
+            *consts,
+            KERNEL=sz["KERNEL"],
+            BLOCK_C=CHUNK,
+            BLOCK_D=sz["BLOCK_D"],
+            BLOCK_M=sz["BLOCK_M"],
+            BLOCK_DV=sz["BLOCK_DV"],
+            STATE_PASSES=PRECISION.state,
+            FP32_DOT=PRECISION.fp32_dot,
+            **launch_opts("chunk_rstate", sz),
+        )
+        _scan(rb, rz, _from(decay, t0), None, nmb, sz, True, steps, carry)
+        grad_launch(1, rb, rz, t0, steps)
     return finish_gradients((dq, dk, dv), q, k, v, grads)
 
 

@@ -52,6 +52,7 @@ def test_carried_states_kept_recomputed_or_windowed_match(kernel_fn, mode, gen, 
     monkeypatch.setattr(kernels, "KEEP_STATES_MAX_BYTES", 1 << 40 if mode == "kept" else 0)
     if mode == "windows":  # windows of 2 chunks (CPU) or 16 (GPU): 3 and 2 windows, the last one short
         monkeypatch.setattr(kernels, "STABILISER_CHUNKS", 16 if CUDA else 2)
+        monkeypatch.setattr(kernels, "WINDOWS_FROM_CHUNKS", 2)
         monkeypatch.setattr(kernels, "STATE_WINDOW_BYTES", (20 if CUDA else 2) * 2 * 80 * 16 * 4)
     nw = kernels._windows(2, -(-length // kernels.CHUNK), 80, 16, mode == "kept")
     assert (nw < -(-length // kernels.CHUNK)) == (mode == "windows")

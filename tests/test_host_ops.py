@@ -44,7 +44,7 @@ BUDGET = {
                   "backward": (11, ["_query_grad_kernel", "_query_state_grad_kernel", "_key_grad_kernel"])},
     "causal": {"forward": (19, CAUSAL_STATES + ["_chunk_out_kernel"]), "backward": (11, CAUSAL_GRADS)},
     "causal-recomputed": {"forward": (21, CAUSAL_STATES + ["_chunk_out_kernel"]),  # + 2 empty placeholders
-                          "backward": (20, CAUSAL_STATES + CAUSAL_GRADS)},
+                          "backward": (21, CAUSAL_STATES + ["_chunk_out_kernel"] + CAUSAL_GRADS)},  # + t
 }  # fmt: skip
 
 

@@ -39,15 +39,16 @@ def test_several_feature_blocks_and_scan_tiles(kernel_fn, gen):
 @pytest.mark.parametrize("mode", ["kept", "recomputed", "windows"])
 @pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
 def test_carried_states_kept_recomputed_or_windowed_match(kernel_fn, mode, gen, monkeypatch):
-    """The backward with the forward's carried states, with states it recomputes (long sequences), and
-    with states that exist one window of chunks at a time in both passes (a ragged last window): all
-    match the reference, and the kept-states result exactly (the recomputation is deterministic, and a
-    window's scan starts from the previous window's final state, so the sums run in the same order)."""
+    """The backward with the forward's carried states (and the output's lo half), with states it
+    recomputes (long sequences; ``t = dout . out / den`` from the float32 output recomputed), and with
+    states that exist one window of chunks at a time in both passes (a ragged last window): all match
+    the reference, and the last two each other exactly (a window's scan starts from the previous
+    window's final state, so every sum runs in the same order)."""
     from randattn.ops.causal import triton as kernels
 
     length, dtype = (2048, torch.bfloat16) if CUDA else (300, torch.float32)
     inputs = make_inputs(1, 2, length, length, 32, 16, 80, dtype, gen, scale=1.5, mask="bool")
-    monkeypatch.setattr(kernels, "KEEP_STATES_MAX_BYTES", 1 << 40)
+    monkeypatch.setattr(kernels, "KEEP_STATES_MAX_BYTES", 0)
     want = run("triton", *inputs, kernel_fn, True)
     monkeypatch.setattr(kernels, "KEEP_STATES_MAX_BYTES", 1 << 40 if mode == "kept" else 0)
     if mode == "windows":  # windows of 2 chunks (CPU) or 16 (GPU): 3 and 2 windows, the last one short
@@ -57,10 +58,11 @@ def test_carried_states_kept_recomputed_or_windowed_match(kernel_fn, mode, gen, 
     nw = kernels._windows(2, -(-length // kernels.CHUNK), 80, 16, mode == "kept")
     assert (nw < -(-length // kernels.CHUNK)) == (mode == "windows")
     saved = kernels.forward_saving(*inputs[:4], kernel_fn, None)[1]
-    assert (saved[-2].numel() > 0) == (mode == "kept")
+    assert (saved[-2].numel() > 0) == (saved[1].numel() > 0) == (mode == "kept")
     check_against_reference(*inputs, kernel_fn, causal=True)
-    for a, b in zip(run("triton", *inputs, kernel_fn, True), want):
-        assert torch.equal(a, b)
+    if mode != "kept":
+        for a, b in zip(run("triton", *inputs, kernel_fn, True), want):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

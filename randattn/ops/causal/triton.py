@@ -25,8 +25,10 @@ results equal those of one window bit for bit while only one window's states exi
 Backward: steps 1-3 again, window by window, unless the forward kept the carried states (kept only up
 to :data:`KEEP_STATES_MAX_BYTES`, since a model of many layers would hold one such tensor per layer
 between the passes);
-``t_i = dout_i . num_i / den_i^2 = dout_i . out_i / den_i`` comes from the output kept as
-``hi + lo`` in the input dtype (float32-accurate);
+``t_i = dout_i . num_i / den_i^2 = dout_i . out_i / den_i`` needs the float32 output: beside kept
+states the forward keeps it as ``hi + lo`` in the input dtype; otherwise ``_chunk_out_kernel``
+recomputes it in each window (``MODE`` 2) and writes only ``t``, so no second copy of the output
+lives between the passes;
 ``_chunk_grad_kernel`` gives ``dq`` chunk by chunk from the carried states, which are then freed;
 ``_chunk_rstate_kernel`` and a reverse ``_scan_kernel`` build the states of later queries
 ``R_t = sum_{i after chunk t} exp(c_end - c_i) phi_q[i] g_i^T`` (windows from the last one back),
@@ -362,6 +364,8 @@ def _chunk_out_kernel(
     OUT_LO,
     CQ,
     DEN,
+    DO,
+    T,
     sq_n,
     sq_h,
     sq_l,
@@ -374,6 +378,9 @@ def _chunk_out_kernel(
     so_n,
     so_h,
     so_l,
+    sd_n,
+    sd_h,
+    sd_l,
     H,
     L,
     D,
@@ -394,9 +401,12 @@ def _chunk_out_kernel(
     STATE_PASSES: tl.constexpr,
     MIXED_PASSES: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    MODE: tl.constexpr,
 ):
-    """Forward output of chunk ``T0 + program_id(0)``, as ``hi + lo`` in the output dtype
-    (float32-accurate for the backward); ``ST``, ``SZ`` hold the states of a window of ``NW`` chunks from ``T0``."""
+    """Forward output of chunk ``T0 + program_id(0)``; ``ST``, ``SZ`` hold the states of a window of
+    ``NW`` chunks from ``T0``. ``MODE`` 0: the output as ``hi + lo`` in the output dtype
+    (float32-accurate for the backward), the scales ``CQ`` and denominators ``DEN``; 1: the same
+    without ``lo``; 2 (in the backward): only ``T = dout . out / den`` from the float32 output."""
     pid_w = tl.program_id(0)
     pid_t = T0 + pid_w
     pid_nh = tl.program_id(1)
@@ -491,22 +501,32 @@ def _chunk_out_kernel(
     if KERNEL != 0:
         cq = tl.zeros((BLOCK_C,), tl.float32)
     out = num * inv_den[:, None]
-    out_hi = out.to(OUT.dtype.element_ty)
-    o_ptrs = n * so_n + h * so_h + offs_c[:, None] * so_l + offs_dv[None, :]
     omask = c_ok[:, None] & (offs_dv[None, :] < DV)
-    tl.store(OUT + o_ptrs, out_hi, mask=omask)
-    tl.store(OUT_LO + o_ptrs, (out - out_hi.to(tl.float32)).to(OUT_LO.dtype.element_ty), mask=omask)
-    tl.store(CQ + pid_nh * L + offs_c, cq, mask=c_ok)
-    tl.store(DEN + pid_nh * L + offs_c, den, mask=c_ok)
+    if MODE == 2:
+        do = tl.load(DO + n * sd_n + h * sd_h + offs_c[:, None] * sd_l + offs_dv[None, :], mask=omask, other=0.0)
+        tl.store(T + pid_nh * L + offs_c, tl.sum(do.to(tl.float32) * out, 1) * inv_den, mask=c_ok)
+    else:
+        out_hi = out.to(OUT.dtype.element_ty)
+        o_ptrs = n * so_n + h * so_h + offs_c[:, None] * so_l + offs_dv[None, :]
+        tl.store(OUT + o_ptrs, out_hi, mask=omask)
+        if MODE == 0:
+            tl.store(OUT_LO + o_ptrs, (out - out_hi.to(tl.float32)).to(OUT_LO.dtype.element_ty), mask=omask)
+        tl.store(CQ + pid_nh * L + offs_c, cq, mask=c_ok)
+        tl.store(DEN + pid_nh * L + offs_c, den, mask=c_ok)
 
 
 @triton.jit
-def _row_t(OUT, OUT_LO, do, den, ptrs, mask):
-    """``t_i = dout_i . num_i / den_i^2 = dout_i . out_i / den_i`` with ``out = hi + lo``."""
-    out = tl.load(OUT + ptrs, mask=mask, other=0.0).to(tl.float32) + tl.load(OUT_LO + ptrs, mask=mask, other=0.0).to(
-        tl.float32
-    )
-    return tl.sum(do.to(tl.float32) * out, 1) / tl.where(den == 0.0, 1.0, den)
+def _row_t(OUT, OUT_LO, T, do, den, ptrs, mask, t_ptrs, row_mask, HAS_T: tl.constexpr):
+    """``t_i = dout_i . num_i / den_i^2 = dout_i . out_i / den_i``: from ``T`` when ``HAS_T``, else
+    from the output kept as ``out = hi + lo``."""
+    if HAS_T:
+        t = tl.load(T + t_ptrs, mask=row_mask, other=0.0)
+    else:
+        out = tl.load(OUT + ptrs, mask=mask, other=0.0).to(tl.float32) + tl.load(
+            OUT_LO + ptrs, mask=mask, other=0.0
+        ).to(tl.float32)
+        t = tl.sum(do.to(tl.float32) * out, 1) / tl.where(den == 0.0, 1.0, den)
+    return t
 
 
 @direct_launch
@@ -516,6 +536,7 @@ def _chunk_rstate_kernel(
     DO,
     OUT,
     OUT_LO,
+    T,
     W_HI,
     W_LO,
     C,
@@ -548,6 +569,7 @@ def _chunk_rstate_kernel(
     BLOCK_DV: tl.constexpr,
     STATE_PASSES: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    HAS_T: tl.constexpr,
 ):
     """Per chunk and feature block: ``B_t = sum_i exp(c_prev - c_i) phi_q[i] (dout_i / den_i)^T`` and
     ``u_t = -sum_i exp(c_prev - c_i) phi_q[i] t_i``, for chunk ``T0 + program_id(1)`` into a window of
@@ -583,10 +605,14 @@ def _chunk_rstate_kernel(
     t = _row_t(
         OUT,
         OUT_LO,
+        T,
         do,
         den,
         n * sd_n + h * sd_h + offs_c[:, None] * sd_l + offs_dv[None, :],
         c_ok[:, None] & (offs_dv[None, :] < DV),
+        pid_nh * L + offs_c,
+        c_ok,
+        HAS_T,
     )
     cprev = tl.load(CPREV + pid_nh * NT + pid_t)
     phiq, proj = features_tile(x, sqx, wt_hi, wt_lo, wt_lo2, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
@@ -611,6 +637,7 @@ def _chunk_grad_kernel(
     DO,
     OUT,
     OUT_LO,
+    T,
     W_HI,
     W_LO,
     BIAS,
@@ -666,6 +693,7 @@ def _chunk_grad_kernel(
     GRADW_PASSES: tl.constexpr,
     FP32_DOT: tl.constexpr,
     SIDE: tl.constexpr,
+    HAS_T: tl.constexpr,
 ):
     """The gradients of chunk ``T0 + program_id(0)``: ``SIDE`` 0 gives ``dq`` (reads the carried states
     ``ST``, ``SZ``), 1 gives ``dk`` and ``dv`` (reads the states of later queries ``RS``, ``RZ``); the
@@ -715,10 +743,14 @@ def _chunk_grad_kernel(
     t = _row_t(
         OUT,
         OUT_LO,
+        T,
         do,
         den,
         n * sd_n + h * sd_h + offs_c[:, None] * sd_l + offs_dv[None, :],
         c_ok[:, None] & (offs_dv[None, :] < DV),
+        pid_nh * L + offs_c,
+        c_ok,
+        HAS_T,
     )
     cprev = tl.load(CPREV + pid_nh * NT + pid_t)
     cend = tl.load(CEND + pid_nh * NT + pid_t)
@@ -1003,20 +1035,28 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     states = _States(k, v, w_hi, w_lo, key_bias, sz, _windows(nh, nt, sz["m"], sz["dv"], keep))
     f32 = dict(device=q.device, dtype=torch.float32)
     out = heads_last(n, h, length, sz["dv"], device=q.device, dtype=store_dtype(q.dtype))
-    out_lo = heads_last(n, h, length, sz["dv"], device=q.device, dtype=store_dtype(q.dtype))
+    # the output's lo half only beside kept states; else the backward recomputes dout . out itself
+    out_lo = heads_last(n, h, length, sz["dv"], device=q.device, dtype=store_dtype(q.dtype)) if keep else out
     cq = torch.empty(nh, length, **f32)
     den = torch.empty(nh, length, **f32)
     for t0, steps in _window_starts(nt, states.a.shape[1]):
         states.window(t0, steps)
-        _out_launch(q, k, v, w_hi, w_lo, key_bias, states, out, out_lo, cq, den, sz, t0, steps)
-    out, out_lo = _split_output(out, out_lo, q.dtype)
-    st, szs = (states.a, states.za) if keep else (states.a.new_empty(0), states.za.new_empty(0))
+        _out_launch(q, k, v, w_hi, w_lo, key_bias, states, sz, t0, steps, out, out_lo, cq, den, mode=0 if keep else 1)
+    if keep:
+        out, out_lo = _split_output(out, out_lo, q.dtype)
+        st, szs = states.a, states.za
+    else:
+        out, out_lo = out.to(q.dtype), out.new_empty(0, dtype=q.dtype)
+        st, szs = states.a.new_empty(0), states.za.new_empty(0)
     return out, out_lo, cq, den, states.c, states.cprev, states.cend, states.decay, st, szs
 
 
-def _out_launch(q, k, v, w_hi, w_lo, key_bias, states, out, out_lo, cq, den, sz, t0, steps):
+def _out_launch(q, k, v, w_hi, w_lo, key_bias, states, sz, t0, steps, out, out_lo, cq, den, dout=None, t=None, mode=0):
+    """``_chunk_out_kernel`` for chunks ``t0 .. t0 + steps`` (see its ``MODE``; 2 needs ``dout`` and ``t``)."""
     n, h, length, _ = q.shape
     nt = cdiv(length, CHUNK)
+    if dout is None:
+        dout = t = out
     _chunk_out_kernel[(steps, n * h)](
         q,
         k,
@@ -1032,6 +1072,8 @@ def _out_launch(q, k, v, w_hi, w_lo, key_bias, states, out, out_lo, cq, den, sz,
         out_lo,
         cq,
         den,
+        dout,
+        t,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -1044,6 +1086,9 @@ def _out_launch(q, k, v, w_hi, w_lo, key_bias, states, out, out_lo, cq, den, sz,
         out.stride(0),
         out.stride(1),
         out.stride(2),
+        dout.stride(0),
+        dout.stride(1),
+        dout.stride(2),
         h,
         length,
         sz["d"],
@@ -1066,6 +1111,7 @@ def _out_launch(q, k, v, w_hi, w_lo, key_bias, states, out, out_lo, cq, den, sz,
         # here gave dq 1.6-2.8x the reference's error on the H100; full passes: equal to it)
         MIXED_PASSES=PRECISION.mixed,
         FP32_DOT=PRECISION.fp32_dot,
+        MODE=mode,
         **launch_opts("chunk_out", sz),
     )
 
@@ -1074,7 +1120,8 @@ def _backward(
     dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, cq, den, c, cprev, cend, decay, st, szs, grads=None
 ):
     q, k, v, dout = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v), rows_contiguous(dout)
-    if out.stride() != dout.stride():
+    has_t = out_lo.numel() == 0  # no lo half of the output: t = dout . out / den recomputed below
+    if not has_t and out.stride() != dout.stride():
         out, out_lo, dout = out.contiguous(), out_lo.contiguous(), dout.contiguous()
     n, h, length, _ = q.shape
     nh = n * h
@@ -1098,6 +1145,7 @@ def _backward(
             dout,
             out,
             out_lo,
+            t,
             w_hi,
             w_lo,
             key_bias.contiguous() if key_bias is not None else c,
@@ -1151,17 +1199,20 @@ def _backward(
             GRADW_PASSES=PRECISION.grad_w,
             FP32_DOT=PRECISION.fp32_dot,
             SIDE=side,
+            HAS_T=has_t,
             **launch_opts("chunk_grad", sz),
         )
 
-    if st.numel():  # kept by the forward: one window
+    t = torch.empty(nh, length, **f32) if has_t else c
+    if st.numel():  # kept by the forward (with the output's lo half): one window
         nw = nt
         grad_launch(0, st, szs, 0, nt)
-    else:  # the same values again, window by window
+    else:  # the same values again, window by window, and t from the float32 output
         nw = _windows(nh, nt, sz["m"], sz["dv"], False)
         states = _States(k, v, w_hi, w_lo, key_bias, sz, nw)
         for t0, steps in _window_starts(nt, nw):
             states.window(t0, steps)
+            _out_launch(q, k, v, w_hi, w_lo, key_bias, states, sz, t0, steps, out, out, t, t, dout, t, mode=2)
             grad_launch(0, states.a, states.za, t0, steps)
         del states  # freed before the later queries' states exist
     del st, szs
@@ -1174,6 +1225,7 @@ def _backward(
             dout,
             out,
             out_lo,
+            t,
             w_hi,
             w_lo,
             c,
@@ -1204,6 +1256,7 @@ def _backward(
             BLOCK_DV=sz["BLOCK_DV"],
             STATE_PASSES=PRECISION.state,
             FP32_DOT=PRECISION.fp32_dot,
+            HAS_T=has_t,
             **launch_opts("chunk_rstate", sz),
         )
         _scan(rb, rz, _from(decay, t0), None, nmb, sz, True, steps, carry)
@@ -1247,7 +1300,7 @@ def _(q, k, v, projection, kernel_fn, key_bias):
     keep = _keeps_states(n * h, length, m, dv)
     return (
         heads_last(n, h, length, dv, device=q.device, dtype=q.dtype),
-        heads_last(n, h, length, dv, device=q.device, dtype=q.dtype),
+        heads_last(n, h, length, dv, device=q.device, dtype=q.dtype) if keep else q.new_empty(0),
         torch.empty(n * h, length, **f32),
         torch.empty(n * h, length, **f32),
         torch.empty(n * h, length, **f32),

@@ -78,8 +78,9 @@ __all__ = ["causal_attention", "CHUNK", "forward_saving", "backward_from"]
 CHUNK = 64
 #: The forward keeps the carried states for the backward up to this many bytes (short sequences,
 #: where the three launches that recompute them cost more host time than the GPU time they take);
-#: larger states are recomputed in the backward instead of held between the passes.
-KEEP_STATES_MAX_BYTES = 64 << 20
+#: larger states are recomputed in the backward instead of held between the passes. Overridable
+#: (``RANDATTN_TRITON_KEEP_STATES``, bytes): keeping states is faster and holds more memory.
+KEEP_STATES_MAX_BYTES = int(os.environ.get("RANDATTN_TRITON_KEEP_STATES", 64 << 20))
 #: Otherwise the states exist one window of chunks at a time, at most this many bytes (float32; at
 #: least :data:`STABILISER_CHUNKS` chunks): the forward's output and the backward's two gradient sides
 #: run window by window, each window's states computed from the previous window's final state. Each

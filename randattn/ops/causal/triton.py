@@ -518,6 +518,32 @@ def _chunk_out_kernel(
 
 
 @triton.jit
+def _state_product(
+    a,
+    STATES,
+    base,
+    offs_m,
+    offs_dv,
+    m_ok,
+    M,
+    DV,
+    BLOCK_C: tl.constexpr,
+    STATE_PASSES: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
+    """``(a X^T, X^T)`` for the float32 state tile ``X`` (a feature block by the value columns) of
+    chunk ``base`` and ``a`` ``(BLOCK_C, BLOCK_DV)`` in the operand dtype (``X`` split into parts of it)."""
+    xt = tl.load(
+        STATES + base * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
+        mask=m_ok[None, :] & (offs_dv[:, None] < DV),
+        other=0.0,
+    )
+    hi = xt.to(a.dtype)
+    acc = tl.zeros((BLOCK_C, xt.shape[1]), tl.float32)
+    return mm_exact_a(a, hi, (xt - hi.to(tl.float32)).to(a.dtype), acc, STATE_PASSES, FP32_DOT), xt
+
+
+@triton.jit
 def _row_t(OUT, OUT_LO, T, do, den, ptrs, mask, t_ptrs, row_mask, HAS_T: tl.constexpr):
     """``t_i = dout_i . num_i / den_i^2 = dout_i . out_i / den_i``: from ``T`` when ``HAS_T``, else
     from the output kept as ``out = hi + lo``."""
@@ -648,10 +674,8 @@ def _chunk_grad_kernel(
     CEND,
     CQ,
     DEN,
-    ST,
-    SZ,
-    RS,
-    RZ,
+    STATES,
+    SUMS,
     DQ,
     DK,
     DVO,
@@ -697,10 +721,10 @@ def _chunk_grad_kernel(
     SIDE: tl.constexpr,
     HAS_T: tl.constexpr,
 ):
-    """The gradients of chunk ``T0 + program_id(0)``: ``SIDE`` 0 gives ``dq`` (reads the carried states
-    ``ST``, ``SZ``), 1 gives ``dk`` and ``dv`` (reads the states of later queries ``RS``, ``RZ``); the
-    states are a window's, ``NW`` chunks from ``T0``. Two launches, so that the two kinds of states
-    never need to exist at once."""
+    """The gradients of chunk ``T0 + program_id(0)``: ``SIDE`` 0 gives ``dq`` from the carried states
+    ``S_t``, ``z_t``, 1 gives ``dk`` and ``dv`` from the states of later queries ``R_t``, ``u_t``
+    (``STATES``, ``SUMS``: a window's, ``NW`` chunks from ``T0``). Two launches, so that the two
+    kinds of states never need to exist at once."""
     pid_w = tl.program_id(0)
     pid_t = T0 + pid_w
     pid_nh = tl.program_id(1)
@@ -789,21 +813,8 @@ def _chunk_grad_kernel(
         w_hi, w_lo = load_w(W_HI, W_LO, offs_m, offs_d, D, M)
         if SIDE == 0:
             # query side: dphi_q = dAE phit_k + e_q (S_t dout / den - t z_t)
-            stt = tl.load(
-                ST + base * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
-                mask=m_ok[None, :] & (offs_dv[:, None] < DV),
-                other=0.0,
-            )
-            st_hi = stt.to(do.dtype)
-            g = mm_exact_a(
-                do,
-                st_hi,
-                (stt - st_hi.to(tl.float32)).to(do.dtype),
-                tl.zeros((BLOCK_C, BLOCK_M), tl.float32),
-                STATE_PASSES,
-                FP32_DOT,
-            )
-            z = tl.load(SZ + base * M + offs_m, mask=m_ok, other=0.0)
+            g, _ = _state_product(do, STATES, base, offs_m, offs_dv, m_ok, M, DV, BLOCK_C, STATE_PASSES, FP32_DOT)
+            z = tl.load(SUMS + base * M + offs_m, mask=m_ok, other=0.0)
             dphiq = (g * inv_den[:, None] - t[:, None] * z[None, :]) * e_q[:, None]
             dphiq = mm_mixed(dae, phik, dphiq, x, MIXED_PASSES, FP32_DOT)
             if KERNEL == 0:
@@ -815,21 +826,8 @@ def _chunk_grad_kernel(
         else:
             # key side: dphit_k = dAE^T phi_q + e_k (v R_t^T + u_t); pp for the intra-chunk dv
             pp = mm_mixed(phiq_f, tl.trans(phik), pp, x, MIXED_PASSES, FP32_DOT)
-            rtt = tl.load(
-                RS + base * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
-                mask=m_ok[None, :] & (offs_dv[:, None] < DV),
-                other=0.0,
-            )
-            rt_hi = rtt.to(vt.dtype)
-            gk = mm_exact_a(
-                vt,
-                rt_hi,
-                (rtt - rt_hi.to(tl.float32)).to(vt.dtype),
-                tl.zeros((BLOCK_C, BLOCK_M), tl.float32),
-                STATE_PASSES,
-                FP32_DOT,
-            )
-            u = tl.load(RZ + base * M + offs_m, mask=m_ok, other=0.0)
+            gk, rtt = _state_product(vt, STATES, base, offs_m, offs_dv, m_ok, M, DV, BLOCK_C, STATE_PASSES, FP32_DOT)
+            u = tl.load(SUMS + base * M + offs_m, mask=m_ok, other=0.0)
             dphik = (gk + u[None, :]) * e_k[:, None]
             dphik = mm_mixed(tl.trans(dae), phiq_f, dphik, x, MIXED_PASSES, FP32_DOT)
             dv_inter = mm_mixed(phik, tl.trans(rtt), dv_inter, x, MIXED_PASSES, FP32_DOT)
@@ -1156,8 +1154,6 @@ def _backward(
             cend,
             cq,
             den,
-            states,
-            sums,
             states,
             sums,
             dq,

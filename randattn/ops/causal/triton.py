@@ -860,6 +860,28 @@ def _chunk_grad_kernel(
 # launchers
 
 
+def _strides(*tensors: torch.Tensor) -> list[int]:
+    """The strides of the first three dimensions of each tensor, in order (the kernels' stride arguments)."""
+    return [st for t in tensors for st in t.stride()[:3]]
+
+
+def _sizes(h: int, length: int, sz: dict) -> tuple:
+    """Heads, positions, head, value and feature dims, chunks: the size arguments of every chunk kernel."""
+    return h, length, sz["d"], sz["dv"], sz["m"], cdiv(length, CHUNK)
+
+
+def _consts(sz: dict) -> tuple:
+    """The scalar arguments every chunk kernel takes after its sizes."""
+    return sz["half"], sz["rscale"], sz["eps"]
+
+
+def _tiles(sz: dict) -> dict:
+    """The feature map and tile sizes every chunk kernel takes."""
+    return dict(
+        KERNEL=sz["KERNEL"], BLOCK_C=CHUNK, BLOCK_D=sz["BLOCK_D"], BLOCK_M=sz["BLOCK_M"], BLOCK_DV=sz["BLOCK_DV"]
+    )
+
+
 def _windows(nh: int, nt: int, m: int, dv: int, keep: bool) -> int:
     """Chunks per window of states: all ``nt`` when the states are kept, fit the window, or the
     sequence has fewer than :data:`WINDOWS_FROM_CHUNKS` chunks; else the most chunks, a multiple of
@@ -944,30 +966,14 @@ class _States:
             self.za,
             self.mb,
             self.rp,
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            v.stride(0),
-            v.stride(1),
-            v.stride(2),
-            h,
-            length,
-            sz["d"],
-            sz["dv"],
-            sz["m"],
-            nt,
+            *_strides(k, v),
+            *_sizes(h, length, sz),
             self.nmb,
             t0,
             nw,
-            sz["half"],
-            sz["rscale"],
-            sz["eps"],
+            *_consts(sz),
             HAS_BIAS=key_bias is not None,
-            KERNEL=sz["KERNEL"],
-            BLOCK_C=CHUNK,
-            BLOCK_D=sz["BLOCK_D"],
-            BLOCK_M=sz["BLOCK_M"],
-            BLOCK_DV=sz["BLOCK_DV"],
+            **_tiles(sz),
             STATE_PASSES=PRECISION.fwd_state,
             FP32_DOT=PRECISION.fp32_dot,
             **launch_opts("chunk_state", sz),
@@ -1054,7 +1060,6 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
 def _out_launch(q, k, v, w_hi, w_lo, key_bias, states, sz, t0, steps, out, out_lo, cq, den, dout=None, t=None, mode=0):
     """``_chunk_out_kernel`` for chunks ``t0 .. t0 + steps`` (see its ``MODE``; 2 needs ``dout`` and ``t``)."""
     n, h, length, _ = q.shape
-    nt = cdiv(length, CHUNK)
     if dout is None:
         dout = t = out
     _chunk_out_kernel[(steps, n * h)](
@@ -1074,38 +1079,13 @@ def _out_launch(q, k, v, w_hi, w_lo, key_bias, states, sz, t0, steps, out, out_l
         den,
         dout,
         t,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        dout.stride(0),
-        dout.stride(1),
-        dout.stride(2),
-        h,
-        length,
-        sz["d"],
-        sz["dv"],
-        sz["m"],
-        nt,
+        *_strides(q, k, v, out, dout),
+        *_sizes(h, length, sz),
         t0,
         states.a.shape[1],
-        sz["half"],
-        sz["rscale"],
-        sz["eps"],
+        *_consts(sz),
         HAS_BIAS=key_bias is not None,
-        KERNEL=sz["KERNEL"],
-        BLOCK_C=CHUNK,
-        BLOCK_D=sz["BLOCK_D"],
-        BLOCK_M=sz["BLOCK_M"],
-        BLOCK_DV=sz["BLOCK_DV"],
+        **_tiles(sz),
         STATE_PASSES=PRECISION.fwd_state,
         # the backward's t_i = dout_i . out_i / den_i reads this output: float32-accurate (one pass
         # here gave dq 1.6-2.8x the reference's error on the H100; full passes: equal to it)
@@ -1130,7 +1110,6 @@ def _backward(
     w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
     nmb = cdiv(sz["m"], sz["BLOCK_M"])
     f32 = dict(device=q.device, dtype=torch.float32)
-    consts = (sz["half"], sz["rscale"], sz["eps"])
     dq, dk, dv = gradient_buffers(q, k, v, grads)
     if dq.stride() != dk.stride():
         raise ValueError(f"dq and dk must have one layout, got strides {dq.stride()} and {dk.stride()}")
@@ -1159,39 +1138,13 @@ def _backward(
             dq,
             dk,
             dv,
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            v.stride(0),
-            v.stride(1),
-            v.stride(2),
-            dout.stride(0),
-            dout.stride(1),
-            dout.stride(2),
-            dq.stride(0),
-            dq.stride(1),
-            dq.stride(2),
-            dv.stride(0),
-            dv.stride(1),
-            dv.stride(2),
-            h,
-            length,
-            sz["d"],
-            sz["dv"],
-            sz["m"],
-            nt,
+            *_strides(q, k, v, dout, dq, dv),
+            *_sizes(h, length, sz),
             t0,
             states.shape[1],
-            *consts,
+            *_consts(sz),
             HAS_BIAS=key_bias is not None,
-            KERNEL=sz["KERNEL"],
-            BLOCK_C=CHUNK,
-            BLOCK_D=sz["BLOCK_D"],
-            BLOCK_M=sz["BLOCK_M"],
-            BLOCK_DV=sz["BLOCK_DV"],
+            **_tiles(sz),
             STATE_PASSES=PRECISION.state,
             MIXED_PASSES=PRECISION.mixed,
             GRADW_PASSES=PRECISION.grad_w,
@@ -1232,26 +1185,12 @@ def _backward(
             den,
             rb,
             rz,
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            dout.stride(0),
-            dout.stride(1),
-            dout.stride(2),
-            h,
-            length,
-            sz["d"],
-            sz["dv"],
-            sz["m"],
-            nt,
+            *_strides(q, dout),
+            *_sizes(h, length, sz),
             t0,
             nw,
-            *consts,
-            KERNEL=sz["KERNEL"],
-            BLOCK_C=CHUNK,
-            BLOCK_D=sz["BLOCK_D"],
-            BLOCK_M=sz["BLOCK_M"],
-            BLOCK_DV=sz["BLOCK_DV"],
+            *_consts(sz),
+            **_tiles(sz),
             STATE_PASSES=PRECISION.state,
             FP32_DOT=PRECISION.fp32_dot,
             HAS_T=has_t,

@@ -65,6 +65,28 @@ def test_carried_states_kept_recomputed_or_windowed_match(kernel_fn, mode, gen, 
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("nt", [1, 127, 128, 129, 256, 1024, 4099])
+@pytest.mark.parametrize("nh, m, dv", [(32, 256, 64), (2, 16, 16), (64, 512, 128)])
+def test_window_sizes(nh, m, dv, nt, keep):
+    """One window for kept states, short sequences and states within the budget; otherwise the
+    largest multiple of the stabiliser's chunks whose states fit (at least one such multiple)."""
+    from randattn.ops.causal import triton as kernels
+
+    nw = kernels._windows(nh, nt, m, dv, keep)
+    per_chunk = nh * m * dv * 4
+    if keep or nt < kernels.WINDOWS_FROM_CHUNKS or nt * per_chunk <= kernels.STATE_WINDOW_BYTES:
+        assert nw == nt
+        return
+    step = kernels.STABILISER_CHUNKS
+    assert nw % step == 0 and 0 < nw < nt
+    assert nw == step or nw * per_chunk <= kernels.STATE_WINDOW_BYTES
+    assert (nw + step) * per_chunk > kernels.STATE_WINDOW_BYTES
+    starts = kernels._window_starts(nt, nw)
+    assert [t0 for t0, _ in starts] == list(range(0, nt, nw)) and sum(n for _, n in starts) == nt
+    assert kernels._window_starts(nt, nw, reverse=True) == starts[::-1]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matches_reference_low_precision(dtype, gen):
     inputs = make_inputs(2, 1, 90, 90, 16, 32, 32, dtype, gen, mask="bool")

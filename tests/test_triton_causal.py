@@ -256,3 +256,23 @@ def test_gpu_long_sequence_large_logits_finite(dtype, gen):
     out, dq, dk, dv = run("triton", q, k, v, projection, dout, None, "softmax", True)
     for g in (out, dq, dk, dv):
         assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("value, want", [(None, 123), ("", 123), ("0", 0), ("67108864", 64 << 20)])
+def test_env_bytes_reads_a_byte_count(value, want, monkeypatch):
+    from randattn.ops._triton_utils import env_bytes
+
+    if value is None:
+        monkeypatch.delenv("RANDATTN_TEST_BYTES", raising=False)
+    else:
+        monkeypatch.setenv("RANDATTN_TEST_BYTES", value)
+    assert env_bytes("RANDATTN_TEST_BYTES", 123) == want
+
+
+@pytest.mark.parametrize("value", ["64MiB", "-1", "1.5"])
+def test_env_bytes_names_the_variable_on_bad_values(value, monkeypatch):
+    from randattn.ops._triton_utils import env_bytes
+
+    monkeypatch.setenv("RANDATTN_TEST_BYTES", value)
+    with pytest.raises(ValueError, match=r"RANDATTN_TEST_BYTES must be a whole number of bytes"):
+        env_bytes("RANDATTN_TEST_BYTES", 123)

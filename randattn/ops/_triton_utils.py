@@ -114,6 +114,20 @@ PRECISION = Precision.parse(
 )
 
 
+def env_bytes(variable: str, default: int) -> int:
+    """A byte count from the environment variable ``variable`` (``default`` if unset)."""
+    value = os.environ.get(variable)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise ValueError(f"{variable} must be a whole number of bytes >= 0, got {value!r}")
+    return count
+
+
 def env_settings(variable: str) -> dict[str, tuple[int, ...]]:
     """Per-kernel settings of a tuning run from ``variable="name=n[,n...];..."`` (empty if unset)."""
     settings = {}

@@ -49,6 +49,7 @@ from .._triton_utils import (
     NEG_BIG,
     PRECISION,
     cdiv,
+    env_bytes,
     features_tile,
     finish_gradients,
     gradient_buffers,
@@ -80,7 +81,7 @@ CHUNK = 64
 #: where the three launches that recompute them cost more host time than the GPU time they take);
 #: larger states are recomputed in the backward instead of held between the passes. Overridable
 #: (``RANDATTN_TRITON_KEEP_STATES``, bytes): keeping states is faster and holds more memory.
-KEEP_STATES_MAX_BYTES = int(os.environ.get("RANDATTN_TRITON_KEEP_STATES", 64 << 20))
+KEEP_STATES_MAX_BYTES = env_bytes("RANDATTN_TRITON_KEEP_STATES", 64 << 20)
 #: Otherwise the states exist one window of chunks at a time, at most this many bytes (float32; at
 #: least :data:`STABILISER_CHUNKS` chunks): the forward's output and the backward's two gradient sides
 #: run window by window, each window's states computed from the previous window's final state. Each
@@ -88,7 +89,7 @@ KEEP_STATES_MAX_BYTES = int(os.environ.get("RANDATTN_TRITON_KEEP_STATES", 64 << 
 #: (H100, bf16, 4 x 8 heads, m = 256, op fwd+bwd at 16384 / 65536 positions, before the backward
 #: recomputed ``t``: 32 MiB 10.96 / 38.70 ms, 64 MiB 9.27 / 37.02 ms, one window 7.99 / 31.43 ms).
 #: Overridable for tuning runs (``RANDATTN_TRITON_STATE_WINDOW``, bytes).
-STATE_WINDOW_BYTES = int(os.environ.get("RANDATTN_TRITON_STATE_WINDOW", 64 << 20))
+STATE_WINDOW_BYTES = env_bytes("RANDATTN_TRITON_STATE_WINDOW", 64 << 20)
 #: Sequences of fewer chunks keep one window: there the host issues the launches more slowly than the
 #: GPU runs them, and each window adds about ten (H100, same shapes, 4096 positions: module fwd+bwd
 #: 3.79 ms with one window, 5.30 ms with four).

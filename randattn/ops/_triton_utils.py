@@ -144,7 +144,7 @@ LAUNCH: dict[str, tuple[int, int]] = {
     "chunk_grad": (4, 1),
     "chunk_out": (4, 1),
     "chunk_state": (4, 1),
-    "scan": (1, 3),
+    "scan": (2, 3),
 }
 LAUNCH.update(env_settings("RANDATTN_TRITON_LAUNCH"))  # type: ignore[arg-type]
 

@@ -102,7 +102,7 @@ def _keeps_states(nh: int, length: int, m: int, dv: int) -> bool:
 
 
 #: Tile of the state scan (feature rows, value columns); overridable for tuning runs.
-SCAN_BLOCK = tuple(int(x) for x in os.environ.get("RANDATTN_TRITON_SCAN_BLOCK", "64,64").split(","))
+SCAN_BLOCK = tuple(int(x) for x in os.environ.get("RANDATTN_TRITON_SCAN_BLOCK", "64,32").split(","))
 
 
 @direct_launch
@@ -227,9 +227,11 @@ def _scan_kernel(
     ``CARRY``, ``CARRY_Z`` (one per head; the previous window's final state) and ends there.
 
     A tile is ``BLOCK_M`` rows of a feature block of ``FEATURE_BLOCK`` (``GAIN`` has one value per
-    feature block) by ``BLOCK_DV`` columns. Measured on the H100 (bf16, L=65536, fwd+bwd of the op):
-    tiles of 64 x 64 with one warp 32.0 ms, 64 x 32 with four warps 38.3 ms, 32 x 16 48.3 ms. The
-    factors are loaded, not computed here: the loop is latency-bound.
+    feature block) by ``BLOCK_DV`` columns. Measured on the H100 (bf16, B=4, 8 heads, m=256,
+    d_v=64, fwd+bwd of the op with state windows, 16384 / 65536 positions; warps, stages): 64 x 32
+    with (2, 3) 8.70 / 34.79 ms; 32 x 64 (2, 2) 8.70 / 34.80; 64 x 64 (1, 3) 9.78 / 39.64; 32 x 32
+    (1, 4) 9.55 / 38.31; 64 x 32 (1, 3) 10.28 / 41.49; four warps and 16-wide tiles 11.3-14.1 /
+    45-56. The factors are loaded, not computed here: the loop is latency-bound.
     """
     pid_m = tl.program_id(0)
     pid_dv = tl.program_id(1)

@@ -324,7 +324,7 @@ def _stabiliser_kernel(
     # c_0 = r_0 (floored): the scale of chunk 0's empty state (used by the first window only; later
     # windows read their own first position here)
     first = tl.maximum(
-        tl.max(tl.load(rp_head + T0 * BLOCK_C * NMB + offs_b, mask=offs_b < NMB, other=NEG_BIG), 0), NEG_BIG
+        tl.max(tl.load(RP + pid * NW * BLOCK_C * NMB + offs_b, mask=offs_b < NMB, other=NEG_BIG), 0), NEG_BIG
     )
     offs_l = t0 * BLOCK_C + tl.arange(0, CHUNKS * BLOCK_C)
     l_ok = offs_l < L

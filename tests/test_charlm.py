@@ -70,12 +70,25 @@ def test_models_share_initial_weights_across_attention_kinds(corpus):
     assert not torch.equal(layers[0].projection, layers[1].projection)  # one seed per layer
 
 
+@pytest.mark.parametrize("short_conv", [0, 3])
 @pytest.mark.parametrize("kind", ["exact", "softmax:8"])
-def test_model_is_causal(corpus, kind):
+def test_model_is_causal(corpus, kind, short_conv):
     model = CausalTransformer(
-        corpus.vocab_size, 16, d_model=16, n_layers=2, n_heads=2, attention=AttentionSpec.parse(kind)
+        corpus.vocab_size,
+        16,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        attention=AttentionSpec.parse(kind),
+        short_conv=short_conv,
     ).eval()
     x = torch.randint(0, corpus.vocab_size, (2, 16))
+    if short_conv:  # trained-like (nonzero) convolutions, which must change the output
+        before = model(x).detach()
+        with torch.no_grad():
+            for block in model.blocks:
+                block.conv.weight.normal_(0.0, 0.5)
+        assert not torch.allclose(model(x), before)
     x2 = x.clone()
     x2[:, 10:] = (x2[:, 10:] + 1) % corpus.vocab_size
     with torch.no_grad():
@@ -84,6 +97,23 @@ def test_model_is_causal(corpus, kind):
     assert not torch.allclose(a[:, 10:], b[:, 10:])
     with pytest.raises(ValueError, match="context"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_short_convolution_starts_as_the_plain_model(corpus):
+    config = replace(TINY_STUDY, short_conv=4)
+    for kind in ("exact", "softmax:8"):
+        plain = build_model(TINY_STUDY, AttentionSpec.parse(kind), corpus.vocab_size).eval()
+        conv = build_model(config, AttentionSpec.parse(kind), corpus.vocab_size).eval()
+        conv_state = conv.state_dict()
+        extra = {k for k in conv_state if ".conv." in k}
+        assert extra and all(not conv_state[k].any() for k in extra)  # zero-initialised
+        for name, tensor in plain.state_dict().items():  # everything else as in the plain model
+            assert torch.equal(tensor, conv_state[name]), (kind, name)
+        x = torch.randint(0, corpus.vocab_size, (2, TINY_STUDY.context))
+        with torch.no_grad():
+            torch.testing.assert_close(conv(x), plain(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="short_conv"):
+        CausalTransformer(corpus.vocab_size, 16, d_model=16, n_heads=2, short_conv=-1)
 
 
 def test_attention_spec_with_redraw_redraws_during_training_only():

@@ -61,9 +61,16 @@ class AttentionSpec:
 
 
 class _Block(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, attention: AttentionSpec, feature_seed: int, dropout: float):
+    def __init__(
+        self, d_model: int, n_heads: int, attention: AttentionSpec, feature_seed: int, dropout: float, short_conv: int
+    ):
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
+        # Causal depthwise convolution over the attention inputs (residual form): position t mixes
+        # positions t - short_conv + 1 .. t, channel by channel.
+        self.conv = (
+            nn.Conv1d(d_model, d_model, short_conv, groups=d_model, padding=short_conv - 1) if short_conv else None
+        )
         self.ln2 = nn.LayerNorm(d_model)
         if attention.kind == "exact":
             self.attn: nn.Module = nn.MultiheadAttention(d_model, n_heads, batch_first=True)
@@ -84,6 +91,8 @@ class _Block(nn.Module):
 
     def forward(self, x: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
         h = self.ln1(x)
+        if self.conv is not None:
+            h = h + self.conv(h.transpose(1, 2))[..., : h.shape[1]].transpose(1, 2)
         if self.exact:
             a, _ = self.attn(h, h, h, attn_mask=causal_mask, need_weights=False, is_causal=True)
         else:
@@ -105,6 +114,8 @@ class CausalTransformer(nn.Module):
         d_model, n_layers, n_heads: width, depth and heads.
         attention: :class:`AttentionSpec`.
         dropout: dropout on the residual branches.
+        short_conv: kernel size of a causal depthwise convolution added (as a residual) to the
+            attention inputs of every block, initialised to zero; ``0`` (default) for none.
         init_seed: seed of the parameter initialisation.
         feature_seed: seed of the first layer's random projection.
 
@@ -123,17 +134,20 @@ class CausalTransformer(nn.Module):
         dropout: float = 0.0,
         init_seed: int = 0,
         feature_seed: int = 1000,
+        short_conv: int = 0,
     ):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        if short_conv < 0:
+            raise ValueError(f"short_conv must be >= 0, got {short_conv}")
         self.context = context
         self.attention = attention
         with torch.random.fork_rng(devices=[]):
             self.tok = nn.Embedding(vocab_size, d_model)
             self.pos = nn.Embedding(context, d_model)
             self.blocks = nn.ModuleList(
-                _Block(d_model, n_heads, attention, feature_seed + i, dropout) for i in range(n_layers)
+                _Block(d_model, n_heads, attention, feature_seed + i, dropout, short_conv) for i in range(n_layers)
             )
             self.ln_f = nn.LayerNorm(d_model)
             # Re-initialise everything from one seed after construction, so that the random numbers
@@ -144,6 +158,9 @@ class CausalTransformer(nn.Module):
                     nn.init.normal_(module.weight, std=0.02)
                     if isinstance(module, nn.Linear) and module.bias is not None:
                         nn.init.zeros_(module.bias)
+                elif isinstance(module, nn.Conv1d):
+                    nn.init.zeros_(module.weight)
+                    nn.init.zeros_(cast(torch.Tensor, module.bias))
             for layer in self.attention_layers():
                 nn.init.normal_(cast(torch.Tensor, layer.in_proj_weight), std=0.02)
                 nn.init.zeros_(cast(torch.Tensor, layer.in_proj_bias))

@@ -53,6 +53,8 @@ class TrainConfig:
         seed: data order (training windows) and validation windows.
         init_seed, feature_seed: parameter initialisation and random projections.
         max_train_chars, max_val_chars: corpus truncation (``None``: whole splits).
+        short_conv: kernel size of the causal depthwise convolution over every block's attention
+            inputs (``short_conv`` of :class:`~randattn.charlm.model.CausalTransformer`); ``0``: none.
         device: ``"cpu"``, ``"cuda"``, ...
         bf16: bfloat16 autocast (CUDA only).
     """
@@ -75,6 +77,7 @@ class TrainConfig:
     feature_seed: int = 1000
     max_train_chars: int | None = None
     max_val_chars: int | None = None
+    short_conv: int = 0
     device: str = "cpu"
     bf16: bool = False
 
@@ -139,6 +142,7 @@ def build_model(config: TrainConfig, spec: AttentionSpec, vocab_size: int) -> Ca
         attention=spec,
         init_seed=config.init_seed,
         feature_seed=config.feature_seed,
+        short_conv=config.short_conv,
     )
     return model.to(config.device)
 

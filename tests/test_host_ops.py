@@ -38,7 +38,7 @@ class CountOps(TorchDispatchMode):
 # causal backward gets dq, then dk and dv, from the carried states kept by the forward at this length
 # (recomputed: the forward's first three kernels again)
 CAUSAL_STATES = ["_chunk_state_kernel", "_stabiliser_kernel", "_scan_kernel"]
-CAUSAL_GRADS = ["_chunk_grad_kernel", "_chunk_rstate_kernel", "_scan_kernel", "_chunk_grad_kernel"]
+CAUSAL_GRADS = ["_chunk_grad_kernel", "_rstate_kernel", "_chunk_grad_kernel"]
 BUDGET = {
     "noncausal": {"forward": (13, ["_key_state_kernel", "_query_out_kernel"]),
                   "backward": (11, ["_query_grad_kernel", "_query_state_grad_kernel", "_key_grad_kernel"])},

@@ -145,6 +145,7 @@ LAUNCH: dict[str, tuple[int, int]] = {
     "chunk_out": (4, 1),
     "chunk_state": (4, 1),
     "scan": (2, 3),
+    "rstate": (4, 3),
 }
 LAUNCH.update(env_settings("RANDATTN_TRITON_LAUNCH"))  # type: ignore[arg-type]
 

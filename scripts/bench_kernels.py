@@ -244,7 +244,7 @@ def tune(args) -> None:
 
 KERNELS = {
     False: ("key_state", "query_out", "query_grad", "query_state_grad", "key_grad"),
-    True: ("chunk_state", "scan", "chunk_out", "rstate", "chunk_grad"),
+    True: ("chunk_state", "scan", "chunk_out", "state", "rstate", "chunk_grad"),
 }
 CANDIDATES = ((4, 1), (4, 2), (4, 3), (8, 1), (8, 2), (8, 3))
 

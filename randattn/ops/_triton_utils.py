@@ -47,6 +47,7 @@ __all__ = [
     "store_dtype",
     "gradient_buffers",
     "finish_gradients",
+    "query_state_grad_tile",
 ]
 
 #: Kernel function codes passed to the kernels as a compile-time constant.
@@ -494,3 +495,33 @@ def query_floor(phi, m_ok, KERNEL: tl.constexpr, EPS):
     if KERNEL == 0:
         phi = tl.where(m_ok[None, :], phi + EPS, 0.0)
     return phi
+
+
+@triton.jit
+def query_state_grad_tile(
+    x,
+    do,
+    cq,
+    den,
+    w,
+    acc,
+    wt_hi,
+    wt_lo,
+    wt_lo2,
+    m_ok,
+    half_inv_sqrt_d,
+    RELU_SCALE,
+    EPS,
+    KERNEL: tl.constexpr,
+    STATE_PASSES: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
+    """One tile of the queries' part of the state gradient: the query features ``phi`` (with the
+    floor, at the scales ``cq``) times the row weights ``w``, and ``acc + (phi / den)^T dout``.
+    Returns ``(acc, phi)``."""
+    xf = x.to(tl.float32)
+    sq = tl.sum(xf * xf, 1) * half_inv_sqrt_d
+    phi, _ = features_tile(x, sq, wt_hi, wt_lo, wt_lo2, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+    phi = query_floor(phi, m_ok, KERNEL, EPS) * w[:, None]
+    p = phi / tl.where(den == 0.0, 1.0, den)[:, None]
+    return mm_exact_b(tl.trans(p), do, acc, STATE_PASSES, FP32_DOT), phi

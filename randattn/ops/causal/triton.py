@@ -68,6 +68,7 @@ from .._triton_utils import (
     next_pow2,
     prepare_projection,
     query_floor,
+    query_state_grad_tile,
     rows_contiguous,
     store_dtype,
 )
@@ -110,6 +111,66 @@ SEQ_BLOCK_M = int(os.environ.get("RANDATTN_TRITON_SEQ_BLOCK_M", "32"))
 
 #: Tile of the state scan (feature rows, value columns); overridable for tuning runs.
 SCAN_BLOCK = tuple(int(x) for x in os.environ.get("RANDATTN_TRITON_SCAN_BLOCK", "64,32").split(","))
+
+
+@triton.jit
+def _key_chunk(
+    K,
+    V,
+    BIAS,
+    n,
+    h,
+    offs_s,
+    s_ok,
+    offs_d,
+    offs_dv,
+    m_ok,
+    wt_hi,
+    wt_lo,
+    wt_lo2,
+    sk_n,
+    sk_h,
+    sk_s,
+    sv_n,
+    sv_h,
+    sv_s,
+    L,
+    D,
+    DV,
+    half_inv_sqrt_d,
+    RELU_SCALE,
+    EPS,
+    HAS_BIAS: tl.constexpr,
+    KERNEL: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Keys ``offs_s`` against a feature block: ``(s, v)``. Softmax: ``s`` the logits plus the key
+    bias (``-inf`` for keys and features out of range), unstabilised; ReLU: ``s`` the features times
+    ``exp(bias)`` (0 out of range)."""
+    y = tl.load(
+        K + n * sk_n + h * sk_h + offs_s[:, None] * sk_s + offs_d[None, :],
+        mask=s_ok[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    vt = tl.load(
+        V + n * sv_n + h * sv_h + offs_s[:, None] * sv_s + offs_dv[None, :],
+        mask=s_ok[:, None] & (offs_dv[None, :] < DV),
+        other=0.0,
+    )
+    if HAS_BIAS:
+        b = tl.load(BIAS + n * L + offs_s, mask=s_ok, other=0.0)
+    else:
+        b = tl.zeros((BLOCK_C,), tl.float32)
+    proj = logits_tile(y, wt_hi, wt_lo, wt_lo2, KERNEL, FP32_DOT)
+    ok = s_ok[:, None] & m_ok[None, :]
+    if KERNEL == 0:
+        yf = y.to(tl.float32)
+        sq = tl.sum(yf * yf, 1) * half_inv_sqrt_d
+        s = tl.where(ok, proj - sq[:, None] + b[:, None], float("-inf"))
+    else:
+        s = tl.where(ok, (tl.maximum(proj, 0.0) * RELU_SCALE + EPS) * tl.exp(b)[:, None], 0.0)
+    return s, vt
 
 
 @direct_launch
@@ -166,34 +227,46 @@ def _chunk_state_kernel(
     s_ok = offs_s < L
     m_ok = offs_m < M
     wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
-    y = tl.load(
-        K + n * sk_n + h * sk_h + offs_s[:, None] * sk_s + offs_d[None, :],
-        mask=s_ok[:, None] & (offs_d[None, :] < D),
-        other=0.0,
+    s, vt = _key_chunk(
+        K,
+        V,
+        BIAS,
+        n,
+        h,
+        offs_s,
+        s_ok,
+        offs_d,
+        offs_dv,
+        m_ok,
+        wt_hi,
+        wt_lo,
+        wt_lo2,
+        sk_n,
+        sk_h,
+        sk_s,
+        sv_n,
+        sv_h,
+        sv_s,
+        L,
+        D,
+        DV,
+        half_inv_sqrt_d,
+        RELU_SCALE,
+        EPS,
+        HAS_BIAS,
+        KERNEL,
+        FP32_DOT,
+        BLOCK_C,
     )
-    vt = tl.load(
-        V + n * sv_n + h * sv_h + offs_s[:, None] * sv_s + offs_dv[None, :],
-        mask=s_ok[:, None] & (offs_dv[None, :] < DV),
-        other=0.0,
-    )
-    if HAS_BIAS:
-        b = tl.load(BIAS + n * L + offs_s, mask=s_ok, other=0.0)
-    else:
-        b = tl.zeros((BLOCK_C,), tl.float32)
-    proj = logits_tile(y, wt_hi, wt_lo, wt_lo2, KERNEL, FP32_DOT)
-    ok = s_ok[:, None] & m_ok[None, :]
     if KERNEL == 0:
-        yf = y.to(tl.float32)
-        sq = tl.sum(yf * yf, 1) * half_inv_sqrt_d
         # row maxima of kept keys only (logit plus bias; -inf for a dropped key)
-        s = tl.where(ok, proj - sq[:, None] + b[:, None], float("-inf"))
         rmax = tl.max(s, 1)
         mx = tl.maximum(tl.max(rmax, 0), NEG_BIG)
         p = tl.exp(s - mx)
     else:
         rmax = tl.zeros((BLOCK_C,), tl.float32)
         mx = 0.0
-        p = tl.where(ok, (tl.maximum(proj, 0.0) * RELU_SCALE + EPS) * tl.exp(b)[:, None], 0.0)
+        p = s
     acc = mm_exact_b(tl.trans(p), vt, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), STATE_PASSES, FP32_DOT)
     base = pid_nh * NW + pid_w
     tl.store(
@@ -202,6 +275,40 @@ def _chunk_state_kernel(
     tl.store(ZA + base * M + offs_m, tl.sum(p, 0), mask=m_ok)
     tl.store(MB + (pid_nh * NT + pid_t) * NMB + pid_m, mx)
     tl.store(RP + (pid_nh * NW * BLOCK_C + offs_s - T0 * BLOCK_C) * NMB + pid_m, rmax, mask=s_ok)
+
+
+@triton.jit
+def _carry_in(
+    CARRY,
+    CARRY_Z,
+    pid_nh,
+    offs_m,
+    offs_dv,
+    s_mask,
+    z_mask,
+    M,
+    DV,
+    HAS_CARRY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """The state tile and its sums a sequential kernel starts from: ``CARRY``, ``CARRY_Z`` (one per
+    head, left by the previous window) when ``HAS_CARRY``, else zeros."""
+    if HAS_CARRY:
+        st = tl.load(CARRY + pid_nh * M * DV + offs_m[:, None] * DV + offs_dv[None, :], mask=s_mask, other=0.0)
+        sz = tl.load(CARRY_Z + pid_nh * M + offs_m, mask=z_mask, other=0.0)
+    else:
+        st = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+        sz = tl.zeros((BLOCK_M,), tl.float32)
+    return st, sz
+
+
+@triton.jit
+def _carry_out(CARRY, CARRY_Z, st, sz, pid_nh, offs_m, offs_dv, s_mask, z_mask, M, DV, HAS_CARRY: tl.constexpr):
+    """Leave the final state tile and its sums for the next window (when ``HAS_CARRY``)."""
+    if HAS_CARRY:
+        tl.store(CARRY + pid_nh * M * DV + offs_m[:, None] * DV + offs_dv[None, :], st, mask=s_mask)
+        tl.store(CARRY_Z + pid_nh * M + offs_m, sz, mask=z_mask)
 
 
 @direct_launch
@@ -248,14 +355,7 @@ def _scan_kernel(
     mask = (offs_m[:, None] < M) & (offs_dv[None, :] < DV)
     m_ok = offs_m < M
     do_z = (offs_m * 0 + pid_dv) == 0
-    c_ptrs = CARRY + pid_nh * M * DV + offs_m[:, None] * DV + offs_dv[None, :]
-    cz_ptrs = CARRY_Z + pid_nh * M + offs_m
-    if HAS_CARRY:
-        st = tl.load(c_ptrs, mask=mask, other=0.0)
-        sz = tl.load(cz_ptrs, mask=m_ok & do_z, other=0.0)
-    else:
-        st = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-        sz = tl.zeros((BLOCK_M,), tl.float32)
+    st, sz = _carry_in(CARRY, CARRY_Z, pid_nh, offs_m, offs_dv, mask, m_ok & do_z, M, DV, HAS_CARRY, BLOCK_M, BLOCK_DV)
     for i in range(0, NT):
         if REVERSE:
             t = NT - 1 - i
@@ -275,9 +375,7 @@ def _scan_kernel(
         tl.store(XZ + base * M + offs_m, sz, mask=m_ok & do_z)
         st = st * decay + x
         sz = sz * decay + xz
-    if HAS_CARRY:
-        tl.store(c_ptrs, st, mask=mask)
-        tl.store(cz_ptrs, sz, mask=m_ok & do_z)
+    _carry_out(CARRY, CARRY_Z, st, sz, pid_nh, offs_m, offs_dv, mask, m_ok & do_z, M, DV, HAS_CARRY)
 
 
 @direct_launch
@@ -345,51 +443,55 @@ def _state_kernel(
     m_ok = offs_m < M
     s_mask = m_ok[:, None] & (offs_dv[None, :] < DV)
     wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
-    c_ptrs = CARRY + pid_nh * M * DV + offs_m[:, None] * DV + offs_dv[None, :]
-    cz_ptrs = CARRY_Z + pid_nh * M + offs_m
-    if HAS_CARRY:
-        st = tl.load(c_ptrs, mask=s_mask, other=0.0)
-        sz = tl.load(cz_ptrs, mask=m_ok, other=0.0)
-    else:
-        st = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-        sz = tl.zeros((BLOCK_M,), tl.float32)
+    st, sz = _carry_in(CARRY, CARRY_Z, pid_nh, offs_m, offs_dv, s_mask, m_ok, M, DV, HAS_CARRY, BLOCK_M, BLOCK_DV)
     for pid_w in range(0, STEPS):
         pid_t = T0 + pid_w
         offs_s = pid_t * BLOCK_C + tl.arange(0, BLOCK_C)
         s_ok = offs_s < L
-        y = tl.load(
-            K + n * sk_n + h * sk_h + offs_s[:, None] * sk_s + offs_d[None, :],
-            mask=s_ok[:, None] & (offs_d[None, :] < D),
-            other=0.0,
+        s, vt = _key_chunk(
+            K,
+            V,
+            BIAS,
+            n,
+            h,
+            offs_s,
+            s_ok,
+            offs_d,
+            offs_dv,
+            m_ok,
+            wt_hi,
+            wt_lo,
+            wt_lo2,
+            sk_n,
+            sk_h,
+            sk_s,
+            sv_n,
+            sv_h,
+            sv_s,
+            L,
+            D,
+            DV,
+            half_inv_sqrt_d,
+            RELU_SCALE,
+            EPS,
+            HAS_BIAS,
+            KERNEL,
+            FP32_DOT,
+            BLOCK_C,
         )
-        vt = tl.load(
-            V + n * sv_n + h * sv_h + offs_s[:, None] * sv_s + offs_dv[None, :],
-            mask=s_ok[:, None] & (offs_dv[None, :] < DV),
-            other=0.0,
-        )
-        if HAS_BIAS:
-            b = tl.load(BIAS + n * L + offs_s, mask=s_ok, other=0.0)
-        else:
-            b = tl.zeros((BLOCK_C,), tl.float32)
         cend = tl.load(CEND + pid_nh * NT + pid_t)
         decay = tl.load(DECAY + pid_nh * NT + pid_t)
-        proj = logits_tile(y, wt_hi, wt_lo, wt_lo2, KERNEL, FP32_DOT)
-        ok = s_ok[:, None] & m_ok[None, :]
         if KERNEL == 0:
-            yf = y.to(tl.float32)
-            sq = tl.sum(yf * yf, 1) * half_inv_sqrt_d
-            p = tl.exp(tl.where(ok, proj - sq[:, None] + b[:, None], float("-inf")) - cend)
+            p = tl.exp(s - cend)
         else:
-            p = tl.where(ok, (tl.maximum(proj, 0.0) * RELU_SCALE + EPS) * tl.exp(b - cend)[:, None], 0.0)
+            p = s * tl.exp(-cend)
         acc = mm_exact_b(tl.trans(p), vt, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), STATE_PASSES, FP32_DOT)
         base = pid_nh * NW + pid_w
         tl.store(A + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :], st, mask=s_mask)
         tl.store(ZA + base * M + offs_m, sz, mask=m_ok)
         st = st * decay + acc
         sz = sz * decay + tl.sum(p, 0)
-    if HAS_CARRY:
-        tl.store(c_ptrs, st, mask=s_mask)
-        tl.store(cz_ptrs, sz, mask=m_ok)
+    _carry_out(CARRY, CARRY_Z, st, sz, pid_nh, offs_m, offs_dv, s_mask, m_ok, M, DV, HAS_CARRY)
 
 
 @triton.jit
@@ -750,14 +852,7 @@ def _rstate_kernel(
     m_ok = offs_m < M
     s_mask = m_ok[:, None] & (offs_dv[None, :] < DV)
     wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
-    c_ptrs = CARRY + pid_nh * M * DV + offs_m[:, None] * DV + offs_dv[None, :]
-    cz_ptrs = CARRY_Z + pid_nh * M + offs_m
-    if HAS_CARRY:
-        st = tl.load(c_ptrs, mask=s_mask, other=0.0)
-        sz = tl.load(cz_ptrs, mask=m_ok, other=0.0)
-    else:
-        st = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-        sz = tl.zeros((BLOCK_M,), tl.float32)
+    st, sz = _carry_in(CARRY, CARRY_Z, pid_nh, offs_m, offs_dv, s_mask, m_ok, M, DV, HAS_CARRY, BLOCK_M, BLOCK_DV)
     for i in range(0, STEPS):
         pid_w = STEPS - 1 - i
         pid_t = T0 + pid_w
@@ -773,8 +868,6 @@ def _rstate_kernel(
             mask=c_ok[:, None] & (offs_dv[None, :] < DV),
             other=0.0,
         )
-        xf = x.to(tl.float32)
-        sqx = tl.sum(xf * xf, 1) * half_inv_sqrt_d
         cq = tl.load(CQ + pid_nh * L + offs_c, mask=c_ok, other=0.0)
         cc = tl.load(C + pid_nh * L + offs_c, mask=c_ok, other=0.0)
         den = tl.load(DEN + pid_nh * L + offs_c, mask=c_ok, other=1.0)
@@ -792,20 +885,30 @@ def _rstate_kernel(
         )
         cprev = tl.load(CPREV + pid_nh * NT + pid_t)
         decay = tl.load(DECAY + pid_nh * NT + pid_t)
-        phiq, proj = features_tile(x, sqx, wt_hi, wt_lo, wt_lo2, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
-        phiq = query_floor(phiq, m_ok, KERNEL, EPS)
-        w = tl.where(c_ok, tl.exp(cprev - cc), 0.0)
-        phiq = phiq * w[:, None]
-        p = phiq / tl.where(den == 0.0, 1.0, den)[:, None]
-        acc = mm_exact_b(tl.trans(p), do, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), STATE_PASSES, FP32_DOT)
+        acc, phiq = query_state_grad_tile(
+            x,
+            do,
+            cq,
+            den,
+            tl.where(c_ok, tl.exp(cprev - cc), 0.0),
+            tl.zeros((BLOCK_M, BLOCK_DV), tl.float32),
+            wt_hi,
+            wt_lo,
+            wt_lo2,
+            m_ok,
+            half_inv_sqrt_d,
+            RELU_SCALE,
+            EPS,
+            KERNEL,
+            STATE_PASSES,
+            FP32_DOT,
+        )
         base = pid_nh * NW + pid_w
         tl.store(RB + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :], st, mask=s_mask)
         tl.store(RZ + base * M + offs_m, sz, mask=m_ok)
         st = st * decay + acc
         sz = sz * decay - tl.sum(phiq * t[:, None], 0)
-    if HAS_CARRY:
-        tl.store(c_ptrs, st, mask=s_mask)
-        tl.store(cz_ptrs, sz, mask=m_ok)
+    _carry_out(CARRY, CARRY_Z, st, sz, pid_nh, offs_m, offs_dv, s_mask, m_ok, M, DV, HAS_CARRY)
 
 
 @direct_launch

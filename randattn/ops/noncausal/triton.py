@@ -55,6 +55,7 @@ from .._triton_utils import (
     next_pow2,
     prepare_projection,
     query_floor,
+    query_state_grad_tile,
     rows_contiguous,
     store_dtype,
 )
@@ -567,15 +568,27 @@ def _query_state_grad_kernel(
             mask=l_ok[:, None] & (offs_dv[None, :] < DV),
             other=0.0,
         )
-        xf = x.to(tl.float32)
-        sq = tl.sum(xf * xf, 1) * half_inv_sqrt_d
         cq = tl.load(CQ + pid_nh * L + offs_l, mask=l_ok, other=0.0)
         den = tl.load(DEN + pid_nh * L + offs_l, mask=l_ok, other=1.0)
         t = tl.load(TV + pid_nh * L + offs_l, mask=l_ok, other=0.0)
-        phi, proj = features_tile(x, sq, wt_hi, wt_lo, wt_lo2, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
-        phi = tl.where(l_ok[:, None], query_floor(phi, m_ok, KERNEL, EPS), 0.0)
-        p = phi / tl.where(den == 0.0, 1.0, den)[:, None]
-        acc = mm_exact_b(tl.trans(p), do, acc, STATE_PASSES, FP32_DOT)
+        acc, phi = query_state_grad_tile(
+            x,
+            do,
+            cq,
+            den,
+            l_ok.to(tl.float32),
+            acc,
+            wt_hi,
+            wt_lo,
+            wt_lo2,
+            m_ok,
+            half_inv_sqrt_d,
+            RELU_SCALE,
+            EPS,
+            KERNEL,
+            STATE_PASSES,
+            FP32_DOT,
+        )
         zacc -= tl.sum(phi * t[:, None], 0)
     part = pid_nh * NSPLIT + pid_split
     tl.store(

@@ -65,6 +65,40 @@ def test_carried_states_kept_recomputed_or_windowed_match(kernel_fn, mode, gen, 
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("windows", [False, True])
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+def test_recomputed_states_equal_the_forwards(kernel_fn, windows, gen, monkeypatch):
+    """The backward's carried states (one sequential kernel from the forward's stabilisers) equal the
+    forward's (chunk states, stabilisers, scan) up to float32 rounding, in one window or several
+    (each window's states starting from the previous window's final state)."""
+    from _triton_checks import _bias
+
+    from randattn.ops._triton_utils import launch_sizes, prepare_projection
+    from randattn.ops.causal import triton as kernels
+
+    length = 2048 if CUDA else 300
+    q, k, v, projection, _, key_mask = make_inputs(1, 2, length, length, 32, 16, 80, torch.float32, gen, 1.5, "bool")
+    if windows:  # windows of 2 chunks (CPU) or 16 (GPU), the last one short
+        monkeypatch.setattr(kernels, "STABILISER_CHUNKS", 16 if CUDA else 2)
+        monkeypatch.setattr(kernels, "WINDOWS_FROM_CHUNKS", 2)
+        monkeypatch.setattr(kernels, "STATE_WINDOW_BYTES", (20 if CUDA else 2) * 2 * 80 * 16 * 4)
+    sz = launch_sizes(q, v, projection, kernel_fn)
+    w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
+    nt = -(-length // kernels.CHUNK)
+    nw = kernels._windows(2, nt, sz["m"], sz["dv"], False)
+    assert (nw < nt) == windows
+    bias = _bias(key_mask)
+    fwd = kernels._States(k, v, w_hi, w_lo, bias, sz, nw)
+    bwd = kernels._KnownStates(k, v, w_hi, w_lo, bias, sz, nw, fwd.c, fwd.cprev, fwd.cend, fwd.decay)
+    for t0, steps in kernels._window_starts(nt, nw):
+        fwd.window(t0, steps)
+        bwd.window(t0, steps)
+        for got, want in ((bwd.a, fwd.a), (bwd.za, fwd.za)):
+            got, want = got[:, :steps], want[:, :steps]
+            assert want.abs().max() > 0
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("nt", [1, 127, 128, 129, 256, 1024, 4099])
 @pytest.mark.parametrize("nh, m, dv", [(32, 256, 64), (2, 16, 16), (64, 512, 128)])

@@ -22,9 +22,10 @@ run window by window (chunks ``t0 .. t0 + W``): the scan of a window starts from
 window's final state (``CARRY``), and the stabilisers of a window need no later position, so the
 results equal those of one window bit for bit while only one window's states exist.
 
-Backward: steps 1-3 again, window by window, unless the forward kept the carried states (kept only up
-to :data:`KEEP_STATES_MAX_BYTES`, since a model of many layers would hold one such tensor per layer
-between the passes);
+Backward: the carried states again, window by window, unless the forward kept them (kept only up to
+:data:`KEEP_STATES_MAX_BYTES`, since a model of many layers would hold one such tensor per layer
+between the passes): ``_state_kernel`` recomputes them from the forward's stabilisers in one launch
+per window, walking the chunks with the state on chip;
 ``t_i = dout_i . num_i / den_i^2 = dout_i . out_i / den_i`` needs the float32 output: beside kept
 states the forward keeps it as ``hi + lo`` in the input dtype; otherwise ``_chunk_out_kernel``
 recomputes it in each window (``MODE`` 2) and writes only ``t``, so no second copy of the output
@@ -87,7 +88,8 @@ KEEP_STATES_MAX_BYTES = env_bytes("RANDATTN_TRITON_KEEP_STATES", 64 << 20)
 #: Otherwise the states exist one window of chunks at a time, at most this many bytes (float32; at
 #: least :data:`STABILISER_CHUNKS` chunks): the forward's output and the backward's two gradient sides
 #: run window by window, each window's states computed from the previous window's final state. Each
-#: window costs about a dozen dependent launches: larger windows are faster and hold more memory
+#: window costs dependent launches (four forward, five backward): larger windows are faster and hold
+#: more memory
 #: (H100, bf16, 4 x 8 heads, m = 256, op fwd+bwd at 16384 / 65536 positions, before the backward
 #: recomputed ``t``: 32 MiB 10.96 / 38.70 ms, 64 MiB 9.27 / 37.02 ms, one window 7.99 / 31.43 ms).
 #: Overridable for tuning runs (``RANDATTN_TRITON_STATE_WINDOW``, bytes).

@@ -328,15 +328,13 @@ def _scan_kernel(
     M,
     DV,
     NMB,
-    REVERSE: tl.constexpr,
-    HAS_GAIN: tl.constexpr,
     HAS_CARRY: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     FEATURE_BLOCK: tl.constexpr,
 ):
-    """In place: ``X[t] <- state before step t``; ``state <- state * DECAY[t] + X[t] * GAIN[t, block]``
-    (``GAIN`` is 1 unless ``HAS_GAIN``), for ``NT`` steps.
+    """In place: ``X[t] <- state before step t``; ``state <- state * DECAY[t] + X[t] * GAIN[t, block]``,
+    for ``NT`` steps.
 
     ``X`` holds ``NW`` steps per head, ``DECAY`` and ``GAIN`` ``SF`` steps per head (the scan of a
     window of chunks gets views that start at its first chunk). ``HAS_CARRY``: the state starts from
@@ -358,21 +356,17 @@ def _scan_kernel(
     m_ok = offs_m < M
     do_z = (offs_m * 0 + pid_dv) == 0
     st, sz = _carry_in(CARRY, CARRY_Z, pid_nh, offs_m, offs_dv, mask, m_ok & do_z, M, DV, HAS_CARRY, BLOCK_M, BLOCK_DV)
-    for i in range(0, NT):
-        if REVERSE:
-            t = NT - 1 - i
-        else:
-            t = i
+    for t in range(0, NT):
         base = pid_nh * NW + t
         fbase = pid_nh * SF + t
         ptrs = X + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :]
         x = tl.load(ptrs, mask=mask, other=0.0)
         xz = tl.load(XZ + base * M + offs_m, mask=m_ok & do_z, other=0.0)
         decay = tl.load(DECAY + fbase)
-        if HAS_GAIN:  # loaded before the stores below, which the compiler cannot move it across
-            gain = tl.load(GAIN + fbase * NMB + (pid_m * BLOCK_M) // FEATURE_BLOCK)
-            x = x * gain
-            xz = xz * gain
+        # loaded before the stores below, which the compiler cannot move it across
+        gain = tl.load(GAIN + fbase * NMB + (pid_m * BLOCK_M) // FEATURE_BLOCK)
+        x = x * gain
+        xz = xz * gain
         tl.store(ptrs, st, mask=mask)
         tl.store(XZ + base * M + offs_m, sz, mask=m_ok & do_z)
         st = st * decay + x
@@ -1149,10 +1143,10 @@ def _windows(nh: int, nt: int, m: int, dv: int, keep: bool) -> int:
     return max(STABILISER_CHUNKS, STATE_WINDOW_BYTES // per_chunk // STABILISER_CHUNKS * STABILISER_CHUNKS)
 
 
-def _scan(x, xz, decay, gain, nmb, sz, reverse, steps, carry=None):
+def _scan(x, xz, decay, gain, nmb, sz, steps, carry=None):
     """States in place (see ``_scan_kernel``) for ``steps`` chunks; ``x`` holds a window of
     ``x.shape[1]`` chunks, ``decay`` and ``gain`` are views from the window's first chunk;
-    ``gain=None``: a gain of 1; ``carry``: ``(state, sums)`` carried in and out."""
+    ``carry``: ``(state, sums)`` carried in and out."""
     nh = x.shape[0]
     block_m = min(sz["BLOCK_M"], SCAN_BLOCK[0])
     block_dv = min(sz["BLOCK_DV"], SCAN_BLOCK[1])
@@ -1160,7 +1154,7 @@ def _scan(x, xz, decay, gain, nmb, sz, reverse, steps, carry=None):
         x,
         xz,
         decay,
-        decay if gain is None else gain,
+        gain,
         x if carry is None else carry[0],
         xz if carry is None else carry[1],
         steps,
@@ -1169,8 +1163,6 @@ def _scan(x, xz, decay, gain, nmb, sz, reverse, steps, carry=None):
         sz["m"],
         sz["dv"],
         nmb,
-        REVERSE=reverse,
-        HAS_GAIN=gain is not None,
         HAS_CARRY=carry is not None,
         BLOCK_M=block_m,
         BLOCK_DV=block_dv,
@@ -1260,7 +1252,7 @@ class _States:
             num_warps=4,
             num_stages=1,
         )
-        _scan(self.a, self.za, _from(self.decay, t0), _from(self.gain, t0), self.nmb, sz, False, steps, self.carry)
+        _scan(self.a, self.za, _from(self.decay, t0), _from(self.gain, t0), self.nmb, sz, steps, self.carry)
 
 
 class _KnownStates:

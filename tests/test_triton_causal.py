@@ -55,7 +55,8 @@ def test_carried_states_kept_recomputed_or_windowed_match(kernel_fn, mode, gen, 
         monkeypatch.setattr(kernels, "STABILISER_CHUNKS", 16 if CUDA else 2)
         monkeypatch.setattr(kernels, "WINDOWS_FROM_CHUNKS", 2)
         monkeypatch.setattr(kernels, "STATE_WINDOW_BYTES", (20 if CUDA else 2) * 2 * 80 * 16 * 4)
-    nw = kernels._windows(2, -(-length // kernels.CHUNK), 80, 16, mode == "kept")
+        monkeypatch.setattr(kernels, "STATE_WINDOW_PER_Q", 0)
+    nw = kernels._windows(2, -(-length // kernels.CHUNK), 80, 16, mode == "kept", kernels._bytes(inputs[0]))
     assert (nw < -(-length // kernels.CHUNK)) == (mode == "windows")
     saved = kernels.forward_saving(*inputs[:4], kernel_fn, None)[1]
     assert (saved[-2].numel() > 0) == (saved[1].numel() > 0) == (mode == "kept")
@@ -82,10 +83,11 @@ def test_recomputed_states_equal_the_forwards(kernel_fn, windows, gen, monkeypat
         monkeypatch.setattr(kernels, "STABILISER_CHUNKS", 16 if CUDA else 2)
         monkeypatch.setattr(kernels, "WINDOWS_FROM_CHUNKS", 2)
         monkeypatch.setattr(kernels, "STATE_WINDOW_BYTES", (20 if CUDA else 2) * 2 * 80 * 16 * 4)
+        monkeypatch.setattr(kernels, "STATE_WINDOW_PER_Q", 0)
     sz = launch_sizes(q, v, projection, kernel_fn)
     w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
     nt = -(-length // kernels.CHUNK)
-    nw = kernels._windows(2, nt, sz["m"], sz["dv"], False)
+    nw = kernels._windows(2, nt, sz["m"], sz["dv"], False, kernels._bytes(q))
     assert (nw < nt) == windows
     bias = _bias(key_mask)
     fwd = kernels._States(k, v, w_hi, w_lo, bias, sz, nw)
@@ -99,23 +101,29 @@ def test_recomputed_states_equal_the_forwards(kernel_fn, windows, gen, monkeypat
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("floor", [1 << 20, 64 << 20])
 @pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("nt", [1, 127, 128, 129, 256, 1024, 4099])
-@pytest.mark.parametrize("nh, m, dv", [(32, 256, 64), (2, 16, 16), (64, 512, 128)])
-def test_window_sizes(nh, m, dv, nt, keep):
-    """One window for kept states, short sequences and states within the budget; otherwise the
-    largest multiple of the stabiliser's chunks whose states fit (at least one such multiple)."""
+@pytest.mark.parametrize("nh, m, dv, d", [(32, 256, 64, 64), (2, 16, 16, 16), (64, 512, 128, 128)])
+def test_window_sizes(nh, m, dv, d, nt, keep, floor, monkeypatch):
+    """One window for kept states, short sequences and states within the budget (the bytes of a
+    bf16 ``q`` or the set floor, whichever is more); otherwise the largest multiple of the
+    stabiliser's chunks whose states fit (at least one such multiple)."""
     from randattn.ops.causal import triton as kernels
 
-    nw = kernels._windows(nh, nt, m, dv, keep)
+    monkeypatch.setattr(kernels, "STATE_WINDOW_BYTES", floor)
+    q = torch.empty(nh, nt * kernels.CHUNK, d, dtype=torch.bfloat16, device="meta")
+    budget = max(floor, nh * nt * kernels.CHUNK * d * 2)
+    assert kernels._bytes(q) == nh * nt * kernels.CHUNK * d * 2
+    nw = kernels._windows(nh, nt, m, dv, keep, kernels._bytes(q))
     per_chunk = nh * m * dv * 4
-    if keep or nt < kernels.WINDOWS_FROM_CHUNKS or nt * per_chunk <= kernels.STATE_WINDOW_BYTES:
+    if keep or nt < kernels.WINDOWS_FROM_CHUNKS or nt * per_chunk <= budget:
         assert nw == nt
         return
     step = kernels.STABILISER_CHUNKS
     assert nw % step == 0 and 0 < nw < nt
-    assert nw == step or nw * per_chunk <= kernels.STATE_WINDOW_BYTES
-    assert (nw + step) * per_chunk > kernels.STATE_WINDOW_BYTES
+    assert nw == step or nw * per_chunk <= budget
+    assert (nw + step) * per_chunk > budget
     starts = kernels._window_starts(nt, nw)
     assert [t0 for t0, _ in starts] == list(range(0, nt, nw)) and sum(n for _, n in starts) == nt
     assert kernels._window_starts(nt, nw, reverse=True) == starts[::-1]

@@ -17,7 +17,7 @@ Forward:
    quadratic part ``(phi_q phit_k^T * exp(c_j - c_i))_{j<=i} v``, divided by the matching denominator.
 
 States in windows: the carried states are ``N H L/C m d_v`` float32 values (537 MB for 4 x 8 heads,
-16384 positions, ``m = 256``, ``d_v = 64``). Unless they fit :data:`STATE_WINDOW_BYTES`, steps 1-4
+16384 positions, ``m = 256``, ``d_v = 64``). Unless they fit a window (see :func:`_windows`), steps 1-4
 run window by window (chunks ``t0 .. t0 + W``): the scan of a window starts from the previous
 window's final state (``CARRY``), and the stabilisers of a window need no later position, so the
 results equal those of one window bit for bit while only one window's states exist.
@@ -85,15 +85,21 @@ CHUNK = 64
 #: larger states are recomputed in the backward instead of held between the passes. Overridable
 #: (``RANDATTN_TRITON_KEEP_STATES``, bytes): keeping states is faster and holds more memory.
 KEEP_STATES_MAX_BYTES = env_bytes("RANDATTN_TRITON_KEEP_STATES", 64 << 20)
-#: Otherwise the states exist one window of chunks at a time, at most this many bytes (float32; at
-#: least :data:`STABILISER_CHUNKS` chunks): the forward's output and the backward's two gradient sides
-#: run window by window, each window's states computed from the previous window's final state. Each
-#: window costs dependent launches (four forward, five backward): larger windows are faster and hold
-#: more memory
-#: (H100, bf16, 4 x 8 heads, m = 256, op fwd+bwd at 16384 / 65536 positions, before the backward
-#: recomputed ``t``: 32 MiB 10.96 / 38.70 ms, 64 MiB 9.27 / 37.02 ms, one window 7.99 / 31.43 ms).
-#: Overridable for tuning runs (``RANDATTN_TRITON_STATE_WINDOW``, bytes).
+#: Otherwise the states exist one window of chunks at a time (at least :data:`STABILISER_CHUNKS`
+#: chunks): the forward's output and the backward's two gradient sides run window by window, each
+#: window's states computed from the previous window's final state. Each window costs dependent
+#: launches (four forward, five backward): larger windows are faster and hold more memory. A window's
+#: float32 states take at most this many bytes or :data:`STATE_WINDOW_PER_Q` times as many as ``q``
+#: itself, whichever is more, so
+#: that at long sequences the states grow with the sequence as the op's inputs do (``4 m d_v``
+#: bytes a position against ``q``'s ``d``: m = 256, d = 64 in bf16 gives windows of one eighth of
+#: the sequence). H100, bf16, 4 x 8 heads, m = 256, module fwd+bwd ms (peak MiB fwd/bwd): 65536
+#: positions in windows of 64 MiB 32.85 (1562/2662), of ``q``'s 256 MiB 31.55 (1573/2857); 8192
+#: positions in windows of 64 MiB 5.20 (233/394), of ``q``'s 32 MiB 6.43 (200/361). Overridable for
+#: tuning runs (``RANDATTN_TRITON_STATE_WINDOW``, bytes).
 STATE_WINDOW_BYTES = env_bytes("RANDATTN_TRITON_STATE_WINDOW", 64 << 20)
+#: See :data:`STATE_WINDOW_BYTES`.
+STATE_WINDOW_PER_Q = 1
 #: Sequences of fewer chunks keep one window: there the host issues the launches more slowly than the
 #: GPU runs them, and each window adds about ten (H100, same shapes, 4096 positions: module fwd+bwd
 #: 3.79 ms with one window, 5.30 ms with four).
@@ -1133,14 +1139,21 @@ def _tiles(sz: dict) -> dict:
     )
 
 
-def _windows(nh: int, nt: int, m: int, dv: int, keep: bool) -> int:
+def _windows(nh: int, nt: int, m: int, dv: int, keep: bool, q_bytes: int) -> int:
     """Chunks per window of states: all ``nt`` when the states are kept, fit the window, or the
     sequence has fewer than :data:`WINDOWS_FROM_CHUNKS` chunks; else the most chunks, a multiple of
-    :data:`STABILISER_CHUNKS`, whose states fit :data:`STATE_WINDOW_BYTES`."""
+    :data:`STABILISER_CHUNKS`, whose states fit the window's budget (:data:`STATE_WINDOW_BYTES` or
+    :data:`STATE_WINDOW_PER_Q` times ``q_bytes``, the bytes of the op's ``q``, whichever is more)."""
     per_chunk = nh * m * dv * 4
-    if keep or nt < WINDOWS_FROM_CHUNKS or nt * per_chunk <= STATE_WINDOW_BYTES:
+    budget = max(STATE_WINDOW_BYTES, STATE_WINDOW_PER_Q * q_bytes)
+    if keep or nt < WINDOWS_FROM_CHUNKS or nt * per_chunk <= budget:
         return nt
-    return max(STABILISER_CHUNKS, STATE_WINDOW_BYTES // per_chunk // STABILISER_CHUNKS * STABILISER_CHUNKS)
+    return max(STABILISER_CHUNKS, budget // per_chunk // STABILISER_CHUNKS * STABILISER_CHUNKS)
+
+
+def _bytes(x: torch.Tensor) -> int:
+    """Bytes of the elements of ``x`` (a view counts its own elements only)."""
+    return x.numel() * x.element_size()
 
 
 def _scan(x, xz, decay, gain, nmb, sz, steps, carry=None):
@@ -1332,7 +1345,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     sz = launch_sizes(q, v, projection, kernel_fn)
     w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
     keep = _keeps_states(nh, length, sz["m"], sz["dv"])
-    states = _States(k, v, w_hi, w_lo, key_bias, sz, _windows(nh, nt, sz["m"], sz["dv"], keep))
+    states = _States(k, v, w_hi, w_lo, key_bias, sz, _windows(nh, nt, sz["m"], sz["dv"], keep, _bytes(q)))
     f32 = dict(device=q.device, dtype=torch.float32)
     out = heads_last(n, h, length, sz["dv"], device=q.device, dtype=store_dtype(q.dtype))
     # the output's lo half only beside kept states; else the backward recomputes dout . out itself
@@ -1452,7 +1465,7 @@ def _backward(
         nw = nt
         grad_launch(0, st, szs, 0, nt)
     else:  # the same values again, window by window, and t from the float32 output
-        nw = _windows(nh, nt, sz["m"], sz["dv"], False)
+        nw = _windows(nh, nt, sz["m"], sz["dv"], False, _bytes(q))
         states = _KnownStates(k, v, w_hi, w_lo, key_bias, sz, nw, c, cprev, cend, decay)
         for t0, steps in _window_starts(nt, nw):
             states.window(t0, steps)

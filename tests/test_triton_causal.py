@@ -278,14 +278,21 @@ GPU_SHAPES = [
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("states", ["kept", "recomputed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_gpu_sizes(dtype, kernel_fn, shape, gen):
+def test_gpu_sizes(dtype, kernel_fn, shape, states, gen, monkeypatch):
+    """The 2x rule at real sizes, with the carried states kept by the forward (and ``t`` from the
+    output's two halves) or recomputed by the backward (``t`` from the ``dq`` kernel's sums), as
+    long sequences have them."""
+    from randattn.ops.causal import triton as kernels
+
+    monkeypatch.setattr(kernels, "KEEP_STATES_MAX_BYTES", 1 << 40 if states == "kept" else 0)
     n, h, length, s_len, d, dv, m = shape
     inputs = make_inputs(n, h, length, s_len, d, dv, m, dtype, gen, scale=1.0, mask="bool")
     report = check_against_reference(*inputs, kernel_fn, causal=True)
-    print("ERR", "causal", kernel_fn, dtype, shape, {k: f"{a:.2e}/{b:.2e}" for k, (a, b) in report.items()})
+    print("ERR", "causal", states, kernel_fn, dtype, shape, {k: f"{a:.2e}/{b:.2e}" for k, (a, b) in report.items()})
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")

@@ -66,6 +66,25 @@ def test_carried_states_kept_recomputed_or_windowed_match(kernel_fn, mode, gen, 
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_backward_holds_the_output_only_beside_kept_states(keep, gen, monkeypatch):
+    """With recomputed states the backward needs no output, so the autograd node holds none of it
+    (a layer's output is then freed once the layers after it are done with it); beside kept states
+    it holds the output's storage (``t`` comes from its two halves)."""
+    from randattn.ops.causal import triton as kernels
+    from randattn.ops.eager import KernelAttention
+
+    monkeypatch.setattr(kernels, "KEEP_STATES_MAX_BYTES", 1 << 40 if keep else 0)
+    q, k, v, projection, dout, _ = make_inputs(1, 2, 130, 130, 16, 16, 32, torch.float32, gen)
+    q.requires_grad_(True)
+    out = KernelAttention.apply(kernels, q, k, v, projection, "softmax", None)
+    held = {t.untyped_storage().data_ptr() for t in out.grad_fn.saved_tensors if t is not None and t.numel()}
+    assert (out.untyped_storage().data_ptr() in held) == keep
+    (dq,) = torch.autograd.grad(out, q, dout)
+    want = run("reference", q.detach(), k, v, projection, dout, None, "softmax", True)[1]
+    torch.testing.assert_close(dq, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("windows", [False, True])
 @pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
 def test_recomputed_states_equal_the_forwards(kernel_fn, windows, gen, monkeypatch):

@@ -1408,7 +1408,9 @@ def _backward(
 ):
     q, k, v, dout = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v), rows_contiguous(dout)
     has_t = out_lo.numel() == 0  # no lo half of the output: t = dout . out / den recomputed below
-    if not has_t and out.stride() != dout.stride():
+    if has_t:
+        out = dout  # no output kept (see _saved_output): a stand-in for the kernels' unread pointer
+    elif out.stride() != dout.stride():
         out, out_lo, dout = out.contiguous(), out_lo.contiguous(), dout.contiguous()
     n, h, length, _ = q.shape
     nh = n * h
@@ -1598,7 +1600,7 @@ def _(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, cq, den, c, c
 def _setup_context(ctx, inputs, output):
     q, k, v, projection, kernel_fn, key_bias = inputs
     ctx.kernel_fn = kernel_fn
-    ctx.save_for_backward(q, k, v, output[0], projection, key_bias, *output[1:])
+    ctx.save_for_backward(q, k, v, _saved_output(output[0], output[1]), projection, key_bias, *output[1:])
     ctx.mark_non_differentiable(*output[1:])
 
 
@@ -1612,9 +1614,17 @@ _causal_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def forward_saving(q, k, v, projection, kernel_fn, key_bias):
-    """The forward kernels: ``(out, saved)`` with what :func:`backward_from` needs (the output among it)."""
-    result = _forward(q, k, v, projection, kernel_fn, key_bias)
-    return result[0], tuple(result)
+    """The forward kernels: ``(out, saved)`` with what :func:`backward_from` needs (the output among
+    it only beside kept states, see :func:`_saved_output`)."""
+    out, out_lo, *rest = _forward(q, k, v, projection, kernel_fn, key_bias)
+    return out, (_saved_output(out, out_lo), out_lo, *rest)
+
+
+def _saved_output(out: torch.Tensor, out_lo: torch.Tensor) -> torch.Tensor:
+    """What the backward keeps of the output: all of it beside kept states (``t`` comes from its two
+    halves), else nothing (``t`` comes from the recomputed states; the empty ``out_lo`` stands in),
+    so that a layer's output is freed once the layers after it are done with it."""
+    return out if out_lo.numel() else out_lo
 
 
 def backward_from(dout, q, k, v, projection, kernel_fn, key_bias, saved, grads=None):

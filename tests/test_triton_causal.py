@@ -36,14 +36,15 @@ def test_several_feature_blocks_and_scan_tiles(kernel_fn, gen):
     check_against_reference(*inputs, kernel_fn, causal=True)
 
 
-@pytest.mark.parametrize("mode", ["kept", "recomputed", "windows"])
+@pytest.mark.parametrize("mode", ["kept", "recomputed", "windows", "wider-forward-windows"])
 @pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
 def test_carried_states_kept_recomputed_or_windowed_match(kernel_fn, mode, gen, monkeypatch):
     """The backward with the forward's carried states (and the output's lo half), with states it
     recomputes (long sequences; ``t = dout . out / den`` from the float32 output recomputed), and with
-    states that exist one window of chunks at a time in both passes (a ragged last window): all match
-    the reference, and the last two each other exactly (a window's scan starts from the previous
-    window's final state, so every sum runs in the same order)."""
+    states that exist one window of chunks at a time in both passes (a ragged last window; the
+    forward's windows as wide or twice as wide as the backward's): all match the reference, and the
+    last three each other exactly (a window's scan starts from the previous window's final state, so
+    every sum runs in the same order)."""
     from randattn.ops.causal import triton as kernels
 
     length, dtype = (2048, torch.bfloat16) if CUDA else (300, torch.float32)
@@ -51,13 +52,16 @@ def test_carried_states_kept_recomputed_or_windowed_match(kernel_fn, mode, gen, 
     monkeypatch.setattr(kernels, "KEEP_STATES_MAX_BYTES", 0)
     want = run("triton", *inputs, kernel_fn, True)
     monkeypatch.setattr(kernels, "KEEP_STATES_MAX_BYTES", 1 << 40 if mode == "kept" else 0)
-    if mode == "windows":  # windows of 2 chunks (CPU) or 16 (GPU): 3 and 2 windows, the last one short
+    if "windows" in mode:  # windows of 2 chunks (CPU) or 16 (GPU): 3 and 2 windows, the last one short
         monkeypatch.setattr(kernels, "STABILISER_CHUNKS", 16 if CUDA else 2)
         monkeypatch.setattr(kernels, "WINDOWS_FROM_CHUNKS", 2)
         monkeypatch.setattr(kernels, "STATE_WINDOW_BYTES", (20 if CUDA else 2) * 2 * 80 * 16 * 4)
         monkeypatch.setattr(kernels, "STATE_WINDOW_PER_Q", 0)
+    if mode == "wider-forward-windows":  # the forward's (given the bytes of k and v) twice as wide
+        windows = kernels._windows
+        monkeypatch.setattr(kernels, "_windows", lambda *a: windows(*a) * (2 if len(a) > 6 else 1))
     nw = kernels._windows(2, -(-length // kernels.CHUNK), 80, 16, mode == "kept", kernels._bytes(inputs[0]))
-    assert (nw < -(-length // kernels.CHUNK)) == (mode == "windows")
+    assert (nw < -(-length // kernels.CHUNK)) == ("windows" in mode)
     saved = kernels.forward_saving(*inputs[:4], kernel_fn, None)[1]
     assert (saved[-2].numel() > 0) == (saved[1].numel() > 0) == (mode == "kept")
     check_against_reference(*inputs, kernel_fn, causal=True)
@@ -120,21 +124,25 @@ def test_recomputed_states_equal_the_forwards(kernel_fn, windows, gen, monkeypat
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("forward", [False, True])
 @pytest.mark.parametrize("floor", [1 << 20, 64 << 20])
 @pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("nt", [1, 127, 128, 129, 256, 1024, 4099])
 @pytest.mark.parametrize("nh, m, dv, d", [(32, 256, 64, 64), (2, 16, 16, 16), (64, 512, 128, 128)])
-def test_window_sizes(nh, m, dv, d, nt, keep, floor, monkeypatch):
+def test_window_sizes(nh, m, dv, d, nt, keep, floor, forward, monkeypatch):
     """One window for kept states, short sequences and states within the budget (the bytes of a
-    bf16 ``q`` or the set floor, whichever is more); otherwise the largest multiple of the
-    stabiliser's chunks whose states fit (at least one such multiple)."""
+    bf16 ``q`` or the set floor, whichever is more; the forward's also the bytes of ``k`` and
+    ``v``); otherwise the largest multiple of the stabiliser's chunks whose states fit (at least
+    one such multiple)."""
     from randattn.ops.causal import triton as kernels
 
     monkeypatch.setattr(kernels, "STATE_WINDOW_BYTES", floor)
     q = torch.empty(nh, nt * kernels.CHUNK, d, dtype=torch.bfloat16, device="meta")
-    budget = max(floor, nh * nt * kernels.CHUNK * d * 2)
+    v = torch.empty(nh, nt * kernels.CHUNK, dv, dtype=torch.bfloat16, device="meta")
     assert kernels._bytes(q) == nh * nt * kernels.CHUNK * d * 2
-    nw = kernels._windows(nh, nt, m, dv, keep, kernels._bytes(q))
+    kv_bytes = kernels._bytes(q) + kernels._bytes(v) if forward else 0
+    budget = max(floor, nh * nt * kernels.CHUNK * d * 2) + kv_bytes
+    nw = kernels._windows(nh, nt, m, dv, keep, kernels._bytes(q), kv_bytes)
     per_chunk = nh * m * dv * 4
     if keep or nt < kernels.WINDOWS_FROM_CHUNKS or nt * per_chunk <= budget:
         assert nw == nt

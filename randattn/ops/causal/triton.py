@@ -95,10 +95,14 @@ KEEP_STATES_MAX_BYTES = env_bytes("RANDATTN_TRITON_KEEP_STATES", 64 << 20)
 #: bytes a position against ``q``'s ``d``: m = 256, d = 64 in bf16 gives windows of one eighth of
 #: the sequence). H100, bf16, 4 x 8 heads, m = 256, module fwd+bwd ms (peak MiB fwd/bwd): 65536
 #: positions in windows of 64 MiB 32.85 (1562/2662), of ``q``'s 256 MiB 31.55 (1573/2857); 8192
-#: positions in windows of 64 MiB 5.20 (233/394), of ``q``'s 32 MiB 6.43 (200/361). Overridable for
-#: tuning runs (``RANDATTN_TRITON_STATE_WINDOW``, bytes).
+#: positions in windows of 64 MiB 5.20 (233/394), of ``q``'s 32 MiB 6.43 (200/361). The forward's
+#: windows may also take the bytes of ``k`` and ``v``: the backward holds the gradients of ``q``,
+#: ``k`` and ``v`` beside its window, the forward only the output in their place, so the larger
+#: forward window leaves the higher of the two peaks where it was. Overridable for tuning runs
+#: (``RANDATTN_TRITON_STATE_WINDOW``, bytes).
 STATE_WINDOW_BYTES = env_bytes("RANDATTN_TRITON_STATE_WINDOW", 64 << 20)
-#: See :data:`STATE_WINDOW_BYTES`.
+#: The share of the inputs' bytes in a window's budget (see :data:`STATE_WINDOW_BYTES`; 0: the
+#: fixed budget alone).
 STATE_WINDOW_PER_Q = 1
 #: Sequences of fewer chunks keep one window: there the host issues the launches more slowly than the
 #: GPU runs them, and each window adds about ten (H100, same shapes, 4096 positions: module fwd+bwd
@@ -1139,13 +1143,14 @@ def _tiles(sz: dict) -> dict:
     )
 
 
-def _windows(nh: int, nt: int, m: int, dv: int, keep: bool, q_bytes: int) -> int:
+def _windows(nh: int, nt: int, m: int, dv: int, keep: bool, q_bytes: int, kv_bytes: int = 0) -> int:
     """Chunks per window of states: all ``nt`` when the states are kept, fit the window, or the
     sequence has fewer than :data:`WINDOWS_FROM_CHUNKS` chunks; else the most chunks, a multiple of
-    :data:`STABILISER_CHUNKS`, whose states fit the window's budget (:data:`STATE_WINDOW_BYTES` or
-    :data:`STATE_WINDOW_PER_Q` times ``q_bytes``, the bytes of the op's ``q``, whichever is more)."""
+    :data:`STABILISER_CHUNKS`, whose states fit the window's budget: :data:`STATE_WINDOW_BYTES` or
+    :data:`STATE_WINDOW_PER_Q` times ``q_bytes`` (the bytes of the op's ``q``), whichever is more,
+    plus :data:`STATE_WINDOW_PER_Q` times ``kv_bytes`` (the forward's: the bytes of ``k`` and ``v``)."""
     per_chunk = nh * m * dv * 4
-    budget = max(STATE_WINDOW_BYTES, STATE_WINDOW_PER_Q * q_bytes)
+    budget = max(STATE_WINDOW_BYTES, STATE_WINDOW_PER_Q * q_bytes) + STATE_WINDOW_PER_Q * kv_bytes
     if keep or nt < WINDOWS_FROM_CHUNKS or nt * per_chunk <= budget:
         return nt
     return max(STABILISER_CHUNKS, budget // per_chunk // STABILISER_CHUNKS * STABILISER_CHUNKS)
@@ -1345,7 +1350,8 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     sz = launch_sizes(q, v, projection, kernel_fn)
     w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
     keep = _keeps_states(nh, length, sz["m"], sz["dv"])
-    states = _States(k, v, w_hi, w_lo, key_bias, sz, _windows(nh, nt, sz["m"], sz["dv"], keep, _bytes(q)))
+    nw = _windows(nh, nt, sz["m"], sz["dv"], keep, _bytes(q), _bytes(k) + _bytes(v))
+    states = _States(k, v, w_hi, w_lo, key_bias, sz, nw)
     f32 = dict(device=q.device, dtype=torch.float32)
     out = heads_last(n, h, length, sz["dv"], device=q.device, dtype=store_dtype(q.dtype))
     # the output's lo half only beside kept states; else the backward recomputes dout . out itself

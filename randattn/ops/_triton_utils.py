@@ -147,6 +147,7 @@ LAUNCH: dict[str, tuple[int, int]] = {
     "chunk_state": (4, 1),
     "scan": (2, 3),
     "rstate": (4, 3),
+    "state": (4, 4),
 }
 LAUNCH.update(env_settings("RANDATTN_TRITON_LAUNCH"))  # type: ignore[arg-type]
 

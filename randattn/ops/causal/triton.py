@@ -118,7 +118,8 @@ def _keeps_states(nh: int, length: int, m: int, dv: int) -> bool:
 #: Features per program of the kernels that walk the chunks one after another with the state on chip
 #: (``_state_kernel``, ``_rstate_kernel``): their programs, ``(N H, m / SEQ_BLOCK_M)``, are all the
 #: parallelism they have. H100, bf16, 4 x 8 heads, m = 256, op fwd+bwd at 16384 / 65536 positions:
-#: 32 features 6.93 / 27.52 ms, 64 features 7.24 / 29.10. Overridable for tuning runs.
+#: 32 features 6.93 / 27.52 ms, 64 features 7.24 / 29.10; then ``_state_kernel`` with 4 stages instead
+#: of 2 (``LAUNCH["state"]``): 6.68 / 25.53 against 6.79-6.80 / 26.07-26.08. Overridable for tuning runs.
 SEQ_BLOCK_M = int(os.environ.get("RANDATTN_TRITON_SEQ_BLOCK_M", "32"))
 
 #: Tile of the state scan (feature rows, value columns); overridable for tuning runs.

@@ -90,10 +90,9 @@ KEEP_STATES_MAX_BYTES = env_bytes("RANDATTN_TRITON_KEEP_STATES", 64 << 20)
 #: window's states computed from the previous window's final state. Each window costs dependent
 #: launches (four forward, five backward): larger windows are faster and hold more memory. A window's
 #: float32 states take at most this many bytes or :data:`STATE_WINDOW_PER_Q` times as many as ``q``
-#: itself, whichever is more, so
-#: that at long sequences the states grow with the sequence as the op's inputs do (``4 m d_v``
-#: bytes a position against ``q``'s ``d``: m = 256, d = 64 in bf16 gives windows of one eighth of
-#: the sequence). H100, bf16, 4 x 8 heads, m = 256, module fwd+bwd ms (peak MiB fwd/bwd): 65536
+#: itself, whichever is more, so that at long sequences the states grow with the sequence as the
+#: op's inputs do (``4 m d_v`` bytes a position against ``q``'s ``d``: m = 256, d = 64 in bf16 gives
+#: windows of one eighth of the sequence). H100, bf16, 4 x 8 heads, m = 256, module fwd+bwd ms (peak MiB fwd/bwd): 65536
 #: positions in windows of 64 MiB 32.85 (1562/2662), of ``q``'s 256 MiB 31.55 (1573/2857); 8192
 #: positions in windows of 64 MiB 5.20 (233/394), of ``q``'s 32 MiB 6.43 (200/361). The forward's
 #: windows may also take the bytes of ``k`` and ``v``: the backward holds the gradients of ``q``,

@@ -48,6 +48,7 @@ __all__ = [
     "gradient_buffers",
     "finish_gradients",
     "query_state_grad_tile",
+    "key_tiles",
 ]
 
 #: Kernel function codes passed to the kernels as a compile-time constant.
@@ -488,6 +489,49 @@ def features_tile(
         phi = tl.maximum(proj, 0.0) * RELU_SCALE + EPS
     phi = tl.where(m_ok[None, :], phi, 0.0)
     return phi, proj
+
+
+@triton.jit
+def key_tiles(
+    K,
+    V,
+    BIAS,
+    n,
+    h,
+    offs_s,
+    s_ok,
+    offs_d,
+    offs_dv,
+    S,
+    D,
+    DV,
+    sk_n,
+    sk_h,
+    sk_s,
+    sv_n,
+    sv_h,
+    sv_s,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Keys ``(BLOCK_S, BLOCK_D)``, values ``(BLOCK_S, BLOCK_DV)`` (0 out of range) and the float32
+    key bias ``(BLOCK_S,)`` (``BIAS`` ``(N, S)`` when ``HAS_BIAS``, else 0) of positions ``offs_s``
+    of head ``(n, h)``."""
+    y = tl.load(
+        K + n * sk_n + h * sk_h + offs_s[:, None] * sk_s + offs_d[None, :],
+        mask=s_ok[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    vt = tl.load(
+        V + n * sv_n + h * sv_h + offs_s[:, None] * sv_s + offs_dv[None, :],
+        mask=s_ok[:, None] & (offs_dv[None, :] < DV),
+        other=0.0,
+    )
+    if HAS_BIAS:
+        b = tl.load(BIAS + n * S + offs_s, mask=s_ok, other=0.0)
+    else:
+        b = tl.zeros((BLOCK_S,), tl.float32)
+    return y, vt, b
 
 
 @triton.jit

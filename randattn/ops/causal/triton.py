@@ -57,6 +57,7 @@ from .._triton_utils import (
     gradient_buffers,
     heads_last,
     kernel_dtype,
+    key_tiles,
     launch_opts,
     launch_sizes,
     load_w,
@@ -160,20 +161,9 @@ def _key_chunk(
     """Keys ``offs_s`` against a feature block: ``(s, v)``. Softmax: ``s`` the logits plus the key
     bias (``-inf`` for keys and features out of range), unstabilised; ReLU: ``s`` the features times
     ``exp(bias)`` (0 out of range)."""
-    y = tl.load(
-        K + n * sk_n + h * sk_h + offs_s[:, None] * sk_s + offs_d[None, :],
-        mask=s_ok[:, None] & (offs_d[None, :] < D),
-        other=0.0,
+    y, vt, b = key_tiles(
+        K, V, BIAS, n, h, offs_s, s_ok, offs_d, offs_dv, L, D, DV, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, HAS_BIAS, BLOCK_C
     )
-    vt = tl.load(
-        V + n * sv_n + h * sv_h + offs_s[:, None] * sv_s + offs_dv[None, :],
-        mask=s_ok[:, None] & (offs_dv[None, :] < DV),
-        other=0.0,
-    )
-    if HAS_BIAS:
-        b = tl.load(BIAS + n * L + offs_s, mask=s_ok, other=0.0)
-    else:
-        b = tl.zeros((BLOCK_C,), tl.float32)
     proj = logits_tile(y, wt_hi, wt_lo, wt_lo2, KERNEL, FP32_DOT)
     ok = s_ok[:, None] & m_ok[None, :]
     if KERNEL == 0:
@@ -653,20 +643,9 @@ def _chunk_out_kernel(
         mask=c_ok[:, None] & (offs_d[None, :] < D),
         other=0.0,
     )
-    y = tl.load(
-        K + n * sk_n + h * sk_h + offs_c[:, None] * sk_s + offs_d[None, :],
-        mask=c_ok[:, None] & (offs_d[None, :] < D),
-        other=0.0,
+    y, vt, b = key_tiles(
+        K, V, BIAS, n, h, offs_c, c_ok, offs_d, offs_dv, L, D, DV, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, HAS_BIAS, BLOCK_C
     )
-    vt = tl.load(
-        V + n * sv_n + h * sv_h + offs_c[:, None] * sv_s + offs_dv[None, :],
-        mask=c_ok[:, None] & (offs_dv[None, :] < DV),
-        other=0.0,
-    )
-    if HAS_BIAS:
-        b = tl.load(BIAS + n * L + offs_c, mask=c_ok, other=0.0)
-    else:
-        b = tl.zeros((BLOCK_C,), tl.float32)
     xf = x.to(tl.float32)
     sqx = tl.sum(xf * xf, 1) * half_inv_sqrt_d
     yf = y.to(tl.float32)
@@ -1000,25 +979,14 @@ def _chunk_grad_kernel(
         mask=c_ok[:, None] & (offs_d[None, :] < D),
         other=0.0,
     )
-    y = tl.load(
-        K + n * sk_n + h * sk_h + offs_c[:, None] * sk_s + offs_d[None, :],
-        mask=c_ok[:, None] & (offs_d[None, :] < D),
-        other=0.0,
-    )
-    vt = tl.load(
-        V + n * sv_n + h * sv_h + offs_c[:, None] * sv_s + offs_dv[None, :],
-        mask=c_ok[:, None] & (offs_dv[None, :] < DV),
-        other=0.0,
+    y, vt, b = key_tiles(
+        K, V, BIAS, n, h, offs_c, c_ok, offs_d, offs_dv, L, D, DV, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, HAS_BIAS, BLOCK_C
     )
     do = tl.load(
         DO + n * sd_n + h * sd_h + offs_c[:, None] * sd_l + offs_dv[None, :],
         mask=c_ok[:, None] & (offs_dv[None, :] < DV),
         other=0.0,
     )
-    if HAS_BIAS:
-        b = tl.load(BIAS + n * L + offs_c, mask=c_ok, other=0.0)
-    else:
-        b = tl.zeros((BLOCK_C,), tl.float32)
     xf = x.to(tl.float32)
     sqx = tl.sum(xf * xf, 1) * half_inv_sqrt_d
     yf = y.to(tl.float32)

@@ -43,6 +43,7 @@ from .._triton_utils import (
     gradient_buffers,
     heads_last,
     kernel_dtype,
+    key_tiles,
     launch_opts,
     launch_sizes,
     load_w,
@@ -650,20 +651,9 @@ def _key_grad_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     s_ok = offs_s < S
-    y = tl.load(
-        K + n * sk_n + h * sk_h + offs_s[:, None] * sk_s + offs_d[None, :],
-        mask=s_ok[:, None] & (offs_d[None, :] < D),
-        other=0.0,
+    y, vt, b = key_tiles(
+        K, V, BIAS, n, h, offs_s, s_ok, offs_d, offs_dv, S, D, DV, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, HAS_BIAS, BLOCK_S
     )
-    vt = tl.load(
-        V + n * sv_n + h * sv_h + offs_s[:, None] * sv_s + offs_dv[None, :],
-        mask=s_ok[:, None] & (offs_dv[None, :] < DV),
-        other=0.0,
-    )
-    if HAS_BIAS:
-        b = tl.load(BIAS + n * S + offs_s, mask=s_ok, other=0.0)
-    else:
-        b = tl.zeros((BLOCK_S,), tl.float32)
     yf = y.to(tl.float32)
     sq = tl.sum(yf * yf, 1) * half_inv_sqrt_d
     ck = tl.load(CK + pid_nh)

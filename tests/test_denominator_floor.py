@@ -106,10 +106,45 @@ def test_dropped_key_with_the_largest_logit_does_not_set_the_scale(backend, caus
         assert (s[:, :, 0] - s[:, :, 1:].amax(-1) > 150).all()
     exact = run_fp64(q, k, v, projection, dout, mask, "softmax", causal)
     got = run(backend, q, k, v, projection, dout, mask, "softmax", causal)
-    # scaled by the dropped key, outputs and gradients are 0 (error 1). dq and dk subtract nearly equal
-    # terms of size |y| |sum_m ds_m| (|y| ~ 25 here): their float32 error, relative to their size,
-    # reaches 1e-3..1e-2 for some draws, in the reference op as well
-    bounds = {"out": 1e-4, "dq": 3e-2, "dk": 3e-2, "dv": 1e-4}
-    for name, g, e in zip(("out", "dq", "dk", "dv"), got, exact):
+    # scaled by the dropped key, outputs and gradients are 0 (error 1)
+    for name, g, e in zip(("out", "dv"), (got[0], got[3]), (exact[0], exact[3])):
         assert torch.isfinite(g).all(), name
-        assert rel_err(g, e) < bounds[name], f"{name}: {rel_err(g, e):.2e}"
+        assert rel_err(g, e) < 1e-4, f"{name}: {rel_err(g, e):.2e}"
+    # dq and dk are sums of terms that cancel: for some draws the exact dq is 1e-4 of its terms, so
+    # they are judged against their terms' float32 rounding (which the reference op meets with a
+    # margin of 50 or more over 80 draws), not against their own size
+    for name, g, e, bound in zip(("dq", "dk"), got[1:3], exact[1:3], float32_gradient_bounds(q, k, v, projection, dout, mask, causal)):
+        assert torch.isfinite(g).all(), name
+        err = (g.double() - e).norm().item()
+        assert err <= bound, f"{name}: error {err:.2e}, bound {bound:.2e} (|{name}| {e.norm().item():.2e})"
+
+
+def float32_gradient_bounds(q, k, v, projection, dout, key_mask, causal):
+    """Bounds on the float32 rounding error of the softmax ``dq`` and ``dk`` (norms over all rows).
+
+    With ``G = dL/ds`` the gradients of the feature logits ``s``, ``dq = d^{-1/4} (G W - x sum_m G)``;
+    ``G[i, m] = phi_q[i, m] sum_j a_ij dout_i . (v_j - out_i) / den_i`` (``a`` the kept pairs) is itself a
+    difference. Every term is bounded by its absolute value; the logits carry an absolute float32
+    rounding error of about ``eps |s|``, which the features turn into a relative one. The bound is
+    ``eps max|s|`` times the norm of the terms' absolute values.
+    """
+    d = q.shape[-1]
+    x, y, w = q.double() * d**-0.25, k.double() * d**-0.25, projection.double()
+    sq = x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)
+    sk = y @ w.T - 0.5 * (y * y).sum(-1, keepdim=True)
+    sk = sk.masked_fill(key_mask[:, None, :, None], float("-inf"))
+    phi_q = torch.exp(sq - sq.amax(-1, keepdim=True)) + SOFTMAX_QUERY_FLOOR
+    phi_k = torch.exp(sk - sk.amax(dim=(-2, -1), keepdim=True))
+    a = phi_q @ phi_k.transpose(-2, -1)
+    keep = torch.ones_like(a).tril() if causal else torch.ones_like(a)
+    den = (a * keep).sum(-1, keepdim=True)
+    den = torch.where(den == 0, torch.ones_like(den), den)  # rows with no kept key: output 0
+    out = (a * keep) @ v.double() / den
+    pair = dout.double().norm(dim=-1, keepdim=True) * (v.double().norm(dim=-1)[..., None, :] + out.norm(dim=-1, keepdim=True))
+    pair = pair * keep / den
+    terms_q, terms_k = phi_q * (pair @ phi_k), phi_k * (pair.transpose(-2, -1) @ phi_q)
+    largest = max(sq.abs().max().item(), sk[sk.isfinite()].abs().max().item())
+    return [
+        2.0**-24 * largest * (d**-0.25 * (t @ w.abs() + z.abs() * t.sum(-1, keepdim=True))).norm().item()
+        for t, z in ((terms_q, x), (terms_k, y))
+    ]

@@ -44,13 +44,15 @@ def test_compile_fullgraph_matches_eager(backend, causal):
     x = torch.randn(2, 21, 32, device=DEVICE, requires_grad=True)
     mask = torch.zeros(2, 21, dtype=torch.bool, device=DEVICE)
     mask[1, 15:] = True
-    eager = model(x, mask)
-    eager.sum().backward()
+    dout = torch.randn(2, 21, 32, device=DEVICE)  # (the block ends in a layer norm: the sum of its
+    eager = model(x, mask)  # output, or of its squares, hardly depends on x)
+    eager.backward(dout)
     grad_eager = x.grad.clone()
+    assert grad_eager.norm() > 0.1 * dout.norm()
     x.grad = None
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
     out = compiled(x, mask)
-    out.sum().backward()
+    out.backward(dout)
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(x.grad, grad_eager, rtol=1e-4, atol=1e-5)
 
@@ -64,6 +66,36 @@ def test_compile_inductor_gpu_bf16_autocast():
         out = compiled(x, None)
     out.float().sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_graph_replays_match_eager(causal):
+    """``torch.compile(mode="reduce-overhead")`` records the layer's kernels in CUDA graphs and replays
+    them: over training steps with new inputs (warm-up, recording, replays) the outputs and every
+    gradient equal eager mode's."""
+    torch.manual_seed(0)
+    model = Block("triton", causal).to(DEVICE)
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    params = list(model.parameters())
+    for step in range(4):
+        x = torch.randn(2, 300, 32, device=DEVICE)
+        mask = torch.zeros(2, 300, dtype=torch.bool, device=DEVICE)
+        mask[1, 200 + 20 * step :] = True
+        dout = torch.randn(2, 300, 32, device=DEVICE)
+        results = []
+        for run in (model, compiled):
+            if run is compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            leaf = x.clone().requires_grad_()
+            model.zero_grad(set_to_none=True)
+            out = run(leaf, mask)
+            out.backward(dout)
+            results.append([out.detach().clone(), leaf.grad.clone()] + [p.grad.clone() for p in params])
+        # inductor fuses the layer norm and sums in another order: norm-wise float32 agreement
+        for got, want in zip(*results[::-1]):
+            assert torch.isfinite(got).all()
+            assert (got - want).norm() <= 1e-4 * want.norm(), (step, (got - want).norm() / want.norm())
 
 
 def test_fake_implementations_give_shapes():

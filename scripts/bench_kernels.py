@@ -11,6 +11,9 @@ the bytes of ``q, k, v, out`` (and gradients) at the copy bandwidth, whichever i
 ``--accuracy``: worst ratio (kernel error / reference error, both against float64) over output and
 gradients, per precision setting (:class:`randattn.ops._triton_utils.Precision`), dtype and mode.
 
+``--graphs``: steps issued back to back, as a training loop runs, eager and recorded in CUDA
+graphs (``torch.compile(mode="reduce-overhead")``), for randattn and ``nn.MultiheadAttention``.
+
 ``--interleaved``: for short sequences, whose speed is set by the host: randattn and
 ``nn.MultiheadAttention`` run in turns in one process (12 rounds of 10 forward+backward steps), and
 their ratio is printed.
@@ -20,6 +23,7 @@ Usage::
     python scripts/bench_kernels.py --out results.json
     python scripts/bench_kernels.py --accuracy
     python scripts/bench_kernels.py --interleaved --lengths 1024 2048 4096 --dtypes bfloat16
+    python scripts/bench_kernels.py --graphs --lengths 1024 2048 4096 8192 --dtypes bfloat16
 """
 
 from __future__ import annotations
@@ -360,6 +364,34 @@ def interleaved_host(args) -> None:
         print(f"INTERLEAVED causal={causal} L={length} {cells} | randattn / MHA {ratio:.2f}", flush=True)
 
 
+def graph_steps(args) -> None:
+    """Training-loop throughput (steps issued back to back, :func:`randattn.benchmark.timing.back_to_back`)
+    of randattn (kernels) and ``nn.MultiheadAttention``, eager and recorded in CUDA graphs
+    (``torch.compile(mode="reduce-overhead")``): without the host's share, the GPU times compare."""
+    from randattn.benchmark.timing import back_to_back
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for causal, length in itertools.product(args.modes, args.lengths):
+        x = torch.randn(BATCH, length, EMBED, device="cuda", requires_grad=True)
+        ms = {}
+        for impl in ("rand_triton", "mha"):
+            model = build(impl, causal, "cuda")
+            ms[impl] = back_to_back(model, x, dtype=args.dtypes[0])
+            try:
+                compiled = torch.compile(model, mode="reduce-overhead", fullgraph=impl != "mha")
+                ms[impl + "_graphs"] = back_to_back(compiled, x, dtype=args.dtypes[0], graphs=True)
+            except Exception as exc:  # recorded, the other rows go on
+                print(f"GRAPHS {impl} causal={causal} L={length} failed: {type(exc).__name__}: {exc}", flush=True)
+                ms[impl + "_graphs"] = float("nan")
+        print(
+            f"GRAPHS causal={causal} L={length} ms/step: randattn eager {ms['rand_triton']:.3f}, "
+            f"graphs {ms['rand_triton_graphs']:.3f} | MHA eager {ms['mha']:.3f}, graphs {ms['mha_graphs']:.3f} | "
+            f"randattn / MHA eager {ms['rand_triton'] / ms['mha']:.2f}, "
+            f"graphs {ms['rand_triton_graphs'] / ms['mha_graphs']:.2f}",
+            flush=True,
+        )
+
+
 def host(args) -> None:
     """Where the time of a short sequence goes: module forward+backward (bf16 autocast) profiled on the
     host and the GPU, and the wall time per call against the summed GPU time of its kernels."""
@@ -532,6 +564,8 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="per-kernel times of the op (bf16)")
     p.add_argument("--diagnose", action="store_true", help="causal errors at one shape (bf16)")
     p.add_argument("--host", action="store_true", help="host vs GPU time of the module at each length")
+    p.add_argument("--graphs", action="store_true",
+                   help="training-loop ms/step, eager and in CUDA graphs (torch.compile reduce-overhead)")
     p.add_argument("--interleaved", action="store_true",
                    help="randattn vs nn.MultiheadAttention in turns (short sequences: host-bound)")
     p.add_argument("--memory", action="store_true", help="tensors alive at the backward's peak, first length")
@@ -554,6 +588,9 @@ def main() -> int:
         return 0
     if args.host:
         host(args)
+        return 0
+    if args.graphs:
+        graph_steps(args)
         return 0
     if args.interleaved:
         interleaved_host(args)

@@ -348,3 +348,40 @@ def test_interleaved_timing_runs_the_models_in_turns_and_separates_the_passes():
     assert result["slow_fwd"]["total_us"] > 3000 and result["slow_bwd"]["total_us"] > 3000
     with pytest.raises(ValueError, match="rounds > skip_rounds"):
         interleaved(models, x, rounds=2, skip_rounds=2)
+
+
+def test_back_to_back_timing_counts_every_step_and_resets_the_gradients():
+    """Every step runs forward and backward with fresh gradients (a gradient accumulated across steps
+    would differ from one step's); the time per step covers a 2 ms wait in each forward."""
+    import time as _time
+
+    from randattn.benchmark.timing import back_to_back
+
+    calls = []
+
+    class Waits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, q, k, v, need_weights=False):
+            calls.append(q.grad)
+            _time.sleep(0.002)
+            out = self.lin(q)
+
+            def check(grad):
+                calls.append(self.lin.weight.grad)
+                return grad
+
+            out.register_hook(check)
+            return out, None
+
+    model = Waits()
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    ms = back_to_back(model, x, dtype="float32", steps=3, rounds=2, warmup=1)
+    assert len(calls) == 2 * (1 + 3 * 2)
+    assert all(c is None for c in calls)  # x and the weights have no gradient when a step starts
+    assert ms >= 2.0
+    assert x.grad is None and model.lin.weight.grad is None
+    with pytest.raises(ValueError, match="steps >= 1"):
+        back_to_back(model, x, steps=0)

@@ -251,3 +251,64 @@ def interleaved(
     x.grad = None
     keys = ("fwd_issue_us", "bwd_issue_us", "total_us")
     return {name: dict(zip(keys, map(statistics.median, samples[name]))) for name in models}
+
+
+def back_to_back(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    dtype: str = "bfloat16",
+    steps: int = 20,
+    rounds: int = 5,
+    warmup: int = 3,
+    graphs: bool = False,
+) -> float:
+    """Time per forward+backward step of ``steps`` steps issued back to back, as a training loop runs.
+
+    The device is synchronised only around each group of steps, so the host issues the next step
+    while the GPU runs the last one: the result is the larger of the two times per step. With
+    ``graphs``, each step starts with ``torch.compiler.cudagraph_mark_step_begin()`` (for a model
+    compiled with ``mode="reduce-overhead"``, whose replays need no host work per kernel). Gradients
+    are reset to ``None`` every step, as ``optimizer.zero_grad()`` does.
+
+    Args:
+        model: module with the ``nn.MultiheadAttention`` call signature (``batch_first``).
+        x: input ``(N, L, E)`` with ``requires_grad`` set.
+        dtype: ``"bfloat16"`` (autocast) or ``"float32"``.
+        steps, rounds, warmup: steps per timed group, timed groups, untimed warm-up steps.
+        graphs: mark each step's beginning for CUDA graphs.
+
+    Returns:
+        Median over the rounds of the time per step, in ms.
+    """
+    if steps < 1 or rounds < 1 or warmup < 0:
+        raise ValueError(f"need steps >= 1, rounds >= 1 and warmup >= 0, got {steps}, {rounds}, {warmup}")
+    clock = _Clock(x.device)
+    autocast = compute_context(x.device.type, dtype)
+    grad: list[torch.Tensor] = []
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with autocast:
+            out = model(x, x, x, need_weights=False)[0]
+        if not grad:
+            grad.append(torch.randn(out.shape, device=out.device, dtype=out.dtype))
+        out.backward(grad[0])
+
+    def group() -> None:
+        for _ in range(steps):
+            step()
+
+    for _ in range(warmup):
+        step()
+    samples = []
+    for _ in range(rounds):
+        clock.sync()
+        ms, _ = clock.time(group)
+        samples.append(ms / steps)
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    return statistics.median(samples)

@@ -189,6 +189,12 @@ def test_prepared_projection_is_reused_until_the_projection_changes():
     torch.testing.assert_close(b[0].float() + b[1][0].float(), w * 8**-0.25, rtol=1e-5, atol=0)
     assert prepare_projection(w, 8, torch.float32)[0].dtype == torch.float32
     assert prepare_projection(w.clone(), 8, torch.bfloat16)[0] is not b[0]
+    # uncached (the custom ops under torch.compile): the same parts, neither taken from nor kept in the cache
+    c = prepare_projection(w, 8, torch.bfloat16, cached=False)
+    assert c[0] is not b[0] and torch.equal(c[0], b[0]) and torch.equal(c[1], b[1])
+    v = torch.randn(16, 8)
+    d = prepare_projection(v, 8, torch.bfloat16, cached=False)
+    assert prepare_projection(v, 8, torch.bfloat16)[0] is not d[0]
 
 
 def test_head_dim_256_in_bfloat16_non_causal(gen):

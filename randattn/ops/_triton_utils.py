@@ -261,7 +261,7 @@ _PREPARED_MAX = 64
 
 
 def prepare_projection(
-    projection: torch.Tensor, head_dim: int, dtype: torch.dtype
+    projection: torch.Tensor, head_dim: int, dtype: torch.dtype, cached: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled projection ``W' = W d^{-1/4}`` split into parts of the operand dtype: ``(hi, lo)``.
 
@@ -270,10 +270,13 @@ def prepare_projection(
     ``W'`` to about 24 bits (the third part is read only for the ReLU logits, see :func:`logits_tile`).
     For float32 inputs ``hi`` is ``W'`` and ``lo`` is unused (the same tensor). The result is kept
     for the same projection tensor while it is alive and unchanged (same version counter), so the
-    forward and backward of a layer prepare it once.
+    forward and backward of a layer prepare it once. With ``cached=False`` (the custom ops, which
+    ``torch.compile`` calls) it is neither kept nor looked up: a CUDA graph records the preparation
+    and replays it, so a redrawn projection reaches the replays, and no tensor of the graph's memory
+    pool outlives its step in the cache.
     """
     try:
-        version = projection._version
+        version = projection._version if cached else None
     except RuntimeError:  # inference tensors have no version counter
         version = None
     entry = _PREPARED.get(id(projection))

@@ -1311,12 +1311,12 @@ def _split_output(out: torch.Tensor, out_lo: torch.Tensor, dtype: torch.dtype):
     return hi, (out - hi.float()).to(dtype)
 
 
-def _forward(q, k, v, projection, kernel_fn, key_bias):
+def _forward(q, k, v, projection, kernel_fn, key_bias, cached=True):
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     n, h, length, _ = q.shape
     nh, nt = n * h, cdiv(length, CHUNK)
     sz = launch_sizes(q, v, projection, kernel_fn)
-    w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
+    w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype, cached)
     keep = _keeps_states(nh, length, sz["m"], sz["dv"])
     nw = _windows(nh, nt, sz["m"], sz["dv"], keep, _bytes(q), _bytes(k) + _bytes(v))
     states = _States(k, v, w_hi, w_lo, key_bias, sz, nw)
@@ -1378,7 +1378,25 @@ def _out_launch(q, k, v, w_hi, w_lo, key_bias, states, sz, t0, steps, out, out_l
 
 
 def _backward(
-    dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, cq, den, c, cprev, cend, decay, st, szs, grads=None
+    dout,
+    q,
+    k,
+    v,
+    out,
+    out_lo,
+    projection,
+    kernel_fn,
+    key_bias,
+    cq,
+    den,
+    c,
+    cprev,
+    cend,
+    decay,
+    st,
+    szs,
+    grads=None,
+    cached=True,
 ):
     q, k, v, dout = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v), rows_contiguous(dout)
     has_t = out_lo.numel() == 0  # no lo half of the output: t = dout . out / den recomputed below
@@ -1390,7 +1408,7 @@ def _backward(
     nh = n * h
     nt = cdiv(length, CHUNK)
     sz = launch_sizes(q, v, projection, kernel_fn)
-    w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
+    w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype, cached)
     f32 = dict(device=q.device, dtype=torch.float32)
     dq, dk, dv = gradient_buffers(q, k, v, grads)
     if dq.stride() != dk.stride():
@@ -1512,7 +1530,7 @@ def _causal_fwd(
     torch.Tensor,
     torch.Tensor,
 ]:
-    return _forward(q, k, v, projection, kernel_fn, key_bias)
+    return _forward(q, k, v, projection, kernel_fn, key_bias, cached=False)
 
 
 @_causal_fwd.register_fake
@@ -1557,7 +1575,24 @@ def _causal_bwd(
     szs: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(
-        dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, cq, den, c, cprev, cend, decay, st, szs
+        dout,
+        q,
+        k,
+        v,
+        out,
+        out_lo,
+        projection,
+        kernel_fn,
+        key_bias,
+        cq,
+        den,
+        c,
+        cprev,
+        cend,
+        decay,
+        st,
+        szs,
+        cached=False,
     )
 
 

@@ -729,12 +729,12 @@ def _split(rows: int, blocks_per_row_group: int, device: torch.device, block: in
     return cdiv(rows, per), per
 
 
-def _forward(q, k, v, projection, kernel_fn, key_bias):
+def _forward(q, k, v, projection, kernel_fn, key_bias, cached=True):
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     n, h, length, _ = q.shape
     s_len = k.shape[2]
     c = launch_sizes(q, v, projection, kernel_fn)
-    w_hi, w_lo = prepare_projection(projection, c["d"], q.dtype)
+    w_hi, w_lo = prepare_projection(projection, c["d"], q.dtype, cached)
     nmb = cdiv(c["m"], c["BLOCK_M"])
     ks_rows, ks_opts = _tiles("key_state", c)
     qo_rows, qo_opts = _tiles("query_out", c)
@@ -847,13 +847,13 @@ def _forward(q, k, v, projection, kernel_fn, key_bias):
     return out.to(q.dtype), state, ksum, ck, cq, den
 
 
-def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, cq, den, grads=None):
+def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, cq, den, grads=None, cached=True):
     q, k, v, dout = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v), rows_contiguous(dout)
     n, h, length, _ = q.shape
     s_len = k.shape[2]
     nh = n * h
     c = launch_sizes(q, v, projection, kernel_fn)
-    w_hi, w_lo = prepare_projection(projection, c["d"], q.dtype)
+    w_hi, w_lo = prepare_projection(projection, c["d"], q.dtype, cached)
     f32 = dict(device=q.device, dtype=torch.float32)
     common_consts = (c["half"], c["rscale"], c["eps"])
     dq, dk, dv = gradient_buffers(q, k, v, grads)
@@ -996,7 +996,7 @@ def _noncausal_fwd(
     kernel_fn: str,
     key_bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, projection, kernel_fn, key_bias)
+    return _forward(q, k, v, projection, kernel_fn, key_bias, cached=False)
 
 
 @_noncausal_fwd.register_fake
@@ -1029,7 +1029,7 @@ def _noncausal_bwd(
     cq: torch.Tensor,
     den: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, cq, den)
+    return _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, cq, den, cached=False)
 
 
 @_noncausal_bwd.register_fake

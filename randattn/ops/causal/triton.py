@@ -1377,27 +1377,8 @@ def _out_launch(q, k, v, w_hi, w_lo, key_bias, states, sz, t0, steps, out, out_l
     )
 
 
-def _backward(
-    dout,
-    q,
-    k,
-    v,
-    out,
-    out_lo,
-    projection,
-    kernel_fn,
-    key_bias,
-    cq,
-    den,
-    c,
-    cprev,
-    cend,
-    decay,
-    st,
-    szs,
-    grads=None,
-    cached=True,
-):
+def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *saved, grads=None, cached=True):
+    cq, den, c, cprev, cend, decay, st, szs = saved
     q, k, v, dout = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v), rows_contiguous(dout)
     has_t = out_lo.numel() == 0  # no lo half of the output: t = dout . out / den recomputed below
     if has_t:
@@ -1574,26 +1555,8 @@ def _causal_bwd(
     st: torch.Tensor,
     szs: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(
-        dout,
-        q,
-        k,
-        v,
-        out,
-        out_lo,
-        projection,
-        kernel_fn,
-        key_bias,
-        cq,
-        den,
-        c,
-        cprev,
-        cend,
-        decay,
-        st,
-        szs,
-        cached=False,
-    )
+    saved = (cq, den, c, cprev, cend, decay, st, szs)
+    return _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *saved, cached=False)
 
 
 @_causal_bwd.register_fake

@@ -15,6 +15,15 @@ from .ops.weights import attention_weights
 __all__ = ["RandMultiHeadAttention", "convert_mha"]
 
 
+def _eager_only(fn, reason: str):
+    """``fn`` excluded from ``torch.compile``'s tracing (with ``reason`` in the error of a full-graph
+    compile, where the installed torch takes one)."""
+    try:
+        return torch.compiler.disable(fn, reason=reason)
+    except TypeError:  # torch < 2.8
+        return torch.compiler.disable(fn)
+
+
 class RandMultiHeadAttention(nn.Module):
     r"""Multi-head attention computed with random features, in linear time and memory.
 
@@ -52,6 +61,8 @@ class RandMultiHeadAttention(nn.Module):
         seed: seed of this layer's private generator; makes draws and redraws reproducible.
             ``None`` seeds it from the global generator (consumed, never reseeded).
         feature_redraw_interval: redraw the projection every this many training forwards; never in eval.
+            The redraw is host work between steps: under ``torch.compile`` it runs outside the graph
+            (``fullgraph=True`` needs ``None`` here and :meth:`redraw_features` called between steps).
         backend: ``"auto"``, ``"reference"`` or ``"triton"`` (see :func:`randattn.functional.rand_attention`).
 
     Shape:
@@ -204,6 +215,22 @@ class RandMultiHeadAttention(nn.Module):
         )
         self.projection.copy_(new)
 
+    def _count_training_forward(self) -> None:
+        """Count a training forward and redraw the projection every ``feature_redraw_interval`` of them."""
+        interval = self.feature_redraw_interval
+        if interval and self._training_forwards and self._training_forwards % interval == 0:
+            self.redraw_features()
+        self._training_forwards += 1
+
+    # Host work between steps: under torch.compile it runs eagerly (one graph break) instead of being
+    # traced, where the counter's value would be guarded on and every step would compile anew.
+    _count_training_forward = _eager_only(
+        _count_training_forward,
+        "feature_redraw_interval redraws the projection on the host between training steps, which one "
+        "graph cannot hold; with torch.compile(fullgraph=True) pass feature_redraw_interval=None and "
+        "call redraw_features() between steps",
+    )
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
@@ -260,9 +287,7 @@ class RandMultiHeadAttention(nn.Module):
             ``(attn_output, attn_weights)``; ``attn_weights`` is ``None`` unless ``need_weights``.
         """
         if self.training and self.feature_redraw_interval is not None:
-            if self._training_forwards and self._training_forwards % self.feature_redraw_interval == 0:
-                self.redraw_features()
-            self._training_forwards += 1
+            self._count_training_forward()
         self_attention = query is key and key is value
         query, key, value, key_bias, unbatched = masks.batch_first_inputs(
             query, key, value, key_padding_mask, self.batch_first, self.embed_dim, self.kdim, self.vdim

@@ -151,3 +151,43 @@ def test_eager_path_equals_custom_ops(causal):
     for a, b in zip(*results):
         assert a.stride() == b.stride()
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_compiled_layer_redraws_on_the_eager_schedule_without_recompiling():
+    """``feature_redraw_interval`` under ``torch.compile``: the redraw runs outside the graph, on the
+    same steps as in eager mode, and the step counter is not guarded on (one graph, not one per
+    step); a full-graph compile names the argument, and with it unset a redraw between steps
+    reaches the compiled graph."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    options = dict(num_random_features=16, seed=0, backend="reference", batch_first=True)
+    eager = RandMultiHeadAttention(32, 2, feature_redraw_interval=3, **options)
+    twin = RandMultiHeadAttention(32, 2, feature_redraw_interval=3, **options)
+    twin.load_state_dict(eager.state_dict())
+    compiled = torch.compile(twin, backend="aot_eager")
+    draws = set()
+    for _ in range(8):
+        x = torch.randn(2, 7, 32)
+        want, got = eager(x, x, x, need_weights=False)[0], compiled(x, x, x, need_weights=False)[0]
+        assert torch.equal(eager.projection, twin.projection)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        draws.add(tuple(twin.projection.flatten().tolist()))
+    assert len(draws) == 3  # redrawn before the 4th and 7th forwards
+    assert counters["stats"]["unique_graphs"] <= 2
+
+    torch._dynamo.reset()  # (a cached graph of the same code, compiled with breaks, would be reused)
+    strict = torch.compile(RandMultiHeadAttention(32, 2, feature_redraw_interval=3, **options), fullgraph=True,
+                           backend="aot_eager")
+    with pytest.raises(Exception, match="feature_redraw_interval"):
+        strict(x, x, x, need_weights=False)
+
+    layer = RandMultiHeadAttention(32, 2, **options)
+    graph = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    before = graph(x, x, x, need_weights=False)[0]
+    layer.redraw_features()
+    after = graph(x, x, x, need_weights=False)[0]
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, layer(x, x, x, need_weights=False)[0], rtol=1e-5, atol=1e-6)

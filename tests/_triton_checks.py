@@ -32,19 +32,31 @@ RELU_GRAD_FLOOR = 2e-3
 KINK_TOL = 2.0**-18
 
 
+def _fp64_inputs(q, k, projection, key_bias):
+    """Float64 scaled inputs ``x, y``, projection ``w`` and key bias ``b`` (broadcast over heads and features)."""
+    d = q.shape[-1]
+    b = 0.0 if key_bias is None else key_bias.double()[:, None, :, None]
+    return q.double() * d**-0.25, k.double() * d**-0.25, projection.double(), b
+
+
+def fp64_softmax_features(q, k, projection, key_bias):
+    """Float64 softmax features of the math notes: ``(x, y, w, sq, sk, phi_q, phi_k)``, the scaled
+    inputs, the projection, the logits (without the key bias) and the features (with it)."""
+    x, y, w, b = _fp64_inputs(q, k, projection, key_bias)
+    sq = x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)
+    sk = y @ w.T - 0.5 * (y * y).sum(-1, keepdim=True)
+    phi_q = torch.exp(sq - sq.amax(-1, keepdim=True).detach()) + SOFTMAX_QUERY_FLOOR
+    phi_k = torch.exp(sk - sk.amax(dim=(-2, -1), keepdim=True).detach() + b)
+    return x, y, w, sq, sk, phi_q, phi_k
+
+
 def fp64_attention(q, k, v, projection, kernel_fn, key_bias, causal):
     """The attention of the math notes evaluated directly in float64 (quadratic; small inputs only)."""
-    d, m = q.shape[-1], projection.shape[0]
-    x = q.double() * d**-0.25
-    y = k.double() * d**-0.25
-    w = projection.double()
-    b = 0.0 if key_bias is None else key_bias.double()[:, None, :, None]
     if kernel_fn == "softmax":
-        sq = x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)
-        sk = y @ w.T - 0.5 * (y * y).sum(-1, keepdim=True)
-        phi_q = torch.exp(sq - sq.amax(-1, keepdim=True).detach()) + SOFTMAX_QUERY_FLOOR
-        phi_k = torch.exp(sk - sk.amax(dim=(-2, -1), keepdim=True).detach() + b)
+        phi_q, phi_k = fp64_softmax_features(q, k, projection, key_bias)[5:]
     else:
+        x, y, w, b = _fp64_inputs(q, k, projection, key_bias)
+        m = projection.shape[0]
         phi_q = torch.relu(x @ w.T) * m**-0.5 + RELU_EPS
         phi_k = (torch.relu(y @ w.T) * m**-0.5 + RELU_EPS) * torch.exp(torch.as_tensor(b, dtype=torch.float64))
     return _combine(phi_q, phi_k, v.double(), causal)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_checks import DEVICE, make_inputs, rel_err, run, run_fp64  # noqa: E402
+from _triton_checks import DEVICE, _bias, fp64_softmax_features, make_inputs, rel_err, run, run_fp64  # noqa: E402
 
 from randattn.features import SOFTMAX_QUERY_FLOOR, draw_projection
 from randattn.functional import rand_attention, triton_available
@@ -129,12 +129,8 @@ def float32_gradient_bounds(q, k, v, projection, dout, key_mask, causal):
     ``eps max|s|`` times the norm of the terms' absolute values.
     """
     d = q.shape[-1]
-    x, y, w = q.double() * d**-0.25, k.double() * d**-0.25, projection.double()
-    sq = x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)
-    sk = y @ w.T - 0.5 * (y * y).sum(-1, keepdim=True)
-    sk = sk.masked_fill(key_mask[:, None, :, None], float("-inf"))
-    phi_q = torch.exp(sq - sq.amax(-1, keepdim=True)) + SOFTMAX_QUERY_FLOOR
-    phi_k = torch.exp(sk - sk.amax(dim=(-2, -1), keepdim=True))
+    x, y, w, sq, sk, phi_q, phi_k = fp64_softmax_features(q, k, projection, _bias(key_mask))
+    kept_sk = sk.masked_select(~key_mask[:, None, :, None])
     a = phi_q @ phi_k.transpose(-2, -1)
     keep = torch.ones_like(a).tril() if causal else torch.ones_like(a)
     den = (a * keep).sum(-1, keepdim=True)
@@ -143,7 +139,7 @@ def float32_gradient_bounds(q, k, v, projection, dout, key_mask, causal):
     pair = dout.double().norm(dim=-1, keepdim=True) * (v.double().norm(dim=-1)[..., None, :] + out.norm(dim=-1, keepdim=True))
     pair = pair * keep / den
     terms_q, terms_k = phi_q * (pair @ phi_k), phi_k * (pair.transpose(-2, -1) @ phi_q)
-    largest = max(sq.abs().max().item(), sk[sk.isfinite()].abs().max().item())
+    largest = max(sq.abs().max().item(), kept_sk.abs().max().item())
     return [
         2.0**-24 * largest * (d**-0.25 * (t @ w.abs() + z.abs() * t.sum(-1, keepdim=True))).norm().item()
         for t, z in ((terms_q, x), (terms_k, y))

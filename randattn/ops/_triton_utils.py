@@ -495,6 +495,14 @@ def features_tile(
 
 
 @triton.jit
+def row_tile(P, offs_r, r_ok, offs_c, C, s_r):
+    """The tile ``(len(offs_r), len(offs_c))`` of rows ``offs_r`` (stride ``s_r``) and columns
+    ``offs_c`` (unit stride) from ``P``, the start of one head's rows; 0 where ``r_ok`` is false or
+    the column is not below ``C``."""
+    return tl.load(P + offs_r[:, None] * s_r + offs_c[None, :], mask=r_ok[:, None] & (offs_c[None, :] < C), other=0.0)
+
+
+@triton.jit
 def key_tiles(
     K,
     V,
@@ -515,25 +523,16 @@ def key_tiles(
     sv_h,
     sv_s,
     HAS_BIAS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
 ):
-    """Keys ``(BLOCK_S, BLOCK_D)``, values ``(BLOCK_S, BLOCK_DV)`` (0 out of range) and the float32
-    key bias ``(BLOCK_S,)`` (``BIAS`` ``(N, S)`` when ``HAS_BIAS``, else 0) of positions ``offs_s``
-    of head ``(n, h)``."""
-    y = tl.load(
-        K + n * sk_n + h * sk_h + offs_s[:, None] * sk_s + offs_d[None, :],
-        mask=s_ok[:, None] & (offs_d[None, :] < D),
-        other=0.0,
-    )
-    vt = tl.load(
-        V + n * sv_n + h * sv_h + offs_s[:, None] * sv_s + offs_dv[None, :],
-        mask=s_ok[:, None] & (offs_dv[None, :] < DV),
-        other=0.0,
-    )
+    """Keys ``(len(offs_s), len(offs_d))``, values ``(len(offs_s), len(offs_dv))`` (0 out of range)
+    and the float32 key bias ``(len(offs_s),)`` (``BIAS`` ``(N, S)`` when ``HAS_BIAS``, else 0) of
+    positions ``offs_s`` of head ``(n, h)``."""
+    y = row_tile(K + n * sk_n + h * sk_h, offs_s, s_ok, offs_d, D, sk_s)
+    vt = row_tile(V + n * sv_n + h * sv_h, offs_s, s_ok, offs_dv, DV, sv_s)
     if HAS_BIAS:
         b = tl.load(BIAS + n * S + offs_s, mask=s_ok, other=0.0)
     else:
-        b = tl.zeros((BLOCK_S,), tl.float32)
+        b = tl.zeros(offs_s.shape, tl.float32)
     return y, vt, b
 
 

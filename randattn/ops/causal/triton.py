@@ -71,6 +71,7 @@ from .._triton_utils import (
     prepare_projection,
     query_floor,
     query_state_grad_tile,
+    row_tile,
     rows_contiguous,
     store_dtype,
 )
@@ -162,7 +163,7 @@ def _key_chunk(
     bias (``-inf`` for keys and features out of range), unstabilised; ReLU: ``s`` the features times
     ``exp(bias)`` (0 out of range)."""
     y, vt, b = key_tiles(
-        K, V, BIAS, n, h, offs_s, s_ok, offs_d, offs_dv, L, D, DV, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, HAS_BIAS, BLOCK_C
+        K, V, BIAS, n, h, offs_s, s_ok, offs_d, offs_dv, L, D, DV, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, HAS_BIAS
     )
     proj = logits_tile(y, wt_hi, wt_lo, wt_lo2, KERNEL, FP32_DOT)
     ok = s_ok[:, None] & m_ok[None, :]
@@ -638,13 +639,9 @@ def _chunk_out_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     c_ok = offs_c < L
-    x = tl.load(
-        Q + n * sq_n + h * sq_h + offs_c[:, None] * sq_l + offs_d[None, :],
-        mask=c_ok[:, None] & (offs_d[None, :] < D),
-        other=0.0,
-    )
+    x = row_tile(Q + n * sq_n + h * sq_h, offs_c, c_ok, offs_d, D, sq_l)
     y, vt, b = key_tiles(
-        K, V, BIAS, n, h, offs_c, c_ok, offs_d, offs_dv, L, D, DV, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, HAS_BIAS, BLOCK_C
+        K, V, BIAS, n, h, offs_c, c_ok, offs_d, offs_dv, L, D, DV, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, HAS_BIAS
     )
     xf = x.to(tl.float32)
     sqx = tl.sum(xf * xf, 1) * half_inv_sqrt_d
@@ -714,7 +711,7 @@ def _chunk_out_kernel(
     out = num * inv_den[:, None]
     omask = c_ok[:, None] & (offs_dv[None, :] < DV)
     if MODE == 2:
-        do = tl.load(DO + n * sd_n + h * sd_h + offs_c[:, None] * sd_l + offs_dv[None, :], mask=omask, other=0.0)
+        do = row_tile(DO + n * sd_n + h * sd_h, offs_c, c_ok, offs_dv, DV, sd_l)
         tl.store(T + pid_nh * L + offs_c, tl.sum(do.to(tl.float32) * out, 1) * inv_den, mask=c_ok)
     else:
         out_hi = out.to(OUT.dtype.element_ty)
@@ -843,16 +840,8 @@ def _rstate_kernel(
         pid_t = T0 + pid_w
         offs_c = pid_t * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = offs_c < L
-        x = tl.load(
-            Q + n * sq_n + h * sq_h + offs_c[:, None] * sq_l + offs_d[None, :],
-            mask=c_ok[:, None] & (offs_d[None, :] < D),
-            other=0.0,
-        )
-        do = tl.load(
-            DO + n * sd_n + h * sd_h + offs_c[:, None] * sd_l + offs_dv[None, :],
-            mask=c_ok[:, None] & (offs_dv[None, :] < DV),
-            other=0.0,
-        )
+        x = row_tile(Q + n * sq_n + h * sq_h, offs_c, c_ok, offs_d, D, sq_l)
+        do = row_tile(DO + n * sd_n + h * sd_h, offs_c, c_ok, offs_dv, DV, sd_l)
         cq = tl.load(CQ + pid_nh * L + offs_c, mask=c_ok, other=0.0)
         cc = tl.load(C + pid_nh * L + offs_c, mask=c_ok, other=0.0)
         den = tl.load(DEN + pid_nh * L + offs_c, mask=c_ok, other=1.0)
@@ -974,19 +963,11 @@ def _chunk_grad_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     c_ok = offs_c < L
-    x = tl.load(
-        Q + n * sq_n + h * sq_h + offs_c[:, None] * sq_l + offs_d[None, :],
-        mask=c_ok[:, None] & (offs_d[None, :] < D),
-        other=0.0,
-    )
+    x = row_tile(Q + n * sq_n + h * sq_h, offs_c, c_ok, offs_d, D, sq_l)
     y, vt, b = key_tiles(
-        K, V, BIAS, n, h, offs_c, c_ok, offs_d, offs_dv, L, D, DV, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, HAS_BIAS, BLOCK_C
+        K, V, BIAS, n, h, offs_c, c_ok, offs_d, offs_dv, L, D, DV, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, HAS_BIAS
     )
-    do = tl.load(
-        DO + n * sd_n + h * sd_h + offs_c[:, None] * sd_l + offs_dv[None, :],
-        mask=c_ok[:, None] & (offs_dv[None, :] < DV),
-        other=0.0,
-    )
+    do = row_tile(DO + n * sd_n + h * sd_h, offs_c, c_ok, offs_dv, DV, sd_l)
     xf = x.to(tl.float32)
     sqx = tl.sum(xf * xf, 1) * half_inv_sqrt_d
     yf = y.to(tl.float32)

@@ -57,6 +57,7 @@ from .._triton_utils import (
     prepare_projection,
     query_floor,
     query_state_grad_tile,
+    row_tile,
     rows_contiguous,
     store_dtype,
 )
@@ -157,21 +158,12 @@ def _key_state_kernel(
     mx = NEG_BIG
     start = pid_split * KEYS_PER_SPLIT
     end = tl.minimum(start + KEYS_PER_SPLIT, S)
-    k_base = K + n * sk_n + h * sk_h
-    v_base = V + n * sv_n + h * sv_h
     for s0 in range(start, end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         s_ok = offs_s < end
-        y = tl.load(
-            k_base + offs_s[:, None] * sk_s + offs_d[None, :], mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0
+        y, vt, b = key_tiles(
+            K, V, BIAS, n, h, offs_s, s_ok, offs_d, offs_dv, S, D, DV, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, HAS_BIAS
         )
-        vt = tl.load(
-            v_base + offs_s[:, None] * sv_s + offs_dv[None, :], mask=s_ok[:, None] & (offs_dv[None, :] < DV), other=0.0
-        )
-        if HAS_BIAS:
-            b = tl.load(BIAS + n * S + offs_s, mask=s_ok, other=0.0)
-        else:
-            b = tl.zeros((BLOCK_S,), tl.float32)
         proj = logits_tile(y, wt_hi, wt_lo, wt_lo2, KERNEL, FP32_DOT)
         ok = s_ok[:, None] & m_ok[None, :]
         if KERNEL == 0:
@@ -313,11 +305,7 @@ def _query_out_kernel(
         ck = _head_scale(MX, pid_nh, NSPLIT, NMB, BLOCK_P)
         if pid_l == 0:
             tl.store(CK + pid_nh, ck)
-    x = tl.load(
-        Q + n * sq_n + h * sq_h + offs_l[:, None] * sq_l + offs_d[None, :],
-        mask=l_ok[:, None] & (offs_d[None, :] < D),
-        other=0.0,
-    )
+    x = row_tile(Q + n * sq_n + h * sq_h, offs_l, l_ok, offs_d, D, sq_l)
     xf = x.to(tl.float32)
     sq = tl.sum(xf * xf, 1) * half_inv_sqrt_d
     num = tl.zeros((BLOCK_L, BLOCK_DV), tl.float32)
@@ -454,16 +442,8 @@ def _query_grad_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     l_ok = offs_l < L
-    x = tl.load(
-        Q + n * sq_n + h * sq_h + offs_l[:, None] * sq_l + offs_d[None, :],
-        mask=l_ok[:, None] & (offs_d[None, :] < D),
-        other=0.0,
-    )
-    do = tl.load(
-        DO + n * sd_n + h * sd_h + offs_l[:, None] * sd_l + offs_dv[None, :],
-        mask=l_ok[:, None] & (offs_dv[None, :] < DV),
-        other=0.0,
-    )
+    x = row_tile(Q + n * sq_n + h * sq_h, offs_l, l_ok, offs_d, D, sq_l)
+    do = row_tile(DO + n * sd_n + h * sd_h, offs_l, l_ok, offs_dv, DV, sd_l)
     xf = x.to(tl.float32)
     sq = tl.sum(xf * xf, 1) * half_inv_sqrt_d
     cq = tl.load(CQ + pid_nh * L + offs_l, mask=l_ok, other=0.0)
@@ -559,16 +539,8 @@ def _query_state_grad_kernel(
     for l0 in range(start, end, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         l_ok = offs_l < end
-        x = tl.load(
-            Q + n * sq_n + h * sq_h + offs_l[:, None] * sq_l + offs_d[None, :],
-            mask=l_ok[:, None] & (offs_d[None, :] < D),
-            other=0.0,
-        )
-        do = tl.load(
-            DO + n * sd_n + h * sd_h + offs_l[:, None] * sd_l + offs_dv[None, :],
-            mask=l_ok[:, None] & (offs_dv[None, :] < DV),
-            other=0.0,
-        )
+        x = row_tile(Q + n * sq_n + h * sq_h, offs_l, l_ok, offs_d, D, sq_l)
+        do = row_tile(DO + n * sd_n + h * sd_h, offs_l, l_ok, offs_dv, DV, sd_l)
         cq = tl.load(CQ + pid_nh * L + offs_l, mask=l_ok, other=0.0)
         den = tl.load(DEN + pid_nh * L + offs_l, mask=l_ok, other=1.0)
         t = tl.load(TV + pid_nh * L + offs_l, mask=l_ok, other=0.0)
@@ -652,7 +624,7 @@ def _key_grad_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     s_ok = offs_s < S
     y, vt, b = key_tiles(
-        K, V, BIAS, n, h, offs_s, s_ok, offs_d, offs_dv, S, D, DV, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, HAS_BIAS, BLOCK_S
+        K, V, BIAS, n, h, offs_s, s_ok, offs_d, offs_dv, S, D, DV, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, HAS_BIAS
     )
     yf = y.to(tl.float32)
     sq = tl.sum(yf * yf, 1) * half_inv_sqrt_d

@@ -54,7 +54,6 @@ def test_carried_states_kept_recomputed_or_windowed_match(kernel_fn, mode, gen, 
     monkeypatch.setattr(kernels, "KEEP_STATES_MAX_BYTES", 1 << 40 if mode == "kept" else 0)
     if "windows" in mode:  # windows of 2 chunks (CPU) or 16 (GPU): 3 and 2 windows, the last one short
         monkeypatch.setattr(kernels, "STABILISER_CHUNKS", 16 if CUDA else 2)
-        monkeypatch.setattr(kernels, "WINDOWS_FROM_CHUNKS", 2)
         monkeypatch.setattr(kernels, "STATE_WINDOW_BYTES", (20 if CUDA else 2) * 2 * 80 * 16 * 4)
         monkeypatch.setattr(kernels, "STATE_WINDOW_PER_Q", 0)
     if mode == "wider-forward-windows":  # the forward's (given the bytes of k and v) twice as wide
@@ -104,7 +103,6 @@ def test_recomputed_states_equal_the_forwards(kernel_fn, windows, gen, monkeypat
     q, k, v, projection, _, key_mask = make_inputs(1, 2, length, length, 32, 16, 80, torch.float32, gen, 1.5, "bool")
     if windows:  # windows of 2 chunks (CPU) or 16 (GPU), the last one short
         monkeypatch.setattr(kernels, "STABILISER_CHUNKS", 16 if CUDA else 2)
-        monkeypatch.setattr(kernels, "WINDOWS_FROM_CHUNKS", 2)
         monkeypatch.setattr(kernels, "STATE_WINDOW_BYTES", (20 if CUDA else 2) * 2 * 80 * 16 * 4)
         monkeypatch.setattr(kernels, "STATE_WINDOW_PER_Q", 0)
     sz = launch_sizes(q, v, projection, kernel_fn)
@@ -130,9 +128,9 @@ def test_recomputed_states_equal_the_forwards(kernel_fn, windows, gen, monkeypat
 @pytest.mark.parametrize("nt", [1, 127, 128, 129, 256, 1024, 4099])
 @pytest.mark.parametrize("nh, m, dv, d", [(32, 256, 64, 64), (2, 16, 16, 16), (64, 512, 128, 128)])
 def test_window_sizes(nh, m, dv, d, nt, keep, floor, forward, monkeypatch):
-    """One window for kept states, short sequences and states within the budget (the bytes of a
-    bf16 ``q`` or the set floor, whichever is more; the forward's also the bytes of ``k`` and
-    ``v``); otherwise the largest multiple of the stabiliser's chunks whose states fit (at least
+    """One window for kept states and states within the budget (the bytes of a bf16 ``q`` or the
+    set floor, whichever is more; the forward's also the bytes of ``k`` and ``v``), at every
+    length; otherwise the largest multiple of the stabiliser's chunks whose states fit (at least
     one such multiple)."""
     from randattn.ops.causal import triton as kernels
 
@@ -144,10 +142,13 @@ def test_window_sizes(nh, m, dv, d, nt, keep, floor, forward, monkeypatch):
     budget = max(floor, nh * nt * kernels.CHUNK * d * 2) + kv_bytes
     nw = kernels._windows(nh, nt, m, dv, keep, kernels._bytes(q), kv_bytes)
     per_chunk = nh * m * dv * 4
-    if keep or nt < kernels.WINDOWS_FROM_CHUNKS or nt * per_chunk <= budget:
+    if keep or nt * per_chunk <= budget:
         assert nw == nt
         return
     step = kernels.STABILISER_CHUNKS
+    if nt <= step:  # no multiple of the stabiliser's chunks is shorter: one window, no larger buffer
+        assert nw == nt
+        return
     assert nw % step == 0 and 0 < nw < nt
     assert nw == step or nw * per_chunk <= budget
     assert (nw + step) * per_chunk > budget

@@ -56,6 +56,7 @@ def test_carried_states_kept_recomputed_or_windowed_match(kernel_fn, mode, gen, 
         monkeypatch.setattr(kernels, "STABILISER_CHUNKS", 16 if CUDA else 2)
         monkeypatch.setattr(kernels, "STATE_WINDOW_BYTES", (20 if CUDA else 2) * 2 * 80 * 16 * 4)
         monkeypatch.setattr(kernels, "STATE_WINDOW_PER_Q", 0)
+        monkeypatch.setattr(kernels, "STATE_WINDOW_KV", 0)
     if mode == "wider-forward-windows":  # the forward's (given the bytes of k and v) twice as wide
         windows = kernels._windows
         monkeypatch.setattr(kernels, "_windows", lambda *a: windows(*a) * (2 if len(a) > 6 else 1))
@@ -105,6 +106,7 @@ def test_recomputed_states_equal_the_forwards(kernel_fn, windows, gen, monkeypat
         monkeypatch.setattr(kernels, "STABILISER_CHUNKS", 16 if CUDA else 2)
         monkeypatch.setattr(kernels, "STATE_WINDOW_BYTES", (20 if CUDA else 2) * 2 * 80 * 16 * 4)
         monkeypatch.setattr(kernels, "STATE_WINDOW_PER_Q", 0)
+        monkeypatch.setattr(kernels, "STATE_WINDOW_KV", 0)
     sz = launch_sizes(q, v, projection, kernel_fn)
     w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
     nt = -(-length // kernels.CHUNK)
@@ -128,8 +130,8 @@ def test_recomputed_states_equal_the_forwards(kernel_fn, windows, gen, monkeypat
 @pytest.mark.parametrize("nt", [1, 127, 128, 129, 256, 1024, 4099])
 @pytest.mark.parametrize("nh, m, dv, d", [(32, 256, 64, 64), (2, 16, 16, 16), (64, 512, 128, 128)])
 def test_window_sizes(nh, m, dv, d, nt, keep, floor, forward, monkeypatch):
-    """One window for kept states and states within the budget (the bytes of a bf16 ``q`` or the
-    set floor, whichever is more; the forward's also the bytes of ``k`` and ``v``), at every
+    """One window for kept states and states within the budget (twice the bytes of a bf16 ``q`` or
+    the set floor, whichever is more; the forward's also the bytes of ``k`` and ``v``), at every
     length; otherwise the largest multiple of the stabiliser's chunks whose states fit (at least
     one such multiple)."""
     from randattn.ops.causal import triton as kernels
@@ -139,7 +141,7 @@ def test_window_sizes(nh, m, dv, d, nt, keep, floor, forward, monkeypatch):
     v = torch.empty(nh, nt * kernels.CHUNK, dv, dtype=torch.bfloat16, device="meta")
     assert kernels._bytes(q) == nh * nt * kernels.CHUNK * d * 2
     kv_bytes = kernels._bytes(q) + kernels._bytes(v) if forward else 0
-    budget = max(floor, nh * nt * kernels.CHUNK * d * 2) + kv_bytes
+    budget = max(floor, 2 * nh * nt * kernels.CHUNK * d * 2) + kv_bytes
     nw = kernels._windows(nh, nt, m, dv, keep, kernels._bytes(q), kv_bytes)
     per_chunk = nh * m * dv * 4
     if keep or nt * per_chunk <= budget:

@@ -94,19 +94,23 @@ KEEP_STATES_MAX_BYTES = env_bytes("RANDATTN_TRITON_KEEP_STATES", 64 << 20)
 #: float32 states take at most this many bytes or :data:`STATE_WINDOW_PER_Q` times as many as ``q``
 #: itself, whichever is more, so that at long sequences the states grow with the sequence as the
 #: op's inputs do (``4 m d_v`` bytes a position against ``q``'s ``d``: m = 256, d = 64 in bf16 gives
-#: windows of one eighth of the sequence). H100, bf16, 4 x 8 heads, m = 256, module fwd+bwd ms (peak
-#: MiB fwd/bwd): 65536 positions in windows of 64 MiB 32.85 (1562/2662), of ``q``'s 256 MiB 31.55
-#: (1573/2857). At 4096 positions (``nn.MultiheadAttention``: 194/215 MiB) the layer's time is set by
-#: the host, and windows cost none of it: one window 3.46 ms (215/279), windows of 64 MiB 3.10
-#: (184/216), of 32 MiB 3.44 (151/183), medians of three. The forward's windows may also take the
-#: bytes of ``k`` and ``v``: the backward holds the gradients of ``q``, ``k`` and ``v`` beside its
-#: window, the forward only the output in their place, so the larger forward window leaves the higher
-#: of the two peaks where it was. Overridable for tuning runs (``RANDATTN_TRITON_STATE_WINDOW``,
-#: bytes).
-STATE_WINDOW_BYTES = env_bytes("RANDATTN_TRITON_STATE_WINDOW", 48 << 20)
-#: The share of the inputs' bytes in a window's budget (see :data:`STATE_WINDOW_BYTES`; 0: the
-#: fixed budget alone).
-STATE_WINDOW_PER_Q = 1
+#: windows of a quarter of the sequence), and the forward's windows may also take
+#: :data:`STATE_WINDOW_KV` times the bytes of ``k`` and ``v``: the backward holds the gradients of
+#: ``q``, ``k`` and ``v`` beside its window, the forward only the output in their place, so the
+#: larger forward window leaves the higher of the two peaks where it was. H100, bf16, 4 x 8 heads,
+#: m = 256, module fwd+bwd ms in turns (peak MiB fwd/bwd), windows of at least 64 MiB or ``q``'s
+#: bytes against this rule (32 MiB or twice ``q``'s bytes): 4096 positions 3.52-3.64 (187/217)
+#: against 3.68-4.13 (153/185), ``nn.MultiheadAttention`` 194/215; 8192 the same windows (299/362,
+#: MHA 546/389); 16384 9.25-9.34 (528/654) against 9.09-9.12 (594/719); 65536 31.03-31.10
+#: (2101/2601) against 30.72-30.97 (2365/2861), MHA's non-causal 1794/3090. Overridable for tuning
+#: runs (``RANDATTN_TRITON_STATE_WINDOW``, bytes).
+STATE_WINDOW_BYTES = env_bytes("RANDATTN_TRITON_STATE_WINDOW", 32 << 20)
+#: The share of ``q``'s bytes in a window's budget (see :data:`STATE_WINDOW_BYTES`; 0: the fixed
+#: budget alone).
+STATE_WINDOW_PER_Q = 2
+#: The share of the bytes of ``k`` and ``v`` that the forward's windows add (see
+#: :data:`STATE_WINDOW_BYTES`).
+STATE_WINDOW_KV = 1
 
 
 def _keeps_states(nh: int, length: int, m: int, dv: int) -> bool:
@@ -1094,10 +1098,10 @@ def _windows(nh: int, nt: int, m: int, dv: int, keep: bool, q_bytes: int, kv_byt
     """Chunks per window of states: all ``nt`` when the states are kept or fit the window's budget;
     else the most chunks, a multiple of :data:`STABILISER_CHUNKS` (at least one, at most ``nt``),
     whose states fit it. The budget: :data:`STATE_WINDOW_BYTES` or :data:`STATE_WINDOW_PER_Q` times
-    ``q_bytes`` (the bytes of the op's ``q``), whichever is more, plus :data:`STATE_WINDOW_PER_Q`
-    times ``kv_bytes`` (the forward's: the bytes of ``k`` and ``v``)."""
+    ``q_bytes`` (the bytes of the op's ``q``), whichever is more, plus :data:`STATE_WINDOW_KV` times
+    ``kv_bytes`` (the forward's: the bytes of ``k`` and ``v``)."""
     per_chunk = nh * m * dv * 4
-    budget = max(STATE_WINDOW_BYTES, STATE_WINDOW_PER_Q * q_bytes) + STATE_WINDOW_PER_Q * kv_bytes
+    budget = max(STATE_WINDOW_BYTES, STATE_WINDOW_PER_Q * q_bytes) + STATE_WINDOW_KV * kv_bytes
     if keep or nt * per_chunk <= budget:
         return nt
     return min(nt, max(STABILISER_CHUNKS, budget // per_chunk // STABILISER_CHUNKS * STABILISER_CHUNKS))

@@ -203,6 +203,50 @@ if conv_path.is_file():
         print(f"short convolution {r['attention']:>16}: {r['final_val_loss']:.4f}  ratio {r['ratio']:.4f}")
 
 # %%
+# Context length and the gap
+# --------------------------
+# The same model and settings over 1024 characters of context instead of 256, with 16 sequences per
+# step instead of 64 (the same characters per step; ``docs/_data/fidelity/parity_context.json``,
+# recorded by ``scripts/gpu_fidelity.sh``), beside the ratios of the study above. Exact attention
+# ends near where it did; the random-feature models end far above it. Every key's weight is
+# estimated with some error, and the longer the context, the more keys stand beside the one a
+# sharp lookup needs.
+
+context_path = data_dir() / "parity_context.json"
+if context_path.is_file():
+    longer = json.loads(context_path.read_text())
+    short = {r["attention"]: r["ratio"] for r in study["parity"]}
+    rows_l = [r for r in longer["parity"] if r["attention"] != "exact"]
+    labels = [r["attention"] for r in rows_l]
+    x = range(len(labels))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(
+        [i - 0.2 for i in x],
+        [short.get(label, float("nan")) for label in labels],
+        0.4,
+        color="C7",
+        label=f"context {settings['context']}",
+    )
+    ax.bar(
+        [i + 0.2 for i in x],
+        [r["ratio"] for r in rows_l],
+        0.4,
+        color="C0",
+        label=f"context {longer['settings']['context']}",
+    )
+    ax.axhline(1 + PARITY_TOLERANCE, color="C3", ls="--", label=f"exact + {PARITY_TOLERANCE:.0%}")
+    ax.set_xticks(list(x), labels)
+    ax.set_ylim(1.0, max(r["ratio"] for r in rows_l) * 1.03)
+    ax.set_ylabel("final val loss / exact")
+    ax.set_title(f"{longer['environment']['device']} ({longer['environment']['date']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    for r in longer["parity"]:
+        print(
+            f"context {longer['settings']['context']} {r['attention']:>16}: {r['final_val_loss']:.4f}  ratio {r['ratio']:.4f}"
+        )
+
+# %%
 # Model size and the gap
 # ----------------------
 # The gap depends on what the task rewards. The same comparison with a smaller model (2 layers of 2

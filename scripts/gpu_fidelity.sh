@@ -10,7 +10,7 @@
 #   - conv: the same model with a short causal convolution in every block (exact vs softmax m in
 #     {64, 256, 1024} vs relu m=256);
 #   - context: the same model over 1024 characters of context, 16 sequences per step (the same
-#     characters per step as 64 of 256): exact vs softmax m in {64, 256};
+#     characters per step as 64 of 256): exact vs softmax m in {64, 256, 512};
 #   - small: a smaller model (1500 steps: exact vs softmax m in {32, 128} vs relu m=64);
 #   multi-query associative recall (exact vs softmax m in {64, 256} vs relu m=64, 4 and 8 pairs with
 #   every key asked, 2000 steps of 1024 sequences each: the RecallConfig defaults).
@@ -60,7 +60,7 @@ merge_study() {
 if wanted parity; then run_study parity 1 "" exact softmax:64 softmax:256 softmax:256@250 relu:256; fi
 if wanted features; then run_study features 0 "" exact softmax:256 softmax:512 softmax:1024; fi
 if wanted conv; then run_study conv 0 "short_conv=4" exact softmax:64 softmax:256 softmax:1024 relu:256; fi
-if wanted context; then run_study context 0 "context=1024 batch_size=16" exact softmax:64 softmax:256; fi
+if wanted context; then run_study context 0 "context=1024 batch_size=16" exact softmax:64 softmax:256 softmax:512; fi
 if wanted small; then
   python scripts/train_parity.py --device cuda --bf16 --steps 1500 --specs exact softmax:32 softmax:128 relu:64 \
       --set d_model=64 n_layers=2 n_heads=2 context=128 batch_size=16 lr=0.003 warmup=50 eval_every=100 \

@@ -207,8 +207,9 @@ if conv_path.is_file():
 # --------------------------
 # The same model and settings over 1024 characters of context instead of 256, with 16 sequences per
 # step instead of 64 (the same characters per step; ``docs/_data/fidelity/parity_context.json``,
-# recorded by ``scripts/gpu_fidelity.sh``), beside the ratios of the study above. Exact attention
-# ends near where it did; the random-feature models end far above it. Every key's weight is
+# recorded by ``scripts/gpu_fidelity.sh``; m = 512 trained in a second run of the same settings),
+# beside the ratios at 256 characters. Exact attention ends near where it did; the random-feature
+# models end far above it, and more features do not bring them closer. Every key's weight is
 # estimated with some error, and the longer the context, the more keys stand beside the one a
 # sharp lookup needs.
 
@@ -216,6 +217,8 @@ context_path = data_dir() / "parity_context.json"
 if context_path.is_file():
     longer = json.loads(context_path.read_text())
     short = {r["attention"]: r["ratio"] for r in study["parity"]}
+    if features_path.is_file():  # m = 512 of the shorter context comes from the feature sweep
+        short = {r["attention"]: r["ratio"] for r in sweep["parity"]} | short
     rows_l = [r for r in longer["parity"] if r["attention"] != "exact"]
     labels = [r["attention"] for r in rows_l]
     x = range(len(labels))

@@ -306,7 +306,8 @@ def check_decodable(layer: RandMultiHeadAttention) -> None:
     Raises:
         TypeError: ``layer`` is not a ``RandMultiHeadAttention``.
         ValueError: the layer is not causal, or has ``add_bias_kv`` / ``add_zero_attn`` (extra keys at the
-            end of the sequence have no place in a causal recurrence), or different key/value dims.
+            end of the sequence have no place in a causal recurrence), different key/value dims, or a
+            ``local_window``.
     """
     from .modules import RandMultiHeadAttention
 
@@ -321,6 +322,8 @@ def check_decodable(layer: RandMultiHeadAttention) -> None:
         raise ValueError("layer: recurrent decoding does not support add_bias_kv or add_zero_attn")
     if not layer._qkv_same_embed_dim:
         raise ValueError("layer: recurrent decoding is self-attention; kdim and vdim must equal embed_dim")
+    if layer.local_window is not None:
+        raise ValueError("layer: recurrent decoding does not support local_window (it would need the latest keys)")
 
 
 def init_state(

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops.causal.reference import causal_attention as _causal_reference
+from .ops.causal.reference import windowed_causal_attention as _windowed_reference
 from .ops.eager import split_packed
 from .ops.noncausal.reference import noncausal_attention as _noncausal_reference
 
@@ -54,6 +55,21 @@ def check_backend(backend: str) -> None:
     """Raise ``ValueError`` naming ``backend`` unless it is one of :data:`BACKENDS`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_local_window(local_window: int | None, causal: bool, kernel_fn: str, backend: str) -> None:
+    """Raise ``ValueError`` naming ``local_window`` unless it is ``None`` or an ``int >= 1`` with
+    ``causal=True``, ``kernel_fn="softmax"`` and a backend that computes it (``"auto"`` or ``"reference"``)."""
+    if local_window is None:
+        return
+    if isinstance(local_window, bool) or not isinstance(local_window, int) or local_window < 1:
+        raise ValueError(f"local_window must be None or an int >= 1, got {local_window!r}")
+    if not causal:
+        raise ValueError("local_window needs causal=True (exact weights for the latest keys of each query)")
+    if kernel_fn != "softmax":
+        raise ValueError(f"local_window needs kernel_fn='softmax' (its exact weights are softmax's), got {kernel_fn!r}")
+    if backend == "triton":
+        raise ValueError("local_window runs on the reference backend; use backend='auto' or 'reference'")
 
 
 def key_padding_bias(key_padding_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
@@ -172,6 +188,7 @@ def rand_attention(
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     backend: str = "auto",
+    local_window: int | None = None,
 ) -> torch.Tensor:
     r"""Random-feature attention on per-head tensors.
 
@@ -196,15 +213,22 @@ def rand_attention(
         backend: ``"auto"`` (Triton kernels for CUDA tensors when Triton is installed and
             ``d, d_v <= 128`` (256 for non-causal bfloat16), ``m <= 512``; else the reference), ``"reference"`` (plain PyTorch, any device) or ``"triton"`` (the kernels;
             on CPU tensors only with ``TRITON_INTERPRET=1``).
+        local_window: causal softmax only: query ``i`` weighs the keys ``i - local_window < j <= i``
+            with the exact ``exp(q_i . k_j / sqrt(d))`` and the earlier keys with their feature
+            estimate, under one denominator (``None``: every key by its estimate). Computed by the
+            reference path (``O(L (w + m) d)`` time for a window ``w``) on every device.
 
     Returns:
         ``(N, H, L, d_v)`` in ``q.dtype``. Queries whose keys are all masked get zeros.
     """
     check_kernel_fn(kernel_fn)
     check_backend(backend)
+    check_local_window(local_window, causal, kernel_fn, backend)
     _check_qkv(q, k, v, projection, causal)
     key_bias = key_padding_bias(key_padding_mask, k.shape[0], k.shape[-2])
     projection = projection.float()
+    if local_window is not None:
+        return _windowed_reference(q, k, v, projection, key_bias, local_window)
     if _use_triton(q, v, projection, backend, causal):
         kernels = _kernel_module(causal)
         run = kernels.causal_attention if causal else kernels.noncausal_attention

@@ -8,7 +8,7 @@ from torch import nn
 
 from . import masks
 from .features import default_num_features, draw_projection
-from .functional import check_backend, check_kernel_fn, projected_self_attention, rand_attention
+from .functional import check_backend, check_kernel_fn, check_local_window, projected_self_attention, rand_attention
 from .ops.eager import split_packed
 from .ops.weights import attention_weights
 
@@ -64,6 +64,12 @@ class RandMultiHeadAttention(nn.Module):
             The redraw is host work between steps: under ``torch.compile`` it runs outside the graph
             (``fullgraph=True`` needs ``None`` here and :meth:`redraw_features` called between steps).
         backend: ``"auto"``, ``"reference"`` or ``"triton"`` (see :func:`randattn.functional.rand_attention`).
+        local_window: causal softmax layers only: each query weighs its ``local_window`` latest keys
+            (itself included) exactly, ``exp(q . k / sqrt(d))``, and the earlier keys by their
+            feature estimate, under one denominator. Sharp lookups among the nearby tokens then cost
+            no approximation error; the reference path computes it (``backend="triton"`` raises),
+            in ``O(L (w + m) d)`` time per head. Recurrent decoding does not support it. Default
+            ``None`` (every key estimated).
 
     Shape:
         - query: ``(L, E)`` unbatched, ``(L, N, E)``, or ``(N, L, E)`` with ``batch_first``.
@@ -85,7 +91,8 @@ class RandMultiHeadAttention(nn.Module):
     Raises:
         ValueError / TypeError with the offending argument named, for: ``embed_dim`` not divisible by
         ``num_heads``, ``dropout`` outside ``[0, 1)``, unknown ``kernel_fn`` or ``backend``,
-        ``num_random_features < 1``, wrong input rank, embed dim mismatch, batch mismatch, key/value
+        ``num_random_features < 1``, a ``local_window`` without ``causal=True`` and the softmax
+        kernel, wrong input rank, embed dim mismatch, batch mismatch, key/value
         length mismatch, wrong mask shape or dtype, an unsupported ``attn_mask``, mixed devices.
     """
 
@@ -113,6 +120,7 @@ class RandMultiHeadAttention(nn.Module):
         seed: int | None = None,
         feature_redraw_interval: int | None = None,
         backend: str = "auto",
+        local_window: int | None = None,
     ) -> None:
         if embed_dim <= 0 or num_heads <= 0:
             raise ValueError(f"embed_dim and num_heads must be > 0, got embed_dim={embed_dim}, num_heads={num_heads}")
@@ -122,6 +130,7 @@ class RandMultiHeadAttention(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         check_kernel_fn(kernel_fn)
         check_backend(backend)
+        check_local_window(local_window, causal, kernel_fn, backend)
         head_dim = embed_dim // num_heads
         m = default_num_features(head_dim) if num_random_features is None else num_random_features
         if not isinstance(m, int) or m < 1:
@@ -145,6 +154,7 @@ class RandMultiHeadAttention(nn.Module):
         self.seed = seed
         self.feature_redraw_interval = feature_redraw_interval
         self.backend = backend
+        self.local_window = local_window
 
         if self._qkv_same_embed_dim:
             self.in_proj_weight = nn.Parameter(torch.empty((3 * embed_dim, embed_dim), **factory))
@@ -201,6 +211,7 @@ class RandMultiHeadAttention(nn.Module):
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_random_features={self.num_random_features}, "
             f"kernel_fn={self.kernel_fn!r}, causal={self.causal}, batch_first={self.batch_first}, backend={self.backend!r}"
+            + ("" if self.local_window is None else f", local_window={self.local_window}")
         )
 
     # ----------------------------------------------------------------------------------- features
@@ -299,6 +310,7 @@ class RandMultiHeadAttention(nn.Module):
             and self.bias_k is None
             and not self.add_zero_attn
             and not (self.training and self.dropout > 0.0)
+            and self.local_window is None
         )
         if packed:
             return self._packed_forward(query, key_bias, causal, need_weights, average_attn_weights, unbatched)
@@ -328,6 +340,7 @@ class RandMultiHeadAttention(nn.Module):
             causal=causal,
             key_padding_mask=key_bias,
             backend=self.backend,
+            local_window=self.local_window,
         )
         return self._finish(out, q, k, key_bias, causal, need_weights, average_attn_weights, unbatched)
 
@@ -354,7 +367,9 @@ class RandMultiHeadAttention(nn.Module):
         out = self.out_proj(out.transpose(1, 2).flatten(2))
         weights = None
         if need_weights:
-            weights = attention_weights(q, k, self.projection.float(), self.kernel_fn, causal, key_bias).to(out.dtype)
+            weights = attention_weights(
+                q, k, self.projection.float(), self.kernel_fn, causal, key_bias, self.local_window
+            ).to(out.dtype)
             if average_attn_weights:
                 weights = weights.mean(dim=1)
             if unbatched:

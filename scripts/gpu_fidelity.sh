@@ -11,17 +11,20 @@
 #     {64, 256, 1024} vs relu m=256);
 #   - context: the same model over 1024 characters of context, 16 sequences per step (the same
 #     characters per step as 64 of 256): exact vs softmax m in {64, 256, 512};
+#   - window, window_context: the same model, exact vs softmax m=256 with exact weights for each
+#     query's latest 64 keys (local_window=64), over 256 and over 1024 characters of context;
 #   - small: a smaller model (1500 steps: exact vs softmax m in {32, 128} vs relu m=64);
 #   multi-query associative recall (exact vs softmax m in {64, 256} vs relu m=64, 4 and 8 pairs with
 #   every key asked, 2000 steps of 1024 sequences each: the RecallConfig defaults).
 # Results are written as JSON to $OUT (default: ./fidelity-out); copy parity.json, parity_features.json,
-# parity_conv.json, parity_context.json, parity_small.json and recall.json to docs/_data/fidelity/.
-# Usage: OUT=/path/to/dir [STUDIES="parity features conv context small recall"] bash scripts/gpu_fidelity.sh
+# parity_conv.json, parity_context.json, parity_window.json, parity_window_context.json,
+# parity_small.json and recall.json to docs/_data/fidelity/.
+# Usage: OUT=/path/to/dir [STUDIES="parity features conv context window small recall"] bash scripts/gpu_fidelity.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-fidelity-out}"
-STUDIES="${STUDIES:-parity features conv context small recall}"
+STUDIES="${STUDIES:-parity features conv context window small recall}"
 mkdir -p "$OUT/parts"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 pids=()
@@ -61,6 +64,10 @@ if wanted parity; then run_study parity 1 "" exact softmax:64 softmax:256 softma
 if wanted features; then run_study features 0 "" exact softmax:256 softmax:512 softmax:1024; fi
 if wanted conv; then run_study conv 0 "short_conv=4" exact softmax:64 softmax:256 softmax:1024 relu:256; fi
 if wanted context; then run_study context 0 "context=1024 batch_size=16" exact softmax:64 softmax:256 softmax:512; fi
+if wanted window; then
+  run_study window 0 "" exact softmax:256w64
+  run_study window_context 0 "context=1024 batch_size=16" exact softmax:256w64
+fi
 if wanted small; then
   python scripts/train_parity.py --device cuda --bf16 --steps 1500 --specs exact softmax:32 softmax:128 relu:64 \
       --set d_model=64 n_layers=2 n_heads=2 context=128 batch_size=16 lr=0.003 warmup=50 eval_every=100 \
@@ -80,6 +87,10 @@ if wanted parity; then merge_study parity parity.json; fi
 if wanted features; then merge_study features parity_features.json; fi
 if wanted conv; then merge_study conv parity_conv.json; fi
 if wanted context; then merge_study context parity_context.json; fi
+if wanted window; then
+  merge_study window parity_window.json
+  merge_study window_context parity_window_context.json
+fi
 for log in parity_small.log recall.log; do
   if [ -f "$OUT/$log" ]; then tail -n 4 "$OUT/$log"; fi
 done

@@ -215,3 +215,14 @@ def test_steps_for_budget_fits_the_budget(monkeypatch, corpus):
     assert train.steps_for_budget(config, specs, corpus, 60.0) == 1500
     assert train.steps_for_budget(config, specs, corpus, 1e6) == 10_000  # capped by config.steps
     assert train.steps_for_budget(config, specs, corpus, 0.1) == 100  # never below one block of steps
+
+
+def test_attention_spec_with_a_local_window_builds_windowed_layers():
+    spec = AttentionSpec.parse("softmax:16w4")
+    assert spec == AttentionSpec("softmax", 16, None, 4) and spec.label == "softmax m=16 window 4"
+    assert AttentionSpec.parse("softmax:16w4@3") == AttentionSpec("softmax", 16, 3, 4)
+    for bad in (("relu", 16, None, 4), ("softmax", 16, None, 0), ("exact", None, None, 4)):
+        with pytest.raises(ValueError, match="local_window"):
+            AttentionSpec(*bad)
+    model = CausalTransformer(11, 8, d_model=16, n_layers=1, n_heads=2, attention=spec)
+    assert model.attention_layers()[0].local_window == 4

@@ -27,11 +27,14 @@ class AttentionSpec:
             head dimension); must be ``None`` for ``"exact"``.
         redraw_interval: redraw the random features every this many training steps
             (``feature_redraw_interval`` of :class:`~randattn.RandMultiHeadAttention`); ``None`` keeps one draw.
+        local_window: exact weights for each query's latest keys (``local_window`` of
+            :class:`~randattn.RandMultiHeadAttention`; softmax only); ``None``: every key estimated.
     """
 
     kind: str = "exact"
     num_features: int | None = None
     redraw_interval: int | None = None
+    local_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ATTENTION_KINDS:
@@ -42,6 +45,8 @@ class AttentionSpec:
             raise ValueError(f"num_features must be >= 1, got {self.num_features}")
         if self.redraw_interval is not None and (self.kind == "exact" or self.redraw_interval < 1):
             raise ValueError(f"redraw_interval must be None, or >= 1 for random features; got {self.redraw_interval}")
+        if self.local_window is not None and (self.kind != "softmax" or self.local_window < 1):
+            raise ValueError(f"local_window must be None, or >= 1 for the softmax kernel; got {self.local_window}")
 
     @property
     def label(self) -> str:
@@ -49,15 +54,20 @@ class AttentionSpec:
         if self.kind == "exact":
             return "exact"
         label = f"{self.kind} m={self.num_features if self.num_features is not None else 'default'}"
+        if self.local_window is not None:
+            label = f"{label} window {self.local_window}"
         return label if self.redraw_interval is None else f"{label} redraw {self.redraw_interval}"
 
     @classmethod
     def parse(cls, text: str) -> AttentionSpec:
-        """Parse ``"exact"``, ``"softmax"``, ``"softmax:128"``, ``"relu:64"`` or ``"softmax:256@100"``
-        (redraw every 100 steps)."""
+        """Parse ``"exact"``, ``"softmax"``, ``"softmax:128"``, ``"relu:64"``, ``"softmax:256@100"``
+        (redraw every 100 steps) or ``"softmax:256w64"`` (exact weights for the latest 64 keys)."""
         text, _, redraw = text.partition("@")
         kind, _, m = text.partition(":")
-        return cls(kind.strip(), int(m) if m else None, int(redraw) if redraw else None)
+        m, _, window = m.partition("w")
+        return cls(
+            kind.strip(), int(m) if m else None, int(redraw) if redraw else None, int(window) if window else None
+        )
 
 
 class _Block(nn.Module):
@@ -84,6 +94,7 @@ class _Block(nn.Module):
                 causal=True,
                 seed=feature_seed,
                 feature_redraw_interval=attention.redraw_interval,
+                local_window=attention.local_window,
             )
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
         self.drop = nn.Dropout(dropout)

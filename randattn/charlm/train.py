@@ -235,7 +235,9 @@ def train_model(
     layers = model.attention_layers()
     m = getattr(layers[0], "num_random_features", None)
     return {
-        "attention": spec.label if spec.kind == "exact" else AttentionSpec(spec.kind, m, spec.redraw_interval).label,
+        "attention": spec.label
+        if spec.kind == "exact"
+        else AttentionSpec(spec.kind, m, spec.redraw_interval, spec.local_window).label,
         "kind": spec.kind,
         "num_features": m,
         "curve": curve,

@@ -250,6 +250,44 @@ if context_path.is_file():
         )
 
 # %%
+# Exact weights for the latest keys close it
+# ------------------------------------------
+# The same model with ``local_window=64`` in every attention layer
+# (:class:`randattn.RandMultiHeadAttention`): each query weighs its 64 latest keys exactly and all
+# earlier keys by their feature estimate, under one denominator. Recorded beside a new run of exact
+# attention at 256 and at 1024 characters of context (``docs/_data/fidelity/parity_window.json``
+# and ``parity_window_context.json``, by ``scripts/gpu_fidelity.sh``), against the softmax kernel
+# at the same ``m`` without the window (the studies above).
+
+window_paths = [data_dir() / "parity_window.json", data_dir() / "parity_window_context.json"]
+if all(p.is_file() for p in window_paths):
+    without = [study, longer if context_path.is_file() else None]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, (path, plain_study) in enumerate(zip(window_paths, without)):
+        windowed = json.loads(path.read_text())
+        row = next(r for r in windowed["parity"] if "window" in r["attention"])
+        m = next(r["num_features"] for r in windowed["results"] if r["attention"] == row["attention"])
+        plain_ratio = float("nan")
+        if plain_study is not None:
+            plain_ratio = next(
+                (r["ratio"] for r in plain_study["parity"] if r["attention"] == f"softmax m={m}"), float("nan")
+            )
+        context = windowed["settings"]["context"]
+        ax.bar(i - 0.2, plain_ratio, 0.4, color="C7", label="every key estimated" if i == 0 else None)
+        ax.bar(i + 0.2, row["ratio"], 0.4, color="C2", label="latest 64 keys exact" if i == 0 else None)
+        print(
+            f"context {context}: {row['attention']} {row['final_val_loss']:.4f} (exact {windowed['parity'][0]['final_val_loss']:.4f}), "
+            f"ratio {row['ratio']:.4f}; without the window {plain_ratio:.4f}"
+        )
+    ax.set_xticks([0, 1], [f"context {json.loads(p.read_text())['settings']['context']}" for p in window_paths])
+    ax.axhline(1 + PARITY_TOLERANCE, color="C3", ls="--", label=f"exact + {PARITY_TOLERANCE:.0%}")
+    ax.set_ylim(1.0, 1.35)
+    ax.set_ylabel("final val loss / exact")
+    ax.set_title("softmax kernel, m = 256")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+
+# %%
 # Model size and the gap
 # ----------------------
 # The gap depends on what the task rewards. The same comparison with a smaller model (2 layers of 2

@@ -180,25 +180,40 @@ if features_path.is_file():
 # ratios of the plain model above: the gap stays where it was, so it does not come from local
 # precision but from lookups across the context.
 
+
+def plain_ratios() -> dict:
+    """Final-loss ratios of the plain model at 256 characters: the study above, and the m values only
+    the feature sweep trained."""
+    ratios = {r["attention"]: r["ratio"] for r in study["parity"]}
+    if features_path.is_file():
+        ratios = {r["attention"]: r["ratio"] for r in sweep["parity"]} | ratios
+    return ratios
+
+
+def beside_plain(other: dict, plain_label: str, other_label: str, figsize=(7, 3.5)) -> None:
+    """Bars of the plain model's ratios beside those of the study ``other``, variant by variant."""
+    rows = [r for r in other["parity"] if r["attention"] != "exact"]
+    labels = [r["attention"] for r in rows]
+    plain = plain_ratios()
+    x = range(len(labels))
+    fig, ax = plt.subplots(figsize=figsize)
+    ax.bar(
+        [i - 0.2 for i in x], [plain.get(label, float("nan")) for label in labels], 0.4, color="C7", label=plain_label
+    )
+    ax.bar([i + 0.2 for i in x], [r["ratio"] for r in rows], 0.4, color="C0", label=other_label)
+    ax.axhline(1 + PARITY_TOLERANCE, color="C3", ls="--", label=f"exact + {PARITY_TOLERANCE:.0%}")
+    ax.set_xticks(list(x), labels)
+    ax.set_ylim(1.0, max(r["ratio"] for r in rows) * 1.03)
+    ax.set_ylabel("final val loss / exact")
+    ax.set_title(f"{other['environment']['device']} ({other['environment']['date']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+
+
 conv_path = data_dir() / "parity_conv.json"
 if conv_path.is_file():
     conv = json.loads(conv_path.read_text())
-    plain = {r["attention"]: r["ratio"] for r in study["parity"]}
-    if features_path.is_file():  # m = 1024 of the plain model comes from the feature sweep
-        plain = {r["attention"]: r["ratio"] for r in sweep["parity"]} | plain
-    rows_c = [r for r in conv["parity"] if r["attention"] != "exact"]
-    labels = [r["attention"] for r in rows_c]
-    x = range(len(labels))
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar([i - 0.2 for i in x], [plain.get(label, float("nan")) for label in labels], 0.4, color="C7", label="plain")
-    ax.bar([i + 0.2 for i in x], [r["ratio"] for r in rows_c], 0.4, color="C0", label="short convolution, kernel 4")
-    ax.axhline(1 + PARITY_TOLERANCE, color="C3", ls="--", label=f"exact + {PARITY_TOLERANCE:.0%}")
-    ax.set_xticks(list(x), labels)
-    ax.set_ylim(1.0, max(r["ratio"] for r in rows_c) * 1.03)
-    ax.set_ylabel("final val loss / exact")
-    ax.set_title(f"{conv['environment']['device']} ({conv['environment']['date']})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    beside_plain(conv, "plain", "short convolution, kernel 4")
     for r in conv["parity"]:
         print(f"short convolution {r['attention']:>16}: {r['final_val_loss']:.4f}  ratio {r['ratio']:.4f}")
 
@@ -216,34 +231,7 @@ if conv_path.is_file():
 context_path = data_dir() / "parity_context.json"
 if context_path.is_file():
     longer = json.loads(context_path.read_text())
-    short = {r["attention"]: r["ratio"] for r in study["parity"]}
-    if features_path.is_file():  # m = 512 of the shorter context comes from the feature sweep
-        short = {r["attention"]: r["ratio"] for r in sweep["parity"]} | short
-    rows_l = [r for r in longer["parity"] if r["attention"] != "exact"]
-    labels = [r["attention"] for r in rows_l]
-    x = range(len(labels))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(
-        [i - 0.2 for i in x],
-        [short.get(label, float("nan")) for label in labels],
-        0.4,
-        color="C7",
-        label=f"context {settings['context']}",
-    )
-    ax.bar(
-        [i + 0.2 for i in x],
-        [r["ratio"] for r in rows_l],
-        0.4,
-        color="C0",
-        label=f"context {longer['settings']['context']}",
-    )
-    ax.axhline(1 + PARITY_TOLERANCE, color="C3", ls="--", label=f"exact + {PARITY_TOLERANCE:.0%}")
-    ax.set_xticks(list(x), labels)
-    ax.set_ylim(1.0, max(r["ratio"] for r in rows_l) * 1.03)
-    ax.set_ylabel("final val loss / exact")
-    ax.set_title(f"{longer['environment']['device']} ({longer['environment']['date']})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    beside_plain(longer, f"context {settings['context']}", f"context {longer['settings']['context']}", figsize=(6, 3.5))
     for r in longer["parity"]:
         print(
             f"context {longer['settings']['context']} {r['attention']:>16}: {r['final_val_loss']:.4f}  ratio {r['ratio']:.4f}"

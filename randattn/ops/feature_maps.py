@@ -25,11 +25,17 @@ def query_features(q: torch.Tensor, projection: torch.Tensor, kernel_fn: str) ->
     Softmax rows are scaled so that their largest feature is 1, then get
     :data:`~randattn.features.SOFTMAX_QUERY_FLOOR` added (a floor under every denominator).
     """
-    x = scale_inputs(q)
     if kernel_fn == "relu":
-        return relu_features(x, projection)
-    s = softmax_logits(x, projection)
-    return torch.exp(s - s.amax(-1, keepdim=True).detach()) + SOFTMAX_QUERY_FLOOR
+        return relu_features(scale_inputs(q), projection)
+    return softmax_query_features(q, projection)[0]
+
+
+def softmax_query_features(q: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax query features of :func:`query_features` and their row scale ``a`` ``(N, H, L)``:
+    ``phi = exp(s - a) + floor`` with ``a`` the row's largest exponent ``s`` (detached)."""
+    s = softmax_logits(scale_inputs(q), projection)
+    a = s.amax(-1, keepdim=True).detach()
+    return torch.exp(s - a) + SOFTMAX_QUERY_FLOOR, a.squeeze(-1)
 
 
 def key_features(

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ...features import scale_inputs, softmax_logits
-from ..feature_maps import causal_key_features, query_features, safe_divide
+from ...features import scale_inputs
+from ..feature_maps import causal_key_features, query_features, safe_divide, softmax_query_features
 
 #: Positions per chunk of the reference scan.
 CHUNK_SIZE = 128
@@ -115,10 +115,10 @@ def window_features(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``x, y, phi_q, phi_k, a, c, bias`` of :func:`window_scores` for whole sequences (softmax kernel)."""
     x, y = scale_inputs(q), scale_inputs(k)
-    a = softmax_logits(x, projection).amax(-1).detach()  # the row scale of query_features
+    phi_q, a = softmax_query_features(q, projection)
     phi_k, c = causal_key_features(k, projection, "softmax", key_bias)
     bias = None if key_bias is None else key_bias[:, None, :].to(x.dtype)
-    return x, y, query_features(q, projection, "softmax"), phi_k, a, c, bias
+    return x, y, phi_q, phi_k, a, c, bias
 
 
 def windowed_causal_attention(

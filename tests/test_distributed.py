@@ -6,6 +6,7 @@ Every distributed check compares with one process holding the whole batch or seq
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import socket
 from pathlib import Path
@@ -49,6 +50,9 @@ def _entry(rank: int, world: int, port: int, check: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         CHECKS[check](rank, world)
+        # wrappers that hold the group (DDP's reducer, FSDP's state) sit in reference cycles: free them
+        # while the group exists, not at interpreter exit after it (gloo aborts tearing down then)
+        gc.collect()
         dist.barrier()  # no rank tears down its gloo threads while another still communicates
     finally:
         dist.destroy_process_group()

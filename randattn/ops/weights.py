@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .causal.reference import window_features, window_scores
+from .causal.reference import estimated_scores, window_features, window_scores
 from .feature_maps import causal_key_features, key_features, query_features, safe_divide
 
 
@@ -34,8 +34,7 @@ def attention_weights(
         phi_k, c = causal_key_features(k, projection, kernel_fn, key_bias)
         length = q.shape[-2]
         keep = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-        rel = torch.where(keep, c.unsqueeze(-2) - c.unsqueeze(-1), float("-inf"))
-        scores = (phi_q @ phi_k.transpose(-2, -1)) * torch.exp(rel)
+        scores = estimated_scores(phi_q, phi_k, c, c, keep)
     else:
         scores = phi_q @ key_features(k, projection, kernel_fn, key_bias).transpose(-2, -1)
     return safe_divide(scores, scores.sum(-1, keepdim=True))

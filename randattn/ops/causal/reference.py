@@ -17,6 +17,34 @@ from ..feature_maps import causal_key_features, query_features, safe_divide, sof
 CHUNK_SIZE = 128
 
 
+def estimated_scores(
+    phi_q: torch.Tensor, phi_k: torch.Tensor, c_q: torch.Tensor, c_k: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """``phi_q[i] . phi_k[j] exp(c_j - c_i)`` where ``keep`` ``(R, K)``, else 0: the estimated causal
+    weights at each query's scale (features ``(N, H, R|K, m)``, key running maxima ``c_q`` ``(N, H, R)``
+    at the queries and ``c_k`` ``(N, H, K)`` at the keys)."""
+    rel = torch.where(keep, c_k.unsqueeze(-2) - c_q.unsqueeze(-1), float("-inf"))
+    return (phi_q @ phi_k.transpose(-2, -1)) * torch.exp(rel)
+
+
+def _from_state(pq, cc, state, key_sum, c_state):
+    """Numerators and denominators of queries ``pq`` (running maxima ``cc``) from the carried state,
+    rescaled from its scale ``c_state`` to each query's (exponent <= 0)."""
+    to_query = torch.exp(c_state - cc).unsqueeze(-1)  # (N, H, C, 1)
+    return (pq @ state) * to_query, (pq @ key_sum) * to_query
+
+
+def _carry(state, key_sum, c_state, pk, vk, ck):
+    """The state with keys ``pk`` (values ``vk``, running maxima ``ck``) added, at the scale of the
+    last of them; returns ``(state, key_sum, c_state)``."""
+    c_new = ck[..., -1:]
+    to_state = torch.exp(ck - c_new).unsqueeze(-1)  # (N, H, C, 1)
+    decay = torch.exp(c_state - c_new).unsqueeze(-1)
+    state = state * decay + (pk * to_state).transpose(-2, -1) @ vk
+    key_sum = key_sum * decay + (pk * to_state).sum(-2).unsqueeze(-1)
+    return state, key_sum, c_new
+
+
 def causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -55,24 +83,16 @@ def causal_attention(
             c[..., start:stop],
         )
         size = stop - start
-        # inter-chunk part, rescaled from the state's scale to each query's scale (exponent <= 0)
-        to_query = torch.exp(c_state - cc).unsqueeze(-1)  # (N, H, C, 1)
-        num = (pq @ state) * to_query
-        den = (pq @ key_sum) * to_query
+        # inter-chunk part, from the state
+        num, den = _from_state(pq, cc, state, key_sum, c_state)
         # intra-chunk part: A[i, j] = phi_q[i] . phi_k[j] * exp(c_j - c_i) for j <= i
         keep = torch.ones(size, size, dtype=torch.bool, device=pq.device).tril()
-        rel = torch.where(keep, cc.unsqueeze(-2) - cc.unsqueeze(-1), float("-inf"))
-        scores = (pq @ pk.transpose(-2, -1)) * torch.exp(rel)
+        scores = estimated_scores(pq, pk, cc, cc, keep)
         num = num + scores @ vc
         den = den + scores.sum(-1, keepdim=True)
         outs.append(safe_divide(num, den))
         # carry the state to the scale of the chunk's last position
-        c_new = cc[..., -1:]
-        to_state = torch.exp(cc - c_new).unsqueeze(-1)  # (N, H, C, 1)
-        decay = torch.exp(c_state - c_new).unsqueeze(-1)
-        state = state * decay + (pk * to_state).transpose(-2, -1) @ vc
-        key_sum = key_sum * decay + (pk * to_state).sum(-2).unsqueeze(-1)
-        c_state = c_new
+        state, key_sum, c_state = _carry(state, key_sum, c_state, pk, vc, cc)
     return torch.cat(outs, dim=-2).to(q.dtype)
 
 
@@ -99,9 +119,7 @@ def window_scores(
         bias: ``(N, 1, K)`` additive key bias or ``None``.
         gap: ``(R, K)`` query position minus key position.
     """
-    estimated = (phi_q @ phi_k.transpose(-2, -1)) * torch.exp(
-        torch.where(gap >= 0, c_k.unsqueeze(-2) - c_q.unsqueeze(-1), float("-inf"))
-    )
+    estimated = estimated_scores(phi_q, phi_k, c_q, c_k, gap >= 0)
     logits = x @ y.transpose(-2, -1)
     if bias is not None:
         logits = logits + bias.unsqueeze(-2)
@@ -161,10 +179,8 @@ def windowed_causal_attention(
         lo = max(start - size, 0)  # the previous chunk's first position
         rows, cols = slice(start, stop), slice(lo, stop)
         pq, cc = phi_q[..., rows, :], c[..., rows]
-        # keys before the previous chunk: the carried state, rescaled to each query's scale
-        to_query = torch.exp(c_state - cc).unsqueeze(-1)
-        num = (pq @ state) * to_query
-        den = (pq @ key_sum) * to_query
+        # keys before the previous chunk: the carried state
+        num, den = _from_state(pq, cc, state, key_sum, c_state)
         # the previous and the own chunk, pair by pair
         gap = torch.arange(start, stop, device=q.device)[:, None] - torch.arange(lo, stop, device=q.device)[None, :]
         scores = window_scores(
@@ -185,10 +201,7 @@ def windowed_causal_attention(
         # the state takes the previous chunk: its keys are at least `window` before every later query
         if start > 0:
             prev = slice(lo, start)
-            c_new = c[..., start - 1 : start]
-            to_state = torch.exp(c[..., prev] - c_new).unsqueeze(-1)
-            decay = torch.exp(c_state - c_new).unsqueeze(-1)
-            state = state * decay + (phi_k[..., prev, :] * to_state).transpose(-2, -1) @ vf[..., prev, :]
-            key_sum = key_sum * decay + (phi_k[..., prev, :] * to_state).sum(-2).unsqueeze(-1)
-            c_state = c_new
+            state, key_sum, c_state = _carry(
+                state, key_sum, c_state, phi_k[..., prev, :], vf[..., prev, :], c[..., prev]
+            )
     return torch.cat(outs, dim=-2).to(q.dtype)

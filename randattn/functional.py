@@ -57,9 +57,15 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+#: Largest ``local_window`` the Triton kernels take (their chunk of positions,
+#: :data:`randattn.ops.causal.triton.CHUNK`); ``backend="auto"`` runs larger windows on the reference path.
+KERNEL_MAX_WINDOW = 64
+
+
 def check_local_window(local_window: int | None, causal: bool, kernel_fn: str, backend: str) -> None:
     """Raise ``ValueError`` naming ``local_window`` unless it is ``None`` or an ``int >= 1`` with
-    ``causal=True``, ``kernel_fn="softmax"`` and a backend that computes it (``"auto"`` or ``"reference"``)."""
+    ``causal=True``, ``kernel_fn="softmax"`` and a backend that computes it (``backend="triton"``:
+    at most :data:`KERNEL_MAX_WINDOW`)."""
     if local_window is None:
         return
     if isinstance(local_window, bool) or not isinstance(local_window, int) or local_window < 1:
@@ -68,8 +74,11 @@ def check_local_window(local_window: int | None, causal: bool, kernel_fn: str, b
         raise ValueError("local_window needs causal=True (exact weights for the latest keys of each query)")
     if kernel_fn != "softmax":
         raise ValueError(f"local_window needs kernel_fn='softmax' (its exact weights are softmax's), got {kernel_fn!r}")
-    if backend == "triton":
-        raise ValueError("local_window runs on the reference backend; use backend='auto' or 'reference'")
+    if backend == "triton" and local_window > KERNEL_MAX_WINDOW:
+        raise ValueError(
+            f"backend='triton' takes local_window up to {KERNEL_MAX_WINDOW}, got {local_window} "
+            "(backend='auto' or 'reference' computes larger windows on the reference path)"
+        )
 
 
 def key_padding_bias(key_padding_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
@@ -215,8 +224,9 @@ def rand_attention(
             on CPU tensors only with ``TRITON_INTERPRET=1``).
         local_window: causal softmax only: query ``i`` weighs the keys ``i - local_window < j <= i``
             with the exact ``exp(q_i . k_j / sqrt(d))`` and the earlier keys with their feature
-            estimate, under one denominator (``None``: every key by its estimate). Computed by the
-            reference path (``O(L (w + m) d)`` time for a window ``w``) on every device.
+            estimate, under one denominator (``None``: every key by its estimate), in ``O(L (w + m) d)``
+            time. The Triton kernels compute windows up to :data:`KERNEL_MAX_WINDOW` keys (their chunk),
+            the reference path any window.
 
     Returns:
         ``(N, H, L, d_v)`` in ``q.dtype``. Queries whose keys are all masked get zeros.
@@ -228,6 +238,8 @@ def rand_attention(
     key_bias = key_padding_bias(key_padding_mask, k.shape[0], k.shape[-2])
     projection = projection.float()
     if local_window is not None:
+        if local_window <= KERNEL_MAX_WINDOW and _use_triton(q, v, projection, backend, causal):
+            return _kernel_module(True).causal_attention(q, k, v, projection, kernel_fn, key_bias, local_window)
         return _windowed_reference(q, k, v, projection, key_bias, local_window)
     if _use_triton(q, v, projection, backend, causal):
         kernels = _kernel_module(causal)
@@ -246,6 +258,7 @@ def packed_self_attention(
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     backend: str = "auto",
+    local_window: int | None = None,
 ) -> torch.Tensor:
     """:func:`rand_attention` of self-attention given the packed in-projection ``qkv``.
 
@@ -257,7 +270,7 @@ def packed_self_attention(
     Args:
         qkv: ``(N, L, 3 E)``.
         num_heads: ``H``; ``E`` must be divisible by it.
-        projection, kernel_fn, causal, key_padding_mask, backend: as for :func:`rand_attention`.
+        projection, kernel_fn, causal, key_padding_mask, backend, local_window: as for :func:`rand_attention`.
 
     Returns:
         ``(N, H, L, E / H)`` in ``qkv.dtype``.
@@ -268,15 +281,25 @@ def packed_self_attention(
         )
     check_kernel_fn(kernel_fn)
     check_backend(backend)
+    check_local_window(local_window, causal, kernel_fn, backend)
     head_dim = qkv.shape[-1] // (3 * num_heads)
     if (
         torch.compiler.is_compiling()
         or projection.dim() != 2
+        or (local_window is not None and local_window > KERNEL_MAX_WINDOW)
         or not _use_triton_for(qkv.device, qkv.dtype, head_dim, head_dim, projection.shape[0], backend, causal)
     ):
         q, k, v = split_packed(qkv, num_heads)
         return rand_attention(
-            q, k, v, projection, kernel_fn=kernel_fn, causal=causal, key_padding_mask=key_padding_mask, backend=backend
+            q,
+            k,
+            v,
+            projection,
+            kernel_fn=kernel_fn,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            backend=backend,
+            local_window=local_window,
         )
     # q, k, v are views of one tensor: they agree in everything _check_qkv checks but the projection
     _check_projection(projection, head_dim, qkv.device)
@@ -289,7 +312,8 @@ def packed_self_attention(
         qkv = qkv.to(dtype)
     if projection.dtype != torch.float32:
         projection = projection.float()
-    out = eager.PackedSelfAttention.apply(_kernel_module(causal), qkv, num_heads, projection, kernel_fn, key_bias)
+    op = _kernel_module(causal) if local_window is None else _kernel_module(True).windowed(local_window)
+    out = eager.PackedSelfAttention.apply(op, qkv, num_heads, projection, kernel_fn, key_bias)
     return out if out.dtype == in_dtype else out.to(in_dtype)
 
 
@@ -304,6 +328,7 @@ def projected_self_attention(
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     backend: str = "auto",
+    local_window: int | None = None,
 ) -> torch.Tensor:
     """In-projection and :func:`rand_attention` of self-attention: ``qkv = x W^T + b``, split as by
     :func:`packed_self_attention`.
@@ -319,7 +344,7 @@ def projected_self_attention(
         x: ``(N, L, E)``.
         in_proj_weight: ``(3 E, E)``; in_proj_bias: ``(3 E,)`` or ``None``.
         num_heads: ``H``; ``E`` must be divisible by it.
-        projection, kernel_fn, causal, key_padding_mask, backend: as for :func:`rand_attention`.
+        projection, kernel_fn, causal, key_padding_mask, backend, local_window: as for :func:`rand_attention`.
 
     Returns:
         ``(N, H, L, E / H)`` in the in-projection's dtype (the autocast dtype under autocast).
@@ -361,6 +386,7 @@ def projected_self_attention(
         causal=causal,
         key_padding_mask=key_padding_mask,
         backend=backend,
+        local_window=local_window,
     )
 
 

@@ -67,9 +67,10 @@ class RandMultiHeadAttention(nn.Module):
         local_window: causal softmax layers only: each query weighs its ``local_window`` latest keys
             (itself included) exactly, ``exp(q . k / sqrt(d))``, and the earlier keys by their
             feature estimate, under one denominator. Sharp lookups among the nearby tokens then cost
-            no approximation error; the reference path computes it (``backend="triton"`` raises),
-            in ``O(L (w + m) d)`` time per head. Recurrent decoding does not support it. Default
-            ``None`` (every key estimated).
+            no approximation error, in ``O(L (w + m) d)`` time per head: on the Triton kernels for
+            windows up to :data:`~randattn.functional.KERNEL_MAX_WINDOW` (64) keys, on the reference
+            path beyond (``backend="triton"`` then raises). Recurrent decoding does not support it.
+            Default ``None`` (every key estimated).
 
     Shape:
         - query: ``(L, E)`` unbatched, ``(L, N, E)``, or ``(N, L, E)`` with ``batch_first``.
@@ -310,7 +311,6 @@ class RandMultiHeadAttention(nn.Module):
             and self.bias_k is None
             and not self.add_zero_attn
             and not (self.training and self.dropout > 0.0)
-            and self.local_window is None
         )
         if packed:
             return self._packed_forward(query, key_bias, causal, need_weights, average_attn_weights, unbatched)
@@ -356,6 +356,7 @@ class RandMultiHeadAttention(nn.Module):
             causal=causal,
             key_padding_mask=key_bias,
             backend=self.backend,
+            local_window=self.local_window,
         )
         q = k = None
         if need_weights:  # the weights are a diagnostic: project again rather than keep qkv

@@ -117,14 +117,17 @@ def test_fake_implementations_give_shapes():
         out = torch.ops.randattn.noncausal_fwd(q, k, v, w, "softmax", None)[0]
         assert out.shape == (2, 3, 50, 8) and out.dtype == torch.bfloat16
         kc, vc = torch.empty(2, 3, 50, 16, dtype=torch.bfloat16), torch.empty(2, 3, 50, 8, dtype=torch.bfloat16)
-        out = torch.ops.randattn.causal_fwd(q, kc, vc, w, "relu", None)[0]
+        out = torch.ops.randattn.causal_fwd(q, kc, vc, w, "relu", None, 0)[0]
+        assert out.shape == (2, 3, 50, 8) and out.dtype == torch.bfloat16
+        out = torch.ops.randattn.causal_fwd(q, kc, vc, w, "softmax", None, 16)[0]
         assert out.shape == (2, 3, 50, 8) and out.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_eager_path_equals_custom_ops(causal):
+@pytest.mark.parametrize("causal,window", [(False, 0), (True, 0), (True, 5)])
+def test_eager_path_equals_custom_ops(causal, window):
     """Outside ``torch.compile`` the kernels are called through an ``autograd.Function`` (less host
-    overhead); its output and gradients equal those of the custom ops, strides included."""
+    overhead); its output and gradients equal those of the custom ops, strides included (causal: also
+    with a local window)."""
     pytest.importorskip("triton")
     if DEVICE == "cpu":
         import os
@@ -144,7 +147,8 @@ def test_eager_path_equals_custom_ops(causal):
     eager = causal_attention if causal else noncausal_attention
     op = torch.ops.randattn.causal_fwd if causal else torch.ops.randattn.noncausal_fwd
     results = []
-    for fn in (lambda *a: eager(*a), lambda *a: op(*a)[0]):
+    extra = (window,) if causal else ()
+    for fn in (lambda *a: eager(*a, *extra), lambda *a: op(*a, *extra)[0]):
         qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
         out = fn(qq, kk, vv, w, "softmax", bias)
         results.append((out, *torch.autograd.grad(out, (qq, kk, vv), dout)))

@@ -40,8 +40,10 @@ states exists at a time. Features are always recomputed, never stored.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+import types
 
 import torch
 import triton
@@ -572,6 +574,103 @@ def _stabiliser_kernel(
     tl.store(GAIN + g_ptrs, tl.exp(tl.load(MB + g_ptrs, mask=gmask, other=0.0) - cend[:, None]), mask=gmask)
 
 
+@triton.jit
+def _exact_weights(x, y, b, cq, cc, near, M, scale, FP32_DOT: tl.constexpr):
+    """``m exp(q_i . k_j / sqrt(d) + b_j - cq_i - c_i)`` where ``near``, else 0: the exact softmax
+    weights of a local window at the estimate's scale (``x``, ``y`` the query and key tiles as
+    loaded, ``scale = 1 / sqrt(d)``, ``cq`` the queries' feature scales, ``cc`` their key scales)."""
+    yt = tl.trans(y)
+    dots = mm_exact_a(x, yt, yt, tl.zeros((x.shape[0], y.shape[0]), tl.float32), 1, FP32_DOT)
+    logit = tl.where(near, dots * scale + b[None, :] - cq[:, None] - cc[:, None], float("-inf"))
+    return tl.where(near, M * tl.exp(logit), 0.0)
+
+
+@triton.jit
+def _rescale(ck, cq, near):
+    """``exp(c_j - c_i)`` for the pairs ``near`` (rows: the queries' ``cq``, columns: the keys' ``ck``;
+    at most 1, since ``c`` is a running maximum), else 0."""
+    return tl.where(near, tl.exp(tl.where(near, ck[None, :] - cq[:, None], 0.0)), 0.0)
+
+
+@triton.jit
+def _state_tiles(
+    ST, SZ, LAG, LAG_Z, pid_nh, idx, in_buffer, from_lag, NW, offs_m, offs_dv, m_ok, M, DV, LAGGED: tl.constexpr
+):
+    """A state tile (a feature block by the value columns) and its sums: chunk ``idx`` of head
+    ``pid_nh``'s window buffers ``ST``, ``SZ``. ``LAGGED``: from the buffers where ``in_buffer``, from
+    ``LAG``, ``LAG_Z`` (one state per head) where ``from_lag``, else zeros."""
+    ptrs = offs_m[:, None] * DV + offs_dv[None, :]
+    base = pid_nh * NW + idx
+    st = _pick(
+        ST,
+        LAG,
+        base * M * DV + ptrs,
+        pid_nh * M * DV + ptrs,
+        m_ok[:, None] & (offs_dv[None, :] < DV),
+        in_buffer,
+        from_lag,
+        LAGGED,
+    )
+    z = _pick(SZ, LAG_Z, base * M + offs_m, pid_nh * M + offs_m, m_ok, in_buffer, from_lag, LAGGED)
+    return st, z
+
+
+@triton.jit
+def _pick(P, LAG, off, lag_off, mask, in_buffer, from_lag, LAGGED: tl.constexpr):
+    """``P[off]`` (0 where not ``mask``); ``LAGGED``: ``P[off]`` where ``in_buffer``, ``LAG[lag_off]``
+    where ``from_lag``, else 0."""
+    if LAGGED:
+        # the flags broadcast as blocks (the interpreter rejects a scalar flag and-ed with a block)
+        in_p = mask & ((off * 0 + in_buffer.to(tl.int32)) != 0)
+        in_lag = mask & ((off * 0 + from_lag.to(tl.int32)) != 0)
+        x = tl.load(P + off, mask=in_p, other=0.0) + tl.load(LAG + lag_off, mask=in_lag, other=0.0)
+    else:
+        x = tl.load(P + off, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
+def _window_keys(
+    K,
+    V,
+    BIAS,
+    C,
+    n,
+    h,
+    pid_nh,
+    offs_p,
+    offs_d,
+    offs_dv,
+    L,
+    D,
+    DV,
+    sk_n,
+    sk_h,
+    sk_s,
+    sv_n,
+    sv_h,
+    sv_s,
+    half_inv_sqrt_d,
+    HAS_BIAS: tl.constexpr,
+):
+    """The keys at ``offs_p`` (a neighbouring chunk; positions out of ``[0, L)`` masked) for the local
+    window: ``(y, v, b, |y|^2 / (2 sqrt d), c, ok)``."""
+    p_ok = (offs_p >= 0) & (offs_p < L)
+    yp, vp, bp = key_tiles(
+        K, V, BIAS, n, h, offs_p, p_ok, offs_d, offs_dv, L, D, DV, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, HAS_BIAS
+    )
+    ypf = yp.to(tl.float32)
+    ccp = tl.load(C + pid_nh * L + offs_p, mask=p_ok, other=0.0)
+    return yp, vp, bp, tl.sum(ypf * ypf, 1) * half_inv_sqrt_d, ccp, p_ok
+
+
+@triton.jit
+def _key_features(y, sqy, b, cc, ok, wt_hi, wt_lo, wt_lo2, m_ok, FP32_DOT: tl.constexpr):
+    """Softmax key features ``exp(s_k[j] + b_j - c_j)`` of a feature block (0 where not ``ok``)."""
+    phi, _ = features_tile(y, sqy, wt_hi, wt_lo, wt_lo2, m_ok, (cc - b)[:, None], 0, FP32_DOT, 1.0, 0.0)
+    return tl.where(ok[:, None], phi, 0.0)
+
+
 @direct_launch
 @triton.jit
 def _chunk_out_kernel(
@@ -585,6 +684,8 @@ def _chunk_out_kernel(
     CPREV,
     ST,
     SZ,
+    LAG,
+    LAG_Z,
     OUT,
     OUT_LO,
     CQ,
@@ -627,11 +728,18 @@ def _chunk_out_kernel(
     MIXED_PASSES: tl.constexpr,
     FP32_DOT: tl.constexpr,
     MODE: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """Forward output of chunk ``T0 + program_id(0)``; ``ST``, ``SZ`` hold the states of a window of
     ``NW`` chunks from ``T0``. ``MODE`` 0: the output as ``hi + lo`` in the output dtype
     (float32-accurate for the backward), the scales ``CQ`` and denominators ``DEN``; 1: the same
-    without ``lo``; 2 (in the backward): only ``T = dout . out / den`` from the float32 output."""
+    without ``lo``; 2 (in the backward): only ``T = dout . out / den`` from the float32 output.
+
+    ``WINDOW > 0`` (softmax, at most ``BLOCK_C``): the pairs ``0 <= i - j < WINDOW`` get the exact
+    weight (:func:`_exact_weights`) instead of their estimate. The queries then take the state of
+    the keys before the previous chunk, ``S_{t-1}`` (``LAG``, ``LAG_Z``: the previous window's last,
+    for the first chunk of a window), and weigh the previous chunk's keys pair by pair, as the own
+    chunk's, so that no estimate is ever taken out of a sum again."""
     pid_w = tl.program_id(0)
     pid_t = T0 + pid_w
     pid_nh = tl.program_id(1)
@@ -650,10 +758,43 @@ def _chunk_out_kernel(
     yf = y.to(tl.float32)
     sqy = tl.sum(yf * yf, 1) * half_inv_sqrt_d
     cc = tl.load(C + pid_nh * L + offs_c, mask=c_ok, other=0.0)
-    cprev = tl.load(CPREV + pid_nh * NT + pid_t)
+    # the state's chunk: the own one, or with a window the previous one (none before chunk 1)
+    if WINDOW > 0:
+        s_idx = pid_w - 1
+        cprev = tl.load(CPREV + pid_nh * NT + tl.maximum(pid_t - 1, 0))
+    else:
+        s_idx = pid_w
+        cprev = tl.load(CPREV + pid_nh * NT + pid_t)
     num = tl.zeros((BLOCK_C, BLOCK_DV), tl.float32)
     den = tl.zeros((BLOCK_C,), tl.float32)
     pp = tl.zeros((BLOCK_C, BLOCK_C), tl.float32)
+    if WINDOW > 0:  # the previous chunk's keys, their estimates pp_p
+        offs_p = offs_c - BLOCK_C
+        yp, vp, bp, sqyp, ccp, p_ok = _window_keys(
+            K,
+            V,
+            BIAS,
+            C,
+            n,
+            h,
+            pid_nh,
+            offs_p,
+            offs_d,
+            offs_dv,
+            L,
+            D,
+            DV,
+            sk_n,
+            sk_h,
+            sk_s,
+            sv_n,
+            sv_h,
+            sv_s,
+            half_inv_sqrt_d,
+            HAS_BIAS,
+        )
+        pp_p = tl.zeros((BLOCK_C, BLOCK_C), tl.float32)
+        krow_p = tl.zeros((BLOCK_C,), tl.float32)
     cq = tl.full((BLOCK_C,), NEG_BIG, tl.float32)
     # sums over the features of S_t, z_t and each key's features: the query floor's terms
     ssum = tl.zeros((BLOCK_DV,), tl.float32)
@@ -676,18 +817,33 @@ def _chunk_out_kernel(
             phik, projk = features_tile(
                 y, sqy, wt_hi, wt_lo, wt_lo2, m_ok, (cc - b)[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS
             )
+            if WINDOW > 0:
+                phik_p = _key_features(yp, sqyp, bp, ccp, p_ok, wt_hi, wt_lo, wt_lo2, m_ok, FP32_DOT)
+                pp_p = mm_mixed(phiq, tl.trans(phik_p), pp_p * alpha[:, None], x, MIXED_PASSES, FP32_DOT)
+                krow_p += tl.sum(phik_p, 1)
         else:
             phiq = tl.where(m_ok[None, :], tl.maximum(proj, 0.0) * RELU_SCALE + EPS, 0.0)
             phik, projk = features_tile(y, sqy, wt_hi, wt_lo, wt_lo2, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
             phik = phik * tl.exp(b)[:, None]
         phik = tl.where(c_ok[:, None], phik, 0.0)
         pp = mm_mixed(phiq, tl.trans(phik), pp, x, MIXED_PASSES, FP32_DOT)
-        st = tl.load(
-            ST + (pid_nh * NW + pid_w) * M * DV + offs_m[:, None] * DV + offs_dv[None, :],
-            mask=m_ok[:, None] & (offs_dv[None, :] < DV),
-            other=0.0,
+        st, z = _state_tiles(
+            ST,
+            SZ,
+            LAG,
+            LAG_Z,
+            pid_nh,
+            s_idx,
+            s_idx >= 0,
+            (s_idx < 0) & (pid_t > 0),
+            NW,
+            offs_m,
+            offs_dv,
+            m_ok,
+            M,
+            DV,
+            WINDOW > 0,
         )
-        z = tl.load(SZ + (pid_nh * NW + pid_w) * M + offs_m, mask=m_ok, other=0.0)
         num = mm_mixed(phiq, st, num, x, MIXED_PASSES, FP32_DOT)
         den += tl.sum(phiq * z[None, :], 1)
         if KERNEL == 0:
@@ -698,6 +854,8 @@ def _chunk_out_kernel(
         num += EPS * ssum[None, :]
         den += EPS * zsum
         pp += EPS * krow[None, :]
+        if WINDOW > 0:
+            pp_p += EPS * krow_p[None, :]
     # inter-chunk part to each query's scale, intra-chunk part with exp(c_j - c_i), j <= i
     e_q = tl.exp(cprev - cc)
     num = num * e_q[:, None]
@@ -705,6 +863,17 @@ def _chunk_out_kernel(
     offs_j = pid_t * BLOCK_C + tl.arange(0, BLOCK_C)
     keep = (offs_j[None, :] <= offs_c[:, None]) & (offs_j[None, :] < L)
     pe = tl.where(keep, pp * tl.exp(cc[None, :] - cc[:, None]), 0.0)
+    if WINDOW > 0:
+        scale = 2.0 * half_inv_sqrt_d
+        near = keep & (offs_c[:, None] - offs_j[None, :] < WINDOW)
+        pe = tl.where(near, _exact_weights(x, y, b, cq, cc, near, M, scale, FP32_DOT), pe)
+        pair_p = p_ok[None, :] & c_ok[:, None]
+        near_p = pair_p & (offs_c[:, None] - offs_p[None, :] < WINDOW)
+        pe_p = tl.where(
+            near_p, _exact_weights(x, yp, bp, cq, cc, near_p, M, scale, FP32_DOT), pp_p * _rescale(ccp, cc, pair_p)
+        )
+        num = mm_exact_b(pe_p, vp, num, STATE_PASSES, FP32_DOT)
+        den += tl.sum(pe_p, 1)
     num = mm_exact_b(pe, vt, num, STATE_PASSES, FP32_DOT)
     den += tl.sum(pe, 1)
     inv_den = 1.0 / tl.where(den == 0.0, 1.0, den)
@@ -729,7 +898,12 @@ def _chunk_out_kernel(
 def _state_product(
     a,
     STATES,
-    base,
+    LAG,
+    pid_nh,
+    idx,
+    NW,
+    in_buffer,
+    from_lag,
     offs_m,
     offs_dv,
     m_ok,
@@ -738,13 +912,15 @@ def _state_product(
     BLOCK_C: tl.constexpr,
     STATE_PASSES: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    LAGGED: tl.constexpr,
 ):
     """``(a X^T, X^T)`` for the float32 state tile ``X`` (a feature block by the value columns) of
-    chunk ``base`` and ``a`` ``(BLOCK_C, BLOCK_DV)`` in the operand dtype (``X`` split into parts of it)."""
-    xt = tl.load(
-        STATES + base * M * DV + offs_m[None, :] * DV + offs_dv[:, None],
-        mask=m_ok[None, :] & (offs_dv[:, None] < DV),
-        other=0.0,
+    chunk ``idx`` of head ``pid_nh``'s window buffer (``LAGGED``: see :func:`_pick`) and ``a``
+    ``(BLOCK_C, BLOCK_DV)`` in the operand dtype (``X`` split into parts of it)."""
+    ptrs = offs_m[None, :] * DV + offs_dv[:, None]
+    mask = m_ok[None, :] & (offs_dv[:, None] < DV)
+    xt = _pick(
+        STATES, LAG, (pid_nh * NW + idx) * M * DV + ptrs, pid_nh * M * DV + ptrs, mask, in_buffer, from_lag, LAGGED
     )
     hi = xt.to(a.dtype)
     acc = tl.zeros((BLOCK_C, xt.shape[1]), tl.float32)
@@ -907,6 +1083,8 @@ def _chunk_grad_kernel(
     DEN,
     STATES,
     SUMS,
+    LAG,
+    LAG_Z,
     DQ,
     DK,
     DVO,
@@ -951,11 +1129,18 @@ def _chunk_grad_kernel(
     FP32_DOT: tl.constexpr,
     SIDE: tl.constexpr,
     HAS_T: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """The gradients of chunk ``T0 + program_id(0)``: ``SIDE`` 0 gives ``dq`` from the carried states
     ``S_t``, ``z_t``, 1 gives ``dk`` and ``dv`` from the states of later queries ``R_t``, ``u_t``
     (``STATES``, ``SUMS``: a window's, ``NW`` chunks from ``T0``). Two launches, so that the two
-    kinds of states never need to exist at once."""
+    kinds of states never need to exist at once.
+
+    ``WINDOW > 0``: the local window of :func:`_chunk_out_kernel`. The near pairs take the exact
+    weights' gradients instead of the estimates'. The queries take ``S_{t-1}`` and the previous
+    chunk's keys pair by pair (``SIDE`` 0), the keys ``R_{t+1}`` and the next chunk's queries pair by
+    pair (``SIDE`` 1); ``LAG``, ``LAG_Z`` hold the neighbouring window's state for a window's first
+    (``SIDE`` 0) or last (``SIDE`` 1) chunk."""
     pid_w = tl.program_id(0)
     pid_t = T0 + pid_w
     pid_nh = tl.program_id(1)
@@ -990,8 +1175,24 @@ def _chunk_grad_kernel(
         c_ok,
         HAS_T,
     )
-    cprev = tl.load(CPREV + pid_nh * NT + pid_t)
-    cend = tl.load(CEND + pid_nh * NT + pid_t)
+    # the states' chunks: the own one, or with a window the previous (queries) or next (keys) one
+    if WINDOW > 0:
+        if SIDE == 0:
+            s_idx = pid_w - 1
+            in_buffer = s_idx >= 0
+            from_lag = (s_idx < 0) & (pid_t > 0)
+        else:
+            s_idx = pid_w + 1
+            in_buffer = s_idx < tl.num_programs(0)
+            from_lag = (s_idx >= tl.num_programs(0)) & (pid_t + 1 < NT)
+        cprev = tl.load(CPREV + pid_nh * NT + tl.maximum(pid_t - 1, 0))
+        cend = tl.load(CEND + pid_nh * NT + tl.minimum(pid_t + 1, NT - 1))
+    else:
+        s_idx = pid_w
+        in_buffer = True
+        from_lag = False
+        cprev = tl.load(CPREV + pid_nh * NT + pid_t)
+        cend = tl.load(CEND + pid_nh * NT + pid_t)
     e_q = tl.exp(cprev - cc)  # inter-chunk factor of each query
     e_k = tl.where(c_ok, tl.exp(cc - cend), 0.0)  # factor of each key towards later queries
     offs_j = pid_t * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -1001,13 +1202,85 @@ def _chunk_grad_kernel(
     vtt = tl.trans(vt)
     gv = mm_exact_a(do, vtt, vtt, tl.zeros((BLOCK_C, BLOCK_C), tl.float32), 1, FP32_DOT)
     dae = (gv * inv_den[:, None] - t[:, None]) * ee
+    if WINDOW > 0:
+        # exact pairs: g = dA_ij A_ij / sqrt(d) (A the exact weight), the gradient of its logit
+        scale = 2.0 * half_inv_sqrt_d
+        near = keep & (offs_c[:, None] - offs_j[None, :] < WINDOW)
+        ex = _exact_weights(x, y, b, cq, cc, near, M, scale, FP32_DOT)
+        g_ex = (gv * inv_den[:, None] - t[:, None]) * ex * scale
+        dae = tl.where(near, 0.0, dae)
+        if SIDE == 0:
+            offs_p = offs_c - BLOCK_C
+            yp, vp, bp, sqyp, ccp, p_ok = _window_keys(
+                K,
+                V,
+                BIAS,
+                C,
+                n,
+                h,
+                pid_nh,
+                offs_p,
+                offs_d,
+                offs_dv,
+                L,
+                D,
+                DV,
+                sk_n,
+                sk_h,
+                sk_s,
+                sv_n,
+                sv_h,
+                sv_s,
+                half_inv_sqrt_d,
+                HAS_BIAS,
+            )
+            pair_p = p_ok[None, :] & c_ok[:, None]
+            near_p = pair_p & (offs_c[:, None] - offs_p[None, :] < WINDOW)
+            vpt = tl.trans(vp)
+            da_p = mm_exact_a(do, vpt, vpt, tl.zeros((BLOCK_C, BLOCK_C), tl.float32), 1, FP32_DOT)
+            da_p = da_p * inv_den[:, None] - t[:, None]
+            g_p = da_p * _exact_weights(x, yp, bp, cq, cc, near_p, M, scale, FP32_DOT) * scale
+            dae_p = tl.where(near_p, 0.0, da_p * _rescale(ccp, cc, pair_p))
+        else:
+            offs_nx = offs_c + BLOCK_C
+            n_ok = offs_nx < L
+            xn = row_tile(Q + n * sq_n + h * sq_h, offs_nx, n_ok, offs_d, D, sq_l)
+            don = row_tile(DO + n * sd_n + h * sd_h, offs_nx, n_ok, offs_dv, DV, sd_l)
+            xnf = xn.to(tl.float32)
+            sqxn = tl.sum(xnf * xnf, 1) * half_inv_sqrt_d
+            ccn = tl.load(C + pid_nh * L + offs_nx, mask=n_ok, other=0.0)
+            cqn = tl.load(CQ + pid_nh * L + offs_nx, mask=n_ok, other=0.0)
+            denn = tl.load(DEN + pid_nh * L + offs_nx, mask=n_ok, other=1.0)
+            inv_denn = 1.0 / tl.where(denn == 0.0, 1.0, denn)
+            tn = _row_t(
+                OUT,
+                OUT_LO,
+                T,
+                don,
+                denn,
+                n * sd_n + h * sd_h + offs_nx[:, None] * sd_l + offs_dv[None, :],
+                n_ok[:, None] & (offs_dv[None, :] < DV),
+                pid_nh * L + offs_nx,
+                n_ok,
+                HAS_T,
+            )
+            # rows: the next chunk's queries i; columns: this chunk's keys j
+            pair_n = n_ok[:, None] & c_ok[None, :]
+            near_n = pair_n & (offs_nx[:, None] - offs_c[None, :] < WINDOW)
+            da_n = mm_exact_a(don, vtt, vtt, tl.zeros((BLOCK_C, BLOCK_C), tl.float32), 1, FP32_DOT)
+            da_n = da_n * inv_denn[:, None] - tn[:, None]
+            ex_n = _exact_weights(xn, y, b, cqn, ccn, near_n, M, scale, FP32_DOT)
+            g_n = da_n * ex_n * scale
+            e_n = tl.where(near_n, 0.0, _rescale(cc, ccn, pair_n))  # the estimated pairs' factors
+            dae_n = da_n * e_n
+            pp_n = tl.zeros((BLOCK_C, BLOCK_C), tl.float32)
     pp = tl.zeros((BLOCK_C, BLOCK_C), tl.float32)
     dx = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
     dy = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
     dv_inter = tl.zeros((BLOCK_C, BLOCK_DV), tl.float32)
     rsq = tl.zeros((BLOCK_C,), tl.float32)
     rsk = tl.zeros((BLOCK_C,), tl.float32)
-    base = pid_nh * NW + pid_w
+    base = pid_nh * NW + s_idx
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
@@ -1025,10 +1298,31 @@ def _chunk_grad_kernel(
         w_hi, w_lo = load_w(W_HI, W_LO, offs_m, offs_d, D, M)
         if SIDE == 0:
             # query side: dphi_q = dAE phit_k + e_q (S_t dout / den - t z_t)
-            g, _ = _state_product(do, STATES, base, offs_m, offs_dv, m_ok, M, DV, BLOCK_C, STATE_PASSES, FP32_DOT)
-            z = tl.load(SUMS + base * M + offs_m, mask=m_ok, other=0.0)
+            g, _ = _state_product(
+                do,
+                STATES,
+                LAG,
+                pid_nh,
+                s_idx,
+                NW,
+                in_buffer,
+                from_lag,
+                offs_m,
+                offs_dv,
+                m_ok,
+                M,
+                DV,
+                BLOCK_C,
+                STATE_PASSES,
+                FP32_DOT,
+                WINDOW > 0,
+            )
+            z = _pick(SUMS, LAG_Z, base * M + offs_m, pid_nh * M + offs_m, m_ok, in_buffer, from_lag, WINDOW > 0)
             dphiq = (g * inv_den[:, None] - t[:, None] * z[None, :]) * e_q[:, None]
             dphiq = mm_mixed(dae, phik, dphiq, x, MIXED_PASSES, FP32_DOT)
+            if WINDOW > 0:
+                phik_p = _key_features(yp, sqyp, bp, ccp, p_ok, wt_hi, wt_lo, wt_lo2, m_ok, FP32_DOT)
+                dphiq = mm_mixed(dae_p, phik_p, dphiq, x, MIXED_PASSES, FP32_DOT)
             if KERNEL == 0:
                 dsq = dphiq * phiq
                 rsq += tl.sum(dsq, 1)
@@ -1038,10 +1332,35 @@ def _chunk_grad_kernel(
         else:
             # key side: dphit_k = dAE^T phi_q + e_k (v R_t^T + u_t); pp for the intra-chunk dv
             pp = mm_mixed(phiq_f, tl.trans(phik), pp, x, MIXED_PASSES, FP32_DOT)
-            gk, rtt = _state_product(vt, STATES, base, offs_m, offs_dv, m_ok, M, DV, BLOCK_C, STATE_PASSES, FP32_DOT)
-            u = tl.load(SUMS + base * M + offs_m, mask=m_ok, other=0.0)
+            gk, rtt = _state_product(
+                vt,
+                STATES,
+                LAG,
+                pid_nh,
+                s_idx,
+                NW,
+                in_buffer,
+                from_lag,
+                offs_m,
+                offs_dv,
+                m_ok,
+                M,
+                DV,
+                BLOCK_C,
+                STATE_PASSES,
+                FP32_DOT,
+                WINDOW > 0,
+            )
+            u = _pick(SUMS, LAG_Z, base * M + offs_m, pid_nh * M + offs_m, m_ok, in_buffer, from_lag, WINDOW > 0)
             dphik = (gk + u[None, :]) * e_k[:, None]
             dphik = mm_mixed(tl.trans(dae), phiq_f, dphik, x, MIXED_PASSES, FP32_DOT)
+            if WINDOW > 0:
+                phin, _ = features_tile(
+                    xn, sqxn, wt_hi, wt_lo, wt_lo2, m_ok, cqn[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS
+                )
+                phin = tl.where(n_ok[:, None], query_floor(phin, m_ok, KERNEL, EPS), 0.0)
+                dphik = mm_mixed(tl.trans(dae_n), phin, dphik, x, MIXED_PASSES, FP32_DOT)
+                pp_n = mm_mixed(phin, tl.trans(phik), pp_n, x, MIXED_PASSES, FP32_DOT)
             dv_inter = mm_mixed(phik, tl.trans(rtt), dv_inter, x, MIXED_PASSES, FP32_DOT)
             if KERNEL == 0:
                 dsk = dphik * phik
@@ -1054,12 +1373,21 @@ def _chunk_grad_kernel(
     if SIDE == 0:
         if KERNEL == 0:
             dx = dx - rsq[:, None] * xf * (2.0 * half_inv_sqrt_d)
+        if WINDOW > 0:
+            dx = mm_exact_b(g_p, yp, mm_exact_b(g_ex, y, dx, STATE_PASSES, FP32_DOT), STATE_PASSES, FP32_DOT)
         tl.store(DQ + g_ptrs, dx.to(DQ.dtype.element_ty), mask=g_mask)
     else:
         pe = pp * ee * inv_den[:, None]
+        if WINDOW > 0:
+            pe = tl.where(near, ex * inv_den[:, None], pe)
         dv = mm_exact_b(tl.trans(pe), do, dv_inter * e_k[:, None], STATE_PASSES, FP32_DOT)
         if KERNEL == 0:
             dy = dy - rsk[:, None] * yf * (2.0 * half_inv_sqrt_d)
+        if WINDOW > 0:
+            pe_n = (ex_n + pp_n * e_n) * inv_denn[:, None]
+            dv = mm_exact_b(tl.trans(pe_n), don, dv, STATE_PASSES, FP32_DOT)
+            dy = mm_exact_b(tl.trans(g_ex), x, dy, STATE_PASSES, FP32_DOT)
+            dy = mm_exact_b(tl.trans(g_n), xn, dy, STATE_PASSES, FP32_DOT)
         tl.store(DK + g_ptrs, dy.to(DK.dtype.element_ty), mask=g_mask)
         tl.store(
             DVO + n * sgv_n + h * sgv_h + offs_c[:, None] * sgv_l + offs_dv[None, :],
@@ -1269,6 +1597,30 @@ class _KnownStates:
         )
 
 
+class _Lag:
+    """The local window's neighbouring state between windows of chunks.
+
+    With a window the queries of chunk ``t`` read the state before chunk ``t - 1`` and the keys the
+    later queries' state after chunk ``t + 1``: for a window's first (last) chunk that state is the
+    previous (next) window's, which :meth:`keep` copies out of the window buffers ``a``, ``za``
+    before they are overwritten. Without a window (or with one window of chunks) nothing is kept and
+    the kernels get the buffers themselves as unread stand-ins (``nt``: the sequence's chunks).
+    """
+
+    def __init__(self, a: torch.Tensor, za: torch.Tensor, window: int, nt: int) -> None:
+        self.window, self.a, self.za = window, a, za
+        if window and a.shape[1] < nt:
+            self.state, self.sums = torch.zeros_like(a[:, 0]), torch.zeros_like(za[:, 0])
+        else:
+            self.state, self.sums = a, za
+
+    def keep(self, index: int) -> None:
+        """Keep chunk ``index`` of the window buffers as the next window's neighbouring state."""
+        if self.state is not self.a:
+            self.state.copy_(self.a[:, index])
+            self.sums.copy_(self.za[:, index])
+
+
 def _from(x: torch.Tensor, t0: int) -> torch.Tensor:
     """``x[:, t0:]`` (``x`` itself for ``t0 = 0``: no view op on the common one-window path)."""
     return x[:, t0:] if t0 else x
@@ -1294,7 +1646,7 @@ def _split_output(out: torch.Tensor, out_lo: torch.Tensor, dtype: torch.dtype):
     return hi, (out - hi.float()).to(dtype)
 
 
-def _forward(q, k, v, projection, kernel_fn, key_bias, cached=True):
+def _forward(q, k, v, projection, kernel_fn, key_bias, cached=True, window=0):
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     n, h, length, _ = q.shape
     nh, nt = n * h, cdiv(length, CHUNK)
@@ -1309,9 +1661,12 @@ def _forward(q, k, v, projection, kernel_fn, key_bias, cached=True):
     out_lo = heads_last(n, h, length, sz["dv"], device=q.device, dtype=store_dtype(q.dtype)) if keep else out
     cq = torch.empty(nh, length, **f32)
     den = torch.empty(nh, length, **f32)
+    lag = _Lag(states.a, states.za, window, nt)
     for t0, steps in _window_starts(nt, states.a.shape[1]):
         states.window(t0, steps)
-        _out_launch(q, k, v, w_hi, w_lo, key_bias, states, sz, t0, steps, out, out_lo, cq, den, mode=0 if keep else 1)
+        mode = 0 if keep else 1
+        _out_launch(q, k, v, w_hi, w_lo, key_bias, states, sz, t0, steps, out, out_lo, cq, den, mode=mode, lag=lag)
+        lag.keep(steps - 1)
     if keep:
         out, out_lo = _split_output(out, out_lo, q.dtype)
         st, szs = states.a, states.za
@@ -1321,8 +1676,11 @@ def _forward(q, k, v, projection, kernel_fn, key_bias, cached=True):
     return out, out_lo, cq, den, states.c, states.cprev, states.cend, states.decay, st, szs
 
 
-def _out_launch(q, k, v, w_hi, w_lo, key_bias, states, sz, t0, steps, out, out_lo, cq, den, dout=None, t=None, mode=0):
-    """``_chunk_out_kernel`` for chunks ``t0 .. t0 + steps`` (see its ``MODE``; 2 needs ``dout`` and ``t``)."""
+def _out_launch(
+    q, k, v, w_hi, w_lo, key_bias, states, sz, t0, steps, out, out_lo, cq, den, lag, dout=None, t=None, mode=0
+):
+    """``_chunk_out_kernel`` for chunks ``t0 .. t0 + steps`` (see its ``MODE``; 2 needs ``dout`` and
+    ``t``; ``lag``: the local window and the previous window's last state, a :class:`_Lag`)."""
     n, h, length, _ = q.shape
     if dout is None:
         dout = t = out
@@ -1337,6 +1695,8 @@ def _out_launch(q, k, v, w_hi, w_lo, key_bias, states, sz, t0, steps, out, out_l
         states.cprev,
         states.a,
         states.za,
+        lag.state,
+        lag.sums,
         out,
         out_lo,
         cq,
@@ -1356,11 +1716,12 @@ def _out_launch(q, k, v, w_hi, w_lo, key_bias, states, sz, t0, steps, out, out_l
         MIXED_PASSES=PRECISION.mixed,
         FP32_DOT=PRECISION.fp32_dot,
         MODE=mode,
+        WINDOW=lag.window,
         **launch_opts("chunk_out", sz),
     )
 
 
-def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *saved, grads=None, cached=True):
+def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *saved, grads=None, cached=True, window=0):
     cq, den, c, cprev, cend, decay, st, szs = saved
     q, k, v, dout = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v), rows_contiguous(dout)
     has_t = out_lo.numel() == 0  # no lo half of the output: t = dout . out / den recomputed below
@@ -1378,7 +1739,7 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *save
     if dq.stride() != dk.stride():
         raise ValueError(f"dq and dk must have one layout, got strides {dq.stride()} and {dk.stride()}")
 
-    def grad_launch(side, states, sums, t0, steps):
+    def grad_launch(side, states, sums, lag, t0, steps):
         """``dq`` from the carried states (side 0), or ``dk``, ``dv`` from the later queries' (side 1),
         for the window of chunks ``t0 .. t0 + steps`` whose states ``states``, ``sums`` hold."""
         _chunk_grad_kernel[(steps, nh)](
@@ -1399,6 +1760,8 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *save
             den,
             states,
             sums,
+            lag.state,
+            lag.sums,
             dq,
             dk,
             dv,
@@ -1415,26 +1778,30 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *save
             FP32_DOT=PRECISION.fp32_dot,
             SIDE=side,
             HAS_T=has_t,
+            WINDOW=lag.window,
             **launch_opts("chunk_grad", sz),
         )
 
     t = torch.empty(nh, length, **f32) if has_t else c
     if st.numel():  # kept by the forward (with the output's lo half): one window
         nw = nt
-        grad_launch(0, st, szs, 0, nt)
+        grad_launch(0, st, szs, _Lag(st, szs, window, nt), 0, nt)
     else:  # the same values again, window by window, and t from the float32 output
         nw = _windows(nh, nt, sz["m"], sz["dv"], False, _bytes(q))
         states = _KnownStates(k, v, w_hi, w_lo, key_bias, sz, nw, c, cprev, cend, decay)
+        lag = _Lag(states.a, states.za, window, nt)
         for t0, steps in _window_starts(nt, nw):
             states.window(t0, steps)
-            _out_launch(q, k, v, w_hi, w_lo, key_bias, states, sz, t0, steps, out, out, t, t, dout, t, mode=2)
-            grad_launch(0, states.a, states.za, t0, steps)
-        del states  # freed before the later queries' states exist
+            _out_launch(q, k, v, w_hi, w_lo, key_bias, states, sz, t0, steps, out, out, t, t, lag, dout, t, mode=2)
+            grad_launch(0, states.a, states.za, lag, t0, steps)
+            lag.keep(steps - 1)
+        del states, lag  # freed before the later queries' states exist
     del st, szs
     rb = torch.empty(nh, nw, sz["m"], sz["dv"], **f32)
     rz = torch.empty(nh, nw, sz["m"], **f32)
     carry = _zero_carry(nh, sz, q.device) if nw < nt else None
     block_m = min(sz["BLOCK_M"], SEQ_BLOCK_M)
+    lag = _Lag(rb, rz, window, nt)
     for t0, steps in _window_starts(nt, nw, reverse=True):
         _rstate_kernel[(cdiv(sz["m"], block_m), nh)](
             q,
@@ -1466,7 +1833,8 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *save
             HAS_CARRY=carry is not None,
             **launch_opts("rstate", sz),
         )
-        grad_launch(1, rb, rz, t0, steps)
+        grad_launch(1, rb, rz, lag, t0, steps)
+        lag.keep(0)
     return finish_gradients((dq, dk, dv), q, k, v, grads)
 
 
@@ -1482,6 +1850,7 @@ def _causal_fwd(
     projection: torch.Tensor,
     kernel_fn: str,
     key_bias: torch.Tensor | None,
+    window: int,
 ) -> tuple[
     torch.Tensor,
     torch.Tensor,
@@ -1494,11 +1863,11 @@ def _causal_fwd(
     torch.Tensor,
     torch.Tensor,
 ]:
-    return _forward(q, k, v, projection, kernel_fn, key_bias, cached=False)
+    return _forward(q, k, v, projection, kernel_fn, key_bias, cached=False, window=window)
 
 
 @_causal_fwd.register_fake
-def _(q, k, v, projection, kernel_fn, key_bias):
+def _(q, k, v, projection, kernel_fn, key_bias, window):
     n, h, length, _ = q.shape
     m, dv = projection.shape[0], v.shape[-1]
     nt = -(-length // CHUNK)
@@ -1537,13 +1906,14 @@ def _causal_bwd(
     decay: torch.Tensor,
     st: torch.Tensor,
     szs: torch.Tensor,
+    window: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     saved = (cq, den, c, cprev, cend, decay, st, szs)
-    return _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *saved, cached=False)
+    return _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *saved, cached=False, window=window)
 
 
 @_causal_bwd.register_fake
-def _(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, cq, den, c, cprev, cend, decay, st, szs):
+def _(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, cq, den, c, cprev, cend, decay, st, szs, window):
     n, h, length, d = q.shape
     return (
         heads_last(n, h, length, d, device=q.device, dtype=q.dtype),
@@ -1553,25 +1923,27 @@ def _(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, cq, den, c, c
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, projection, kernel_fn, key_bias = inputs
-    ctx.kernel_fn = kernel_fn
+    q, k, v, projection, kernel_fn, key_bias, window = inputs
+    ctx.kernel_fn, ctx.window = kernel_fn, window
     ctx.save_for_backward(q, k, v, _saved_output(output[0], output[1]), projection, key_bias, *output[1:])
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward_rule(ctx, dout, *unused):
     q, k, v, out, projection, key_bias, out_lo, *saved = ctx.saved_tensors
-    dq, dk, dv = torch.ops.randattn.causal_bwd(dout, q, k, v, out, out_lo, projection, ctx.kernel_fn, key_bias, *saved)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = torch.ops.randattn.causal_bwd(
+        dout, q, k, v, out, out_lo, projection, ctx.kernel_fn, key_bias, *saved, ctx.window
+    )
+    return dq, dk, dv, None, None, None, None
 
 
 _causal_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
-def forward_saving(q, k, v, projection, kernel_fn, key_bias):
+def forward_saving(q, k, v, projection, kernel_fn, key_bias, window=0):
     """The forward kernels: ``(out, saved)`` with what :func:`backward_from` needs (the output among
-    it only beside kept states, see :func:`_saved_output`)."""
-    out, out_lo, *rest = _forward(q, k, v, projection, kernel_fn, key_bias)
+    it only beside kept states, see :func:`_saved_output`); ``window``: the local window (0: none)."""
+    out, out_lo, *rest = _forward(q, k, v, projection, kernel_fn, key_bias, window=window)
     return out, (_saved_output(out, out_lo), out_lo, *rest)
 
 
@@ -1582,10 +1954,23 @@ def _saved_output(out: torch.Tensor, out_lo: torch.Tensor) -> torch.Tensor:
     return out if out_lo.numel() else out_lo
 
 
-def backward_from(dout, q, k, v, projection, kernel_fn, key_bias, saved, grads=None):
+def backward_from(dout, q, k, v, projection, kernel_fn, key_bias, saved, grads=None, window=0):
     """The backward kernels: ``(dq, dk, dv)``, written into ``grads`` (three views) when given."""
     out, out_lo, *rest = saved
-    return _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *rest, grads=grads)
+    return _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *rest, grads=grads, window=window)
+
+
+@functools.cache
+def windowed(window: int) -> types.SimpleNamespace:
+    """This op with a local window of ``window`` keys (``1 <= window <= CHUNK``): an object with its
+    :func:`forward_saving` and :func:`backward_from`, for the ``autograd.Function`` classes of
+    :mod:`randattn.ops.eager`."""
+    if not 1 <= window <= CHUNK:
+        raise ValueError(f"the kernels' local window holds 1 to {CHUNK} keys, got {window}")
+    return types.SimpleNamespace(
+        forward_saving=functools.partial(forward_saving, window=window),
+        backward_from=functools.partial(backward_from, window=window),
+    )
 
 
 def causal_attention(
@@ -1595,6 +1980,7 @@ def causal_attention(
     projection: torch.Tensor,
     kernel_fn: str,
     key_bias: torch.Tensor | None,
+    window: int = 0,
 ) -> torch.Tensor:
     """Causal random-feature attention with the chunk-parallel Triton kernels.
 
@@ -1606,6 +1992,8 @@ def causal_attention(
         projection: ``(m, d)`` float32.
         kernel_fn: ``"softmax"`` or ``"relu"``.
         key_bias: ``(N, L)`` float32 additive key bias or ``None``.
+        window: softmax only, ``0 <= window <= CHUNK``: the local window of
+            :func:`randattn.ops.causal.reference.windowed_causal_attention` (0: none).
 
     Returns:
         ``(N, H, L, d_v)`` in ``q.dtype``; a query whose keys up to it are all masked gets zeros.
@@ -1613,8 +2001,11 @@ def causal_attention(
     """
     dtype = kernel_dtype(q.dtype)
     args = (q.to(dtype), k.to(dtype), v.to(dtype), projection.float(), kernel_fn, key_bias)
+    if window and kernel_fn != "softmax":
+        raise ValueError(f"the local window needs the softmax kernel, got {kernel_fn!r}")
     if torch.compiler.is_compiling():
-        out = torch.ops.randattn.causal_fwd(*args)[0]
+        out = torch.ops.randattn.causal_fwd(*args, window)[0]
     else:
-        out = KernelAttention.apply(sys.modules[__name__], *args)
+        op = windowed(window) if window else sys.modules[__name__]
+        out = KernelAttention.apply(op, *args)
     return out.to(q.dtype)

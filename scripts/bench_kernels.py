@@ -112,9 +112,11 @@ def build(impl: str, causal: bool, device, depth: int = 1) -> nn.Module:
     if impl == "mha":
         mha = nn.MultiheadAttention(EMBED, HEADS, batch_first=True).to(device)
         return CausalMHA(mha) if causal else mha
-    backend = {"rand": "auto", "rand_triton": "triton", "rand_reference": "reference"}[impl]
+    # "rand_triton_w64": the same layer with local_window=64 (causal)
+    name, _, window = impl.partition("_w")
+    backend = {"rand": "auto", "rand_triton": "triton", "rand_reference": "reference"}[name]
     return RandMultiHeadAttention(EMBED, HEADS, batch_first=True, num_random_features=FEATURES, causal=causal,
-                                  backend=backend, device=device)
+                                  backend=backend, device=device, local_window=int(window) if window else None)
 
 
 def skip_reason(impl: str, causal: bool, dtype: str, length: int) -> str | None:
@@ -122,6 +124,8 @@ def skip_reason(impl: str, causal: bool, dtype: str, length: int) -> str | None:
         return "slow (see anchors)"
     if impl == "mha" and causal and length > 16384:
         return "slow (see anchors)"
+    if impl.startswith("rand_reference_w") and length > 16384:
+        return "slow (plain PyTorch)"
     return None
 
 
@@ -233,7 +237,8 @@ def tune(args) -> None:
             q, k, v, w, dout = op_inputs(length, getattr(torch, args.dtypes[0]))
 
             def fwd(q=q, k=k, v=v, w=w, causal=causal):
-                return rand_attention(q, k, v, w, kernel_fn=args.kernel, causal=causal, backend="triton")
+                return rand_attention(q, k, v, w, kernel_fn=args.kernel, causal=causal, backend="triton",
+                                      local_window=args.local_window)
 
             def fwd_bwd(fwd=fwd, dout=dout, inputs=(q, k, v)):
                 # gradients returned, not accumulated into .grad: the op's own work only
@@ -338,7 +343,8 @@ def profile(args) -> None:
             q, k, v, w, dout = op_inputs(length, getattr(torch, args.dtypes[0]))
             for _ in range(3):
                 with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    out = rand_attention(q, k, v, w, kernel_fn=args.kernel, causal=causal, backend="triton")
+                    out = rand_attention(q, k, v, w, kernel_fn=args.kernel, causal=causal, backend="triton",
+                                         local_window=args.local_window)
                     torch.autograd.grad(out, (q, k, v), dout)
                     torch.cuda.synchronize()
             print(f"PROFILE causal={causal} L={length}")
@@ -561,6 +567,7 @@ def main() -> int:
                    help="precision settings to compare: five digits (see Precision.parse) or a float32 dot mode")
     p.add_argument("--tune", action="store_true", help="time the op alone (bf16) with the current settings")
     p.add_argument("--kernel", default="softmax", choices=["softmax", "relu"], help="feature map of --tune, --profile")
+    p.add_argument("--local-window", type=int, default=None, help="local_window of --tune, --profile (causal)")
     p.add_argument("--profile", action="store_true", help="per-kernel times of the op (bf16)")
     p.add_argument("--diagnose", action="store_true", help="causal errors at one shape (bf16)")
     p.add_argument("--host", action="store_true", help="host vs GPU time of the module at each length")

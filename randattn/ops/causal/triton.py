@@ -1415,10 +1415,24 @@ def _consts(sz: dict) -> tuple:
     return sz["half"], sz["rscale"], sz["eps"]
 
 
-def _tiles(sz: dict) -> dict:
-    """The feature map and tile sizes every chunk kernel takes."""
+#: Smallest head and value tile of the gradient kernel with a local window. On an H100 (Triton 3.6) its
+#: key side gave wrong ``dv`` in bfloat16 with tiles of 32 (relative error 0.36-0.75 at d = 32, d_v =
+#: 16 or 32, m = 64 or 80; every other gradient, float32 and float16, and tiles of 64 and 128 were
+#: right), like the miscompilations of narrow tiles in :data:`randattn.ops._triton_utils.MIN_TILE`:
+#: narrower heads are padded (masked) up to this side there.
+WINDOW_MIN_TILE = 64
+
+
+def _tiles(sz: dict, window: int = 0) -> dict:
+    """The feature map and tile sizes every chunk kernel takes (the gradient kernel with a local
+    ``window``: head and value tiles of at least :data:`WINDOW_MIN_TILE`)."""
+    low = WINDOW_MIN_TILE if window else 0
     return dict(
-        KERNEL=sz["KERNEL"], BLOCK_C=CHUNK, BLOCK_D=sz["BLOCK_D"], BLOCK_M=sz["BLOCK_M"], BLOCK_DV=sz["BLOCK_DV"]
+        KERNEL=sz["KERNEL"],
+        BLOCK_C=CHUNK,
+        BLOCK_D=max(sz["BLOCK_D"], low),
+        BLOCK_M=sz["BLOCK_M"],
+        BLOCK_DV=max(sz["BLOCK_DV"], low),
     )
 
 
@@ -1771,7 +1785,7 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *save
             states.shape[1],
             *_consts(sz),
             HAS_BIAS=key_bias is not None,
-            **_tiles(sz),
+            **_tiles(sz, lag.window),
             STATE_PASSES=PRECISION.state,
             MIXED_PASSES=PRECISION.mixed,
             GRADW_PASSES=PRECISION.grad_w,

@@ -630,6 +630,15 @@ def _pick(P, LAG, off, lag_off, mask, in_buffer, from_lag, LAGGED: tl.constexpr)
 
 
 @triton.jit
+def _weight_grad(do, v, inv_den, t, FP32_DOT: tl.constexpr):
+    """``dA_ij = (dout_i . v_j) / den_i - t_i``: the gradient of the loss in each unnormalised weight
+    (rows: the queries of ``do``, columns: the keys of ``v``)."""
+    vt = tl.trans(v)
+    gv = mm_exact_a(do, vt, vt, tl.zeros((do.shape[0], v.shape[0]), tl.float32), 1, FP32_DOT)
+    return gv * inv_den[:, None] - t[:, None]
+
+
+@triton.jit
 def _window_keys(
     K,
     V,
@@ -1199,16 +1208,12 @@ def _chunk_grad_kernel(
     keep = (offs_j[None, :] <= offs_c[:, None]) & (offs_j[None, :] < L) & c_ok[:, None]
     ee = tl.where(keep, tl.exp(cc[None, :] - cc[:, None]), 0.0)
     # dA_ij = (dout_i . v_j) / den_i - t_i, times exp(c_j - c_i), for j <= i
-    vtt = tl.trans(vt)
-    gv = mm_exact_a(do, vtt, vtt, tl.zeros((BLOCK_C, BLOCK_C), tl.float32), 1, FP32_DOT)
-    dae = (gv * inv_den[:, None] - t[:, None]) * ee
+    dae = _weight_grad(do, vt, inv_den, t, FP32_DOT) * ee
     if WINDOW > 0:
-        # exact pairs: g = dA_ij A_ij / sqrt(d) (A the exact weight), the gradient of its logit
+        # estimated pairs only here; the exact pairs' gradients come after the feature loop (fewer
+        # tiles live through it)
         scale = 2.0 * half_inv_sqrt_d
-        near = keep & (offs_c[:, None] - offs_j[None, :] < WINDOW)
-        ex = _exact_weights(x, y, b, cq, cc, near, M, scale, FP32_DOT)
-        g_ex = (gv * inv_den[:, None] - t[:, None]) * ex * scale
-        dae = tl.where(near, 0.0, dae)
+        dae = tl.where(offs_c[:, None] - offs_j[None, :] < WINDOW, 0.0, dae)
         if SIDE == 0:
             offs_p = offs_c - BLOCK_C
             yp, vp, bp, sqyp, ccp, p_ok = _window_keys(
@@ -1236,11 +1241,7 @@ def _chunk_grad_kernel(
             )
             pair_p = p_ok[None, :] & c_ok[:, None]
             near_p = pair_p & (offs_c[:, None] - offs_p[None, :] < WINDOW)
-            vpt = tl.trans(vp)
-            da_p = mm_exact_a(do, vpt, vpt, tl.zeros((BLOCK_C, BLOCK_C), tl.float32), 1, FP32_DOT)
-            da_p = da_p * inv_den[:, None] - t[:, None]
-            g_p = da_p * _exact_weights(x, yp, bp, cq, cc, near_p, M, scale, FP32_DOT) * scale
-            dae_p = tl.where(near_p, 0.0, da_p * _rescale(ccp, cc, pair_p))
+            dae_p = tl.where(near_p, 0.0, _weight_grad(do, vp, inv_den, t, FP32_DOT) * _rescale(ccp, cc, pair_p))
         else:
             offs_nx = offs_c + BLOCK_C
             n_ok = offs_nx < L
@@ -1267,12 +1268,8 @@ def _chunk_grad_kernel(
             # rows: the next chunk's queries i; columns: this chunk's keys j
             pair_n = n_ok[:, None] & c_ok[None, :]
             near_n = pair_n & (offs_nx[:, None] - offs_c[None, :] < WINDOW)
-            da_n = mm_exact_a(don, vtt, vtt, tl.zeros((BLOCK_C, BLOCK_C), tl.float32), 1, FP32_DOT)
-            da_n = da_n * inv_denn[:, None] - tn[:, None]
-            ex_n = _exact_weights(xn, y, b, cqn, ccn, near_n, M, scale, FP32_DOT)
-            g_n = da_n * ex_n * scale
             e_n = tl.where(near_n, 0.0, _rescale(cc, ccn, pair_n))  # the estimated pairs' factors
-            dae_n = da_n * e_n
+            dae_n = _weight_grad(don, vt, inv_denn, tn, FP32_DOT) * e_n
             pp_n = tl.zeros((BLOCK_C, BLOCK_C), tl.float32)
     pp = tl.zeros((BLOCK_C, BLOCK_C), tl.float32)
     dx = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
@@ -1374,20 +1371,35 @@ def _chunk_grad_kernel(
         if KERNEL == 0:
             dx = dx - rsq[:, None] * xf * (2.0 * half_inv_sqrt_d)
         if WINDOW > 0:
-            dx = mm_exact_b(g_p, yp, mm_exact_b(g_ex, y, dx, STATE_PASSES, FP32_DOT), STATE_PASSES, FP32_DOT)
+            # exact pairs: dq_i += sum_j dA_ij A_ij k_j / sqrt(d) (A the exact weight)
+            near = keep & (offs_c[:, None] - offs_j[None, :] < WINDOW)
+            g = _weight_grad(do, vt, inv_den, t, FP32_DOT) * _exact_weights(x, y, b, cq, cc, near, M, scale, FP32_DOT)
+            dx = mm_exact_b(g * scale, y, dx, STATE_PASSES, FP32_DOT)
+            near_p = p_ok[None, :] & c_ok[:, None] & (offs_c[:, None] - offs_p[None, :] < WINDOW)
+            g = _weight_grad(do, vp, inv_den, t, FP32_DOT) * _exact_weights(
+                x, yp, bp, cq, cc, near_p, M, scale, FP32_DOT
+            )
+            dx = mm_exact_b(g * scale, yp, dx, STATE_PASSES, FP32_DOT)
         tl.store(DQ + g_ptrs, dx.to(DQ.dtype.element_ty), mask=g_mask)
     else:
         pe = pp * ee * inv_den[:, None]
         if WINDOW > 0:
+            near = keep & (offs_c[:, None] - offs_j[None, :] < WINDOW)
+            ex = _exact_weights(x, y, b, cq, cc, near, M, scale, FP32_DOT)
             pe = tl.where(near, ex * inv_den[:, None], pe)
         dv = mm_exact_b(tl.trans(pe), do, dv_inter * e_k[:, None], STATE_PASSES, FP32_DOT)
         if KERNEL == 0:
             dy = dy - rsk[:, None] * yf * (2.0 * half_inv_sqrt_d)
         if WINDOW > 0:
-            pe_n = (ex_n + pp_n * e_n) * inv_denn[:, None]
-            dv = mm_exact_b(tl.trans(pe_n), don, dv, STATE_PASSES, FP32_DOT)
-            dy = mm_exact_b(tl.trans(g_ex), x, dy, STATE_PASSES, FP32_DOT)
-            dy = mm_exact_b(tl.trans(g_n), xn, dy, STATE_PASSES, FP32_DOT)
+            # exact pairs: dk_j += sum_i dA_ij A_ij q_i / sqrt(d), own chunk and the next one's queries
+            g = _weight_grad(do, vt, inv_den, t, FP32_DOT) * ex
+            dy = mm_exact_b(tl.trans(g * scale), x, dy, STATE_PASSES, FP32_DOT)
+            near_n = n_ok[:, None] & c_ok[None, :] & (offs_nx[:, None] - offs_c[None, :] < WINDOW)
+            ex = _exact_weights(xn, y, b, cqn, ccn, near_n, M, scale, FP32_DOT)
+            e_n = tl.where(near_n, 0.0, _rescale(cc, ccn, n_ok[:, None] & c_ok[None, :]))
+            dv = mm_exact_b(tl.trans((ex + pp_n * e_n) * inv_denn[:, None]), don, dv, STATE_PASSES, FP32_DOT)
+            g = _weight_grad(don, vt, inv_denn, tn, FP32_DOT) * ex
+            dy = mm_exact_b(tl.trans(g * scale), xn, dy, STATE_PASSES, FP32_DOT)
         tl.store(DK + g_ptrs, dy.to(DK.dtype.element_ty), mask=g_mask)
         tl.store(
             DVO + n * sgv_n + h * sgv_h + offs_c[:, None] * sgv_l + offs_dv[None, :],

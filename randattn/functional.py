@@ -15,6 +15,7 @@ from .ops.noncausal.reference import noncausal_attention as _noncausal_reference
 __all__ = [
     "KERNEL_FNS",
     "BACKENDS",
+    "KERNEL_MAX_WINDOW",
     "rand_attention",
     "packed_self_attention",
     "projected_self_attention",

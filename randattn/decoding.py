@@ -14,6 +14,11 @@ parallel causal forward at every position.
 
 The same state algebra (:func:`block_state`, :func:`merge_states`) combines the states of blocks of
 a sequence held by different devices; see :mod:`randattn.distributed`.
+
+A layer with a local window (``local_window = w``) weighs each query's ``w`` latest keys exactly: its
+:class:`WindowedDecodingState` holds the state of every key at least ``w - 1`` positions back and the
+keys, values and features of the ``w - 1`` latest positions, which a new query weighs pair by pair
+(:func:`randattn.ops.causal.reference.window_scores`). The cost per token is ``O((w + m) d)``.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 import torch
 
 from .features import compute_dtype, relu_features, scale_inputs, softmax_logits
-from .functional import check_kernel_fn, rand_attention
-from .ops.feature_maps import STABILISER_FLOOR, query_features
+from .functional import check_kernel_fn, check_local_window, rand_attention
+from .ops.causal.reference import _carry, _from_state, window_scores
+from .ops.feature_maps import STABILISER_FLOOR, query_features, safe_divide, softmax_query_features
 
 if TYPE_CHECKING:
     from .charlm import CausalTransformer
@@ -33,8 +39,10 @@ if TYPE_CHECKING:
 __all__ = [
     "CHUNK_SIZE",
     "DecodingState",
+    "WindowedDecodingState",
     "block_state",
     "empty_state",
+    "empty_window_state",
     "generate",
     "init_model_states",
     "init_state",
@@ -114,6 +122,72 @@ def empty_state(
     )
 
 
+class WindowedDecodingState(NamedTuple):
+    """Carried state of causal softmax attention with a local window of ``window`` keys (one layer).
+
+    ``older`` summarises every key that no later query weighs exactly (at least ``window - 1``
+    positions before the next one); the other fields hold the ``P <= window - 1`` latest positions,
+    which later queries weigh pair by pair. Float32 (or the dtype given to :func:`empty_window_state`).
+    """
+
+    older: DecodingState
+    keys: torch.Tensor
+    values: torch.Tensor
+    features: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor
+    window: int
+
+    @property
+    def position(self) -> int:
+        """Number of positions consumed so far (``int``)."""
+        return self.older.position + self.keys.shape[-2]
+
+
+WindowedDecodingState.older.__doc__ = ":class:`DecodingState` of the keys before the latest ``P`` positions."
+WindowedDecodingState.keys.__doc__ = "``(N, H, P, d)`` keys of the latest positions (as projected)."
+WindowedDecodingState.values.__doc__ = "``(N, H, P, d_v)`` their values."
+WindowedDecodingState.features.__doc__ = "``(N, H, P, m)`` their stabilised features ``exp(s_k[j] + b_j - c_j)``."
+WindowedDecodingState.scales.__doc__ = "``(N, H, P)`` the running maximum ``c_j`` at each of them."
+WindowedDecodingState.bias.__doc__ = "``(N, P)`` their additive key bias (``-inf``: dropped)."
+WindowedDecodingState.window.__doc__ = "Keys weighed exactly per query, the query's own included (``int >= 1``)."
+
+
+def empty_window_state(
+    batch_size: int,
+    num_heads: int,
+    num_features: int,
+    head_dim: int,
+    value_dim: int,
+    window: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> WindowedDecodingState:
+    """The state before any token of a softmax layer with a local window.
+
+    Args:
+        batch_size, num_heads, num_features, head_dim, value_dim: ``N``, ``H``, ``m``, ``d``, ``d_v``.
+        window: the layer's ``local_window`` (``int >= 1``).
+        device, dtype: of the state tensors (float32 by default).
+
+    Returns:
+        :class:`WindowedDecodingState` with an empty :func:`empty_state` and no latest positions.
+    """
+    check_local_window(window, True, "softmax", "reference")
+    older = empty_state(batch_size, num_heads, num_features, value_dim, device=device, dtype=dtype)
+    n, h = batch_size, num_heads
+    return WindowedDecodingState(
+        older,
+        torch.zeros(n, h, 0, head_dim, device=device, dtype=dtype),
+        torch.zeros(n, h, 0, value_dim, device=device, dtype=dtype),
+        torch.zeros(n, h, 0, num_features, device=device, dtype=dtype),
+        torch.zeros(n, h, 0, device=device, dtype=dtype),
+        torch.zeros(n, 0, device=device, dtype=dtype),
+        window,
+    )
+
+
 def _decay(c_from: torch.Tensor, c_to: torch.Tensor) -> torch.Tensor:
     """``exp(c_from - c_to)`` with an empty ``c_from == -inf`` giving 0 (``c_to >= c_from``)."""
     return torch.where(c_from == float("-inf"), torch.zeros_like(c_from), torch.exp(c_from - c_to))
@@ -141,31 +215,33 @@ def rand_attention_step(
     k: torch.Tensor,
     v: torch.Tensor,
     projection: torch.Tensor,
-    state: DecodingState,
+    state: DecodingState | WindowedDecodingState,
     *,
     kernel_fn: str = "softmax",
     key_bias: torch.Tensor | None = None,
     chunk_size: int = CHUNK_SIZE,
-) -> tuple[torch.Tensor, DecodingState]:
+) -> tuple[torch.Tensor, Any]:
     """Causal random-feature attention of ``T`` new positions that follow ``state``.
 
     Position ``i`` of the new block attends to every key already summarised in ``state`` and to the
     new keys at positions ``<= i``, exactly as :func:`randattn.functional.rand_attention` with
-    ``causal=True`` over the whole sequence.
+    ``causal=True`` over the whole sequence (with ``local_window=state.window`` for a
+    :class:`WindowedDecodingState`).
 
     Args:
         q, k: ``(N, H, T, d)``; v: ``(N, H, T, d_v)`` (the projected, head-split new positions).
         projection: ``(m, d)``.
-        state: :class:`DecodingState` of the positions before the block.
+        state: :class:`DecodingState` (or :class:`WindowedDecodingState`, softmax only) of the
+            positions before the block.
         kernel_fn: ``"softmax"`` or ``"relu"``.
         key_bias: ``(N, T)`` float additive key bias (``-inf`` drops a key) or ``None``.
         chunk_size: the block is processed in chunks of this many positions (bounds the
             ``(chunk, chunk)`` intra-chunk scores; changes rounding only).
 
     Returns:
-        ``(out, new_state)``: ``out (N, H, T, d_v)`` in ``q.dtype`` and the state after the block
-        (``position`` advanced by ``T``). Differentiable with respect to ``q``, ``k``, ``v`` and the
-        state's sums.
+        ``(out, new_state)``: ``out (N, H, T, d_v)`` in ``q.dtype`` and the state after the block, of
+        the type of ``state`` (``position`` advanced by ``T``). Differentiable with respect to ``q``,
+        ``k``, ``v`` and the state's sums.
     """
     check_kernel_fn(kernel_fn)
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
@@ -178,6 +254,10 @@ def rand_attention_step(
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     n, h, length, _ = q.shape
+    if isinstance(state, WindowedDecodingState):
+        if kernel_fn != "softmax":
+            raise ValueError(f"kernel_fn: a WindowedDecodingState needs 'softmax', got {kernel_fn!r}")
+        return _window_step(q, k, v, projection.float(), state, key_bias, chunk_size)
     _check_state(state, n, h, projection.shape[0], v.shape[-1])
     projection = projection.float()
     dtype = state.kv_sum.dtype
@@ -231,6 +311,94 @@ def rand_attention_step(
         c_state = c_new
     out = (torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]) if outs else vf.new_zeros(vf.shape)
     new_state = DecodingState(kv_sum, key_sum.squeeze(-1), c_state.squeeze(-1), state.position + length)
+    return out.to(q.dtype), new_state
+
+
+def _check_window_state(state: WindowedDecodingState, n: int, h: int, m: int, d: int, dv: int) -> None:
+    _check_state(state.older, n, h, m, dv)
+    latest = state.keys.shape[-2]
+    expected = ((n, h, latest, d), (n, h, latest, dv), (n, h, latest, m), (n, h, latest), (n, latest))
+    for name, shape in zip(("keys", "values", "features", "scales", "bias"), expected):
+        if tuple(getattr(state, name).shape) != shape:
+            raise ValueError(f"state.{name} must have shape {shape}, got {tuple(getattr(state, name).shape)}")
+    if latest >= state.window:
+        raise ValueError(
+            f"state holds {latest} latest positions; a window of {state.window} keeps at most {state.window - 1}"
+        )
+
+
+def _window_step(q, k, v, projection, state: WindowedDecodingState, key_bias, chunk_size):
+    """:func:`rand_attention_step` with a local window: the new positions in chunks of at least
+    ``window`` queries, each weighing the latest positions and its own pair by pair
+    (:func:`~randattn.ops.causal.reference.window_scores`) and the older keys through the state; keys
+    move into the state once no later query weighs them exactly."""
+    n, h, length, d = q.shape
+    window, older = state.window, state.older
+    _check_window_state(state, n, h, projection.shape[0], d, v.shape[-1])
+    dtype = older.kv_sum.dtype
+    phi_q, a = (t.to(dtype) for t in softmax_query_features(q, projection))
+    x = scale_inputs(q).to(dtype)
+    y_new = scale_inputs(k).to(dtype)
+    bias_new = torch.zeros(n, length, dtype=dtype, device=q.device) if key_bias is None else key_bias.to(dtype)
+    biased = softmax_logits(y_new, projection.to(dtype)) + bias_new[:, None, :, None]
+    # the running maximum continues from the latest position's (the state's before any position)
+    before = state.scales[..., -1:] if state.keys.shape[-2] else older.stabiliser.unsqueeze(-1)
+    row_max = biased.amax(-1).detach().clamp_min(STABILISER_FLOOR)
+    c_new = torch.cummax(torch.maximum(row_max, before), dim=-1).values
+    # the latest positions and the new ones, in order ("ext"); ext index = latest + new index
+    latest = state.keys.shape[-2]
+    y = torch.cat([scale_inputs(state.keys).to(dtype), y_new], dim=-2)
+    vals = torch.cat([state.values, v.to(dtype)], dim=-2)
+    phi_k = torch.cat([state.features, torch.exp(biased - c_new.unsqueeze(-1))], dim=-2)
+    c = torch.cat([state.scales, c_new], dim=-1)
+    bias = torch.cat([state.bias, bias_new], dim=-1)
+    kv_sum, key_sum, c_state = older.kv_sum, older.key_sum.unsqueeze(-1), older.stabiliser.unsqueeze(-1)
+    folded = 0
+
+    def fold(upto):
+        """Carry the ext positions ``folded .. upto`` into the state."""
+        nonlocal kv_sum, key_sum, c_state, folded
+        if upto > folded:
+            part = slice(folded, upto)
+            kv_sum, key_sum, c_state = _carry(
+                kv_sum, key_sum, c_state, phi_k[..., part, :], vals[..., part, :], c[..., part]
+            )
+            folded = upto
+
+    size = max(chunk_size, window)
+    outs = []
+    for start in range(0, length, size):
+        stop = min(start + size, length)
+        # keys at least `window` before the chunk's first query are only ever estimated
+        fold(max(0, latest + start - (window - 1)))
+        rows, cols = slice(start, stop), slice(folded, latest + stop)
+        cc = c_new[..., rows]
+        num, den = _from_state(phi_q[..., rows, :], cc, kv_sum, key_sum, c_state)
+        positions = torch.arange(latest + start, latest + stop, device=q.device)
+        gap = positions[:, None] - torch.arange(folded, latest + stop, device=q.device)[None, :]
+        scores = window_scores(
+            x[..., rows, :],
+            y[..., cols, :],
+            phi_q[..., rows, :],
+            phi_k[..., cols, :],
+            a[..., rows],
+            cc,
+            c[..., cols],
+            bias[:, None, cols],
+            gap,
+            window,
+        )
+        num = num + scores @ vals[..., cols, :]
+        den = den + scores.sum(-1, keepdim=True)
+        outs.append(safe_divide(num, den))
+    fold(max(0, latest + length - (window - 1)))
+    keep = slice(folded, latest + length)
+    new_older = DecodingState(kv_sum, key_sum.squeeze(-1), c_state.squeeze(-1), older.position + folded)
+    keys = torch.cat([state.keys, k.to(dtype)], dim=-2)[..., keep, :]
+    new_state = WindowedDecodingState(
+        new_older, keys, vals[..., keep, :], phi_k[..., keep, :], c[..., keep], bias[:, keep], window
+    )
+    out = torch.cat(outs, dim=-2) if outs else vals.new_zeros(n, h, 0, v.shape[-1])
     return out.to(q.dtype), new_state
 
 
@@ -306,8 +474,7 @@ def check_decodable(layer: RandMultiHeadAttention) -> None:
     Raises:
         TypeError: ``layer`` is not a ``RandMultiHeadAttention``.
         ValueError: the layer is not causal, or has ``add_bias_kv`` / ``add_zero_attn`` (extra keys at the
-            end of the sequence have no place in a causal recurrence), different key/value dims, or a
-            ``local_window``.
+            end of the sequence have no place in a causal recurrence), or different key/value dims.
     """
     from .modules import RandMultiHeadAttention
 
@@ -322,8 +489,6 @@ def check_decodable(layer: RandMultiHeadAttention) -> None:
         raise ValueError("layer: recurrent decoding does not support add_bias_kv or add_zero_attn")
     if not layer._qkv_same_embed_dim:
         raise ValueError("layer: recurrent decoding is self-attention; kdim and vdim must equal embed_dim")
-    if layer.local_window is not None:
-        raise ValueError("layer: recurrent decoding does not support local_window (it would need the latest keys)")
 
 
 def init_state(
@@ -331,7 +496,7 @@ def init_state(
     batch_size: int,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-) -> DecodingState:
+) -> DecodingState | WindowedDecodingState:
     """Empty decoding state of a causal :class:`~randattn.RandMultiHeadAttention`.
 
     Args:
@@ -341,21 +506,35 @@ def init_state(
         dtype: of the state; defaults to float32 (also for half-precision layers), float64 for a float64 layer.
 
     Returns:
-        :class:`DecodingState` with ``kv_sum (N, H, m, d)``, ``key_sum (N, H, m)``, ``stabiliser (N, H)``.
+        :class:`DecodingState` with ``kv_sum (N, H, m, d)``, ``key_sum (N, H, m)``, ``stabiliser (N, H)``;
+        for a layer with a ``local_window``, a :class:`WindowedDecodingState` around one.
     """
     check_decodable(layer)
+    device = cast(torch.Tensor, layer.projection).device if device is None else device
+    dtype = compute_dtype(layer.out_proj.weight.dtype) if dtype is None else dtype
+    if layer.local_window is not None:
+        return empty_window_state(
+            batch_size,
+            layer.num_heads,
+            layer.num_random_features,
+            layer.head_dim,
+            layer.head_dim,
+            layer.local_window,
+            device=device,
+            dtype=dtype,
+        )
     return empty_state(
         batch_size,
         layer.num_heads,
         layer.num_random_features,
         layer.head_dim,
         kernel_fn=layer.kernel_fn,
-        device=cast(torch.Tensor, layer.projection).device if device is None else device,
-        dtype=compute_dtype(layer.out_proj.weight.dtype) if dtype is None else dtype,
+        device=device,
+        dtype=dtype,
     )
 
 
-def step(layer: RandMultiHeadAttention, x: torch.Tensor, state: DecodingState) -> tuple[torch.Tensor, DecodingState]:
+def step(layer: RandMultiHeadAttention, x: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
     """Run causal self-attention of ``layer`` on the next token(s) ``x``, continuing from ``state``.
 
     Feeding a sequence through ``step`` in pieces of any sizes gives the same outputs as
@@ -364,7 +543,8 @@ def step(layer: RandMultiHeadAttention, x: torch.Tensor, state: DecodingState) -
     Args:
         layer: causal :class:`~randattn.RandMultiHeadAttention` (see :func:`check_decodable`).
         x: ``(N, T, E)`` if ``layer.batch_first`` else ``(T, N, E)``: one token (``T = 1``) or a chunk.
-        state: from :func:`init_state` or a previous :func:`step`.
+        state: from :func:`init_state` or a previous :func:`step` (a :class:`DecodingState`, or a
+            :class:`WindowedDecodingState` for a layer with a ``local_window``).
 
     Returns:
         ``(out, new_state)`` with ``out`` in the layout and dtype of ``x``. Dropout is applied as in
@@ -384,7 +564,7 @@ def step(layer: RandMultiHeadAttention, x: torch.Tensor, state: DecodingState) -
         keep = torch.rand(v.shape[:3] + (1,), device=v.device) >= layer.dropout
         v = v * keep.to(v.dtype) / (1.0 - layer.dropout)
     projection = cast(torch.Tensor, layer.projection)
-    if state.position == 0 and q.shape[2] > 1:
+    if isinstance(state, DecodingState) and state.position == 0 and q.shape[2] > 1:
         # A prompt on an empty state: the parallel causal forward (the fused kernels on a GPU) gives the
         # outputs, and the block's state has the stabiliser of its last position, the block maximum.
         _check_state(state, q.shape[0], q.shape[1], projection.shape[0], v.shape[-1])
@@ -399,7 +579,7 @@ def step(layer: RandMultiHeadAttention, x: torch.Tensor, state: DecodingState) -
 
 
 # --------------------------------------------------------------------- language models of randattn.charlm
-def init_model_states(model: CausalTransformer, batch_size: int) -> list[DecodingState]:
+def init_model_states(model: CausalTransformer, batch_size: int) -> list[Any]:
     """One empty :class:`DecodingState` per attention layer of a :class:`randattn.charlm.CausalTransformer`.
 
     Args:
@@ -409,9 +589,7 @@ def init_model_states(model: CausalTransformer, batch_size: int) -> list[Decodin
     return [init_state(cast("RandMultiHeadAttention", layer), batch_size) for layer in model.attention_layers()]
 
 
-def model_step(
-    model: CausalTransformer, tokens: torch.Tensor, states: list[DecodingState]
-) -> tuple[torch.Tensor, list[DecodingState]]:
+def model_step(model: CausalTransformer, tokens: torch.Tensor, states: list[Any]) -> tuple[torch.Tensor, list[Any]]:
     """Next-token logits of a :class:`randattn.charlm.CausalTransformer` for new tokens, recurrently.
 
     Runs the model's blocks on ``tokens`` only, continuing from ``states`` (one per layer), so the cost

@@ -69,7 +69,8 @@ class RandMultiHeadAttention(nn.Module):
             feature estimate, under one denominator. Sharp lookups among the nearby tokens then cost
             no approximation error, in ``O(L (w + m) d)`` time per head: on the Triton kernels for
             windows up to :data:`~randattn.functional.KERNEL_MAX_WINDOW` (64) keys, on the reference
-            path beyond (``backend="triton"`` then raises). Recurrent decoding does not support it.
+            path beyond (``backend="triton"`` then raises). Recurrent decoding keeps the latest
+            ``local_window - 1`` keys beside its state (:class:`~randattn.decoding.WindowedDecodingState`).
             Default ``None`` (every key estimated).
 
     Shape:
@@ -392,7 +393,8 @@ class RandMultiHeadAttention(nn.Module):
 
         Returns:
             :class:`~randattn.decoding.DecodingState` with ``kv_sum (N, H, m, d)``, ``key_sum (N, H, m)``,
-            ``stabiliser (N, H)`` and ``position == 0``.
+            ``stabiliser (N, H)`` and ``position == 0`` (with a ``local_window``, a
+            :class:`~randattn.decoding.WindowedDecodingState` around one).
 
         Raises:
             ValueError: the layer is not causal, or has ``add_bias_kv`` / ``add_zero_attn`` or ``kdim`` /

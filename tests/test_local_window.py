@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from randattn import RandMultiHeadAttention
-from randattn.decoding import init_state
+from randattn.decoding import WindowedDecodingState, empty_window_state, init_state, rand_attention_step
 from randattn.features import draw_projection
 from randattn.functional import rand_attention
 from randattn.ops.causal.reference import windowed_causal_attention
@@ -147,7 +147,88 @@ def test_bad_local_window_names_the_argument(gen, options, message):
         RandMultiHeadAttention(16, 2, **options)
 
 
-def test_recurrent_decoding_refuses_a_local_window():
-    layer = RandMultiHeadAttention(16, 2, batch_first=True, causal=True, local_window=4)
+@pytest.mark.parametrize("window", [1, 5, 16])
+@pytest.mark.parametrize("sizes", [[1] * 40, [7, 1, 13, 19], [3, 37], [40]], ids=["tokens", "chunks", "short", "whole"])
+def test_recurrent_decoding_with_a_window_matches_the_forward(window, sizes):
+    """Feeding a sequence through ``step`` in pieces of any sizes gives the layer's outputs at every
+    position; the state keeps at most ``window - 1`` latest positions beside the older keys' sums."""
+    torch.manual_seed(0)
+    layer = RandMultiHeadAttention(
+        32, 4, batch_first=True, causal=True, num_random_features=24, local_window=window, seed=1
+    ).eval()
+    x = torch.randn(3, 40, 32, generator=torch.Generator().manual_seed(1)) * 2.0
+    expected, _ = layer(x, x, x, need_weights=False)
+    state = init_state(layer, 3)
+    assert isinstance(state, WindowedDecodingState) and state.position == 0
+    outs, start = [], 0
+    for size in sizes:
+        out, state = layer.step(x[:, start : start + size], state)
+        outs.append(out)
+        start += size
+        assert state.position == start and state.keys.shape[-2] == min(window - 1, start)
+        assert state.older.position == start - state.keys.shape[-2]
+    got = torch.cat(outs, dim=1)
+    per_pos = ((got - expected).norm(dim=-1) / expected.norm(dim=-1)).max().item()
+    assert per_pos <= 1e-5
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 128])
+def test_window_step_with_key_bias_matches_rand_attention(gen, chunk_size):
+    """:func:`rand_attention_step` from a windowed state, in two blocks with float and dropped keys,
+    equals ``rand_attention`` with the same ``local_window`` over the whole sequence (float64)."""
+    q, k, v = _qkv(gen, length=30)
+    w = draw_projection(16, 8, generator=gen)
+    bias = torch.rand(2, 30, generator=gen, dtype=torch.float64) * 2 - 1
+    bias[0, 3] = bias[1, 17] = bias[1, 18] = float("-inf")
+    want = rand_attention(q, k, v, w, causal=True, key_padding_mask=bias, local_window=6)
+    state = empty_window_state(2, 2, 16, 8, 8, 6, dtype=torch.float64)
+    outs = []
+    for part in (slice(0, 11), slice(11, 30)):
+        out, state = rand_attention_step(
+            q[..., part, :], k[..., part, :], v[..., part, :], w, state, key_bias=bias[:, part], chunk_size=chunk_size
+        )
+        outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, dim=-2), want, rtol=1e-10, atol=1e-10)
+
+
+def test_window_state_errors_name_what_is_wrong(gen):
+    q, k, v = _qkv(gen, length=4)
+    w = draw_projection(16, 8, generator=gen)
+    state = empty_window_state(2, 2, 16, 8, 8, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="kernel_fn"):
+        rand_attention_step(q, k, v, w, state, kernel_fn="relu")
+    _, state = rand_attention_step(q, k, v, w, state)
+    assert state.keys.shape[-2] == 2
+    with pytest.raises(ValueError, match="state.kv_sum"):
+        rand_attention_step(q[:1], k[:1], v[:1], w, state)
+    with pytest.raises(ValueError, match="state.values"):
+        rand_attention_step(q, k, v, w, state._replace(values=state.values[..., :1, :]))
+    twice = {name: torch.cat([getattr(state, name)] * 2, dim=-2) for name in ("keys", "values", "features")}
+    twice |= {name: torch.cat([getattr(state, name)] * 2, dim=-1) for name in ("scales", "bias")}
+    longer = state._replace(**twice)
+    with pytest.raises(ValueError, match="at most 2"):
+        rand_attention_step(q, k, v, w, longer)
     with pytest.raises(ValueError, match="local_window"):
-        init_state(layer, 1)
+        empty_window_state(2, 2, 16, 8, 8, 0)
+
+
+def test_character_model_with_a_window_decodes_like_its_forward():
+    from randattn.charlm import AttentionSpec, CausalTransformer
+    from randattn.decoding import generate, init_model_states, model_step
+
+    spec = AttentionSpec.parse("softmax:16w4")
+    model = CausalTransformer(11, 24, d_model=32, n_layers=2, n_heads=4, attention=spec).eval()
+    tokens = torch.randint(0, 11, (2, 24), generator=torch.Generator().manual_seed(0))
+    expected = model(tokens)
+    states = init_model_states(model, 2)
+    got = []
+    for a, b in ((0, 5), (5, 6), (6, 24)):
+        logits, states = model_step(model, tokens[:, a:b], states)
+        got.append(logits)
+    got = torch.cat(got, dim=1)
+    assert ((got - expected).norm() / expected.norm()).item() <= 1e-5
+    ids = generate(model, tokens[:, :4], 6, temperature=0.0)
+    seq = tokens[:, :4]
+    for _ in range(6):
+        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(ids, seq[:, 4:])

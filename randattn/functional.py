@@ -75,11 +75,16 @@ def check_local_window(local_window: int | None, causal: bool, kernel_fn: str, b
         raise ValueError("local_window needs causal=True (exact weights for the latest keys of each query)")
     if kernel_fn != "softmax":
         raise ValueError(f"local_window needs kernel_fn='softmax' (its exact weights are softmax's), got {kernel_fn!r}")
-    if backend == "triton" and local_window > KERNEL_MAX_WINDOW:
+    if backend == "triton" and not _kernels_take(local_window):
         raise ValueError(
             f"backend='triton' takes local_window up to {KERNEL_MAX_WINDOW}, got {local_window} "
             "(backend='auto' or 'reference' computes larger windows on the reference path)"
         )
+
+
+def _kernels_take(local_window: int | None) -> bool:
+    """Whether the Triton kernels compute this ``local_window`` (none, or at most :data:`KERNEL_MAX_WINDOW`)."""
+    return local_window is None or local_window <= KERNEL_MAX_WINDOW
 
 
 def key_padding_bias(key_padding_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
@@ -239,7 +244,7 @@ def rand_attention(
     key_bias = key_padding_bias(key_padding_mask, k.shape[0], k.shape[-2])
     projection = projection.float()
     if local_window is not None:
-        if local_window <= KERNEL_MAX_WINDOW and _use_triton(q, v, projection, backend, causal):
+        if _kernels_take(local_window) and _use_triton(q, v, projection, backend, causal):
             return _kernel_module(True).causal_attention(q, k, v, projection, kernel_fn, key_bias, local_window)
         return _windowed_reference(q, k, v, projection, key_bias, local_window)
     if _use_triton(q, v, projection, backend, causal):
@@ -287,7 +292,7 @@ def packed_self_attention(
     if (
         torch.compiler.is_compiling()
         or projection.dim() != 2
-        or (local_window is not None and local_window > KERNEL_MAX_WINDOW)
+        or not _kernels_take(local_window)
         or not _use_triton_for(qkv.device, qkv.dtype, head_dim, head_dim, projection.shape[0], backend, causal)
     ):
         q, k, v = split_packed(qkv, num_heads)

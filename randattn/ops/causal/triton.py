@@ -36,6 +36,12 @@ lives between the passes;
 state on chip (parallel over ``(n, h)`` and feature blocks; windows from the last one back),
 and a second launch of ``_chunk_grad_kernel`` gives ``dk`` and ``dv``. So at most one window of
 states exists at a time. Features are always recomputed, never stored.
+
+Local window (``window > 0``, softmax, at most :data:`CHUNK` keys): the queries of chunk ``t`` read
+``S_{t-1}`` and weigh the keys of chunks ``t - 1`` and ``t`` pair by pair, exact within the window
+and estimated beyond it; the keys' side reads ``R_{t+1}`` and weighs the queries of chunks ``t`` and
+``t + 1`` pair by pair. The states are the same as without a window; only which one a chunk reads
+changes (:class:`_Lag` carries a window's edge state across windows of chunks).
 """
 
 from __future__ import annotations

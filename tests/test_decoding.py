@@ -176,11 +176,13 @@ def test_float64_layer_decodes_in_float64():
     assert _rel_err(got, expected) <= 1e-12
 
 
-def test_character_model_recurrent_logits_and_generation():
+@pytest.mark.parametrize("spec", ["softmax:16", "softmax:16w4"])
+def test_character_model_recurrent_logits_and_generation(spec):
+    """Also with a local window (its layers decode with a WindowedDecodingState)."""
     from randattn.charlm import AttentionSpec, CausalTransformer
     from randattn.decoding import generate, init_model_states, model_step
 
-    model = CausalTransformer(11, 24, d_model=32, n_layers=2, n_heads=4, attention=AttentionSpec("softmax", 16)).eval()
+    model = CausalTransformer(11, 24, d_model=32, n_layers=2, n_heads=4, attention=AttentionSpec.parse(spec)).eval()
     tokens = torch.randint(0, 11, (2, 24), generator=torch.Generator().manual_seed(0))
     expected = model(tokens)
     states = init_model_states(model, 2)

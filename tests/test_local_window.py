@@ -210,25 +210,3 @@ def test_window_state_errors_name_what_is_wrong(gen):
         rand_attention_step(q, k, v, w, longer)
     with pytest.raises(ValueError, match="local_window"):
         empty_window_state(2, 2, 16, 8, 8, 0)
-
-
-def test_character_model_with_a_window_decodes_like_its_forward():
-    from randattn.charlm import AttentionSpec, CausalTransformer
-    from randattn.decoding import generate, init_model_states, model_step
-
-    spec = AttentionSpec.parse("softmax:16w4")
-    model = CausalTransformer(11, 24, d_model=32, n_layers=2, n_heads=4, attention=spec).eval()
-    tokens = torch.randint(0, 11, (2, 24), generator=torch.Generator().manual_seed(0))
-    expected = model(tokens)
-    states = init_model_states(model, 2)
-    got = []
-    for a, b in ((0, 5), (5, 6), (6, 24)):
-        logits, states = model_step(model, tokens[:, a:b], states)
-        got.append(logits)
-    got = torch.cat(got, dim=1)
-    assert ((got - expected).norm() / expected.norm()).item() <= 1e-5
-    ids = generate(model, tokens[:, :4], 6, temperature=0.0)
-    seq = tokens[:, :4]
-    for _ in range(6):
-        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(ids, seq[:, 4:])

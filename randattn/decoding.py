@@ -564,12 +564,29 @@ def step(layer: RandMultiHeadAttention, x: torch.Tensor, state: Any) -> tuple[to
         keep = torch.rand(v.shape[:3] + (1,), device=v.device) >= layer.dropout
         v = v * keep.to(v.dtype) / (1.0 - layer.dropout)
     projection = cast(torch.Tensor, layer.projection)
-    if isinstance(state, DecodingState) and state.position == 0 and q.shape[2] > 1:
+    if state.position == 0 and q.shape[2] > 1:
         # A prompt on an empty state: the parallel causal forward (the fused kernels on a GPU) gives the
         # outputs, and the block's state has the stabiliser of its last position, the block maximum.
-        _check_state(state, q.shape[0], q.shape[1], projection.shape[0], v.shape[-1])
-        out = rand_attention(q, k, v, projection, kernel_fn=layer.kernel_fn, causal=True, backend=layer.backend)
-        state = block_state(k, v, projection, kernel_fn=layer.kernel_fn, dtype=state.kv_sum.dtype)
+        window = state.window if isinstance(state, WindowedDecodingState) else None
+        older = state if window is None else state.older
+        _check_state(older, q.shape[0], q.shape[1], projection.shape[0], v.shape[-1])
+        out = rand_attention(
+            q, k, v, projection, kernel_fn=layer.kernel_fn, causal=True, backend=layer.backend, local_window=window
+        )
+        if window is None:
+            state = block_state(k, v, projection, kernel_fn=layer.kernel_fn, dtype=older.kv_sum.dtype)
+        else:  # the keys before the latest window - 1 summarised at once, then those stepped in
+            split = max(0, q.shape[2] - (window - 1))
+            older = block_state(k[..., :split, :], v[..., :split, :], projection, dtype=older.kv_sum.dtype)
+            _, state = _window_step(
+                q[..., split:, :],
+                k[..., split:, :],
+                v[..., split:, :],
+                projection.float(),
+                state._replace(older=older),
+                None,
+                CHUNK_SIZE,
+            )
     else:
         out, state = rand_attention_step(q, k, v, projection, state, kernel_fn=layer.kernel_fn)
     out = layer.out_proj(out.transpose(1, 2).flatten(2))

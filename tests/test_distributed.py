@@ -263,6 +263,14 @@ def test_context_parallel_needs_a_process_group():
         context_parallel_attention(q, q, q, torch.randn(4, 8))
 
 
+def test_context_parallel_refuses_a_local_window():
+    """A windowed layer's first queries on a rank would need the previous rank's latest keys: a clear
+    error, not the output of a layer without the window."""
+    layer = RandMultiHeadAttention(16, 2, batch_first=True, causal=True, local_window=4)
+    with pytest.raises(ValueError, match="local_window"):
+        context_parallel_self_attention(layer, torch.randn(1, 8, 16))
+
+
 def test_redraw_seed_is_deterministic_and_distinct():
     assert redraw_seed(1, 2, 3) == redraw_seed(1, 2, 3)
     seeds = {redraw_seed(b, s, i) for b in range(3) for s in range(3) for i in range(3)}

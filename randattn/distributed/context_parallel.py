@@ -169,7 +169,7 @@ def context_parallel_self_attention(
 
     Args:
         layer: a :class:`~randattn.RandMultiHeadAttention` with ``kdim == vdim == embed_dim`` and without
-            ``add_bias_kv`` / ``add_zero_attn``.
+            ``add_bias_kv`` / ``add_zero_attn`` / ``local_window``.
         x: ``(N, L_r, E)`` if ``layer.batch_first`` else ``(L_r, N, E)``.
         key_padding_mask: this rank's ``(N, L_r)`` block of the mask, or ``None``.
         is_causal: attend causally (also when ``layer.causal``).
@@ -186,6 +186,11 @@ def context_parallel_self_attention(
         raise ValueError("layer: context parallelism does not support add_bias_kv or add_zero_attn")
     if not layer._qkv_same_embed_dim:
         raise ValueError("layer: context-parallel self-attention needs kdim == vdim == embed_dim")
+    if layer.local_window is not None:
+        raise ValueError(
+            "layer: context parallelism does not support local_window (a rank's first queries would need "
+            "the previous rank's latest keys)"
+        )
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != layer.embed_dim:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(

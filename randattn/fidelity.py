@@ -143,6 +143,7 @@ def attention_rows(
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     backend: str = "reference",
+    local_window: int | None = None,
 ) -> torch.Tensor:
     """The attention matrix, exact (``projection=None``) or implied by random-feature attention.
 
@@ -158,6 +159,8 @@ def attention_rows(
         key_padding_mask: ``(N, S)`` as in :func:`randattn.functional.rand_attention`.
         backend: passed to :func:`randattn.functional.rand_attention` (default: the plain-PyTorch
             reference, which defines the result and accepts any value width).
+        local_window: passed to :func:`randattn.functional.rand_attention` (causal softmax rows with
+            exact weights for each query's latest keys).
 
     Returns:
         ``(N, H, L, S)`` float32 rows.
@@ -168,7 +171,15 @@ def attention_rows(
     if projection is None:
         return exact_attention(q, k, eye, causal=causal, key_padding_mask=key_padding_mask)
     return rand_attention(
-        q, k, eye, projection, kernel_fn=kernel_fn, causal=causal, key_padding_mask=key_padding_mask, backend=backend
+        q,
+        k,
+        eye,
+        projection,
+        kernel_fn=kernel_fn,
+        causal=causal,
+        key_padding_mask=key_padding_mask,
+        backend=backend,
+        local_window=local_window,
     )
 
 
@@ -470,6 +481,7 @@ def layer_approximation_error(
                         causal=rand_layer.causal,
                         key_padding_mask=key_padding_mask,
                         backend=backend,
+                        local_window=rand_layer.local_window,
                     )
                     tvs.append(attention_rows_total_variation(approx_rows, exact_rows).item())
     finally:

@@ -229,6 +229,20 @@ def test_layer_error_of_rand_layer_equals_error_of_its_exact_twin():
         layer_approximation_error(rand, x, num_features=5)
 
 
+def test_layer_error_of_a_windowed_layer_measures_its_window():
+    """A layer with a local_window covering the sequence is exact attention: its output error and its
+    rows' total variation are both at rounding level (the rows are those of the windowed layer)."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+    x = torch.randn(2, 9, 16)
+    rand = RandMultiHeadAttention.from_mha(mha, num_random_features=12, causal=True, local_window=9)
+    stats = layer_approximation_error(rand, x, seeds=2)
+    assert max(stats.output_errors) < 1e-5 and max(stats.rows_tv) < 1e-5
+    narrow = layer_approximation_error(RandMultiHeadAttention.from_mha(mha, num_random_features=12, causal=True,
+                                                                       local_window=2), x, seeds=2)
+    assert min(narrow.rows_tv) > 1e-3
+
+
 def test_bad_arguments_are_named():
     q, k, v = _small()
     with pytest.raises(ValueError, match="draw"):

@@ -43,6 +43,7 @@ __all__ = [
     "block_state",
     "empty_state",
     "empty_window_state",
+    "window_state",
     "generate",
     "init_model_states",
     "init_state",
@@ -327,6 +328,49 @@ def _check_window_state(state: WindowedDecodingState, n: int, h: int, m: int, d:
         )
 
 
+def _new_keys(before: torch.Tensor, k, projection, key_bias):
+    """New keys ``k`` ``(N, H, T, d)``: their bias ``(N, T)``, stabilised features ``(N, H, T, m)``
+    and running maxima ``(N, H, T)``, which continue from the running maximum ``before`` ``(N, H, 1)``
+    of the positions before them, in the dtype of ``before``."""
+    dtype = before.dtype
+    n, _, length, _ = k.shape
+    bias = torch.zeros(n, length, dtype=dtype, device=k.device) if key_bias is None else key_bias.to(dtype)
+    biased = softmax_logits(scale_inputs(k).to(dtype), projection.to(dtype)) + bias[:, None, :, None]
+    row_max = biased.amax(-1).detach().clamp_min(STABILISER_FLOOR)
+    c = torch.cummax(torch.maximum(row_max, before), dim=-1).values
+    return bias, torch.exp(biased - c.unsqueeze(-1)), c
+
+
+def window_state(
+    older: DecodingState,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    window: int,
+    *,
+    key_bias: torch.Tensor | None = None,
+) -> WindowedDecodingState:
+    """The windowed state of the keys summarised in ``older`` followed by the latest keys ``k``, ``v``.
+
+    Args:
+        older: :class:`DecodingState` (softmax) of every earlier key, e.g. from :func:`block_state`.
+        k: ``(N, H, P, d)``; v: ``(N, H, P, d_v)`` with ``P <= window - 1``: the keys that later
+            queries weigh exactly.
+        projection: ``(m, d)``.
+        window: the layer's ``local_window``.
+        key_bias: ``(N, P)`` float additive key bias or ``None``.
+
+    Returns:
+        :class:`WindowedDecodingState` at position ``older.position + P``.
+    """
+    check_local_window(window, True, "softmax", "reference")
+    if k.shape[-2] >= window:
+        raise ValueError(f"k: a window of {window} keeps at most {window - 1} latest positions, got {k.shape[-2]}")
+    dtype = older.kv_sum.dtype
+    bias, features, scales = _new_keys(older.stabiliser.unsqueeze(-1), k, projection.float(), key_bias)
+    return WindowedDecodingState(older, k.to(dtype), v.to(dtype), features, scales, bias, window)
+
+
 def _window_step(q, k, v, projection, state: WindowedDecodingState, key_bias, chunk_size):
     """:func:`rand_attention_step` with a local window: the new positions in chunks of at least
     ``window`` queries, each weighing the latest positions and its own pair by pair
@@ -338,18 +382,14 @@ def _window_step(q, k, v, projection, state: WindowedDecodingState, key_bias, ch
     dtype = older.kv_sum.dtype
     phi_q, a = (t.to(dtype) for t in softmax_query_features(q, projection))
     x = scale_inputs(q).to(dtype)
-    y_new = scale_inputs(k).to(dtype)
-    bias_new = torch.zeros(n, length, dtype=dtype, device=q.device) if key_bias is None else key_bias.to(dtype)
-    biased = softmax_logits(y_new, projection.to(dtype)) + bias_new[:, None, :, None]
-    # the running maximum continues from the latest position's (the state's before any position)
+    # the running maximum continues from the latest position's (the older keys' before any latest one)
     before = state.scales[..., -1:] if state.keys.shape[-2] else older.stabiliser.unsqueeze(-1)
-    row_max = biased.amax(-1).detach().clamp_min(STABILISER_FLOOR)
-    c_new = torch.cummax(torch.maximum(row_max, before), dim=-1).values
+    bias_new, phi_new, c_new = _new_keys(before, k, projection, key_bias)
     # the latest positions and the new ones, in order ("ext"); ext index = latest + new index
     latest = state.keys.shape[-2]
-    y = torch.cat([scale_inputs(state.keys).to(dtype), y_new], dim=-2)
+    y = scale_inputs(torch.cat([state.keys, k.to(dtype)], dim=-2))
     vals = torch.cat([state.values, v.to(dtype)], dim=-2)
-    phi_k = torch.cat([state.features, torch.exp(biased - c_new.unsqueeze(-1))], dim=-2)
+    phi_k = torch.cat([state.features, phi_new], dim=-2)
     c = torch.cat([state.scales, c_new], dim=-1)
     bias = torch.cat([state.bias, bias_new], dim=-1)
     kv_sum, key_sum, c_state = older.kv_sum, older.key_sum.unsqueeze(-1), older.stabiliser.unsqueeze(-1)
@@ -575,18 +615,10 @@ def step(layer: RandMultiHeadAttention, x: torch.Tensor, state: Any) -> tuple[to
         )
         if window is None:
             state = block_state(k, v, projection, kernel_fn=layer.kernel_fn, dtype=older.kv_sum.dtype)
-        else:  # the keys before the latest window - 1 summarised at once, then those stepped in
+        else:  # the keys before the latest window - 1 summarised at once, those kept beside them
             split = max(0, q.shape[2] - (window - 1))
             older = block_state(k[..., :split, :], v[..., :split, :], projection, dtype=older.kv_sum.dtype)
-            _, state = _window_step(
-                q[..., split:, :],
-                k[..., split:, :],
-                v[..., split:, :],
-                projection.float(),
-                state._replace(older=older),
-                None,
-                CHUNK_SIZE,
-            )
+            state = window_state(older, k[..., split:, :], v[..., split:, :], projection, window)
     else:
         out, state = rand_attention_step(q, k, v, projection, state, kernel_fn=layer.kernel_fn)
     out = layer.out_proj(out.transpose(1, 2).flatten(2))

@@ -186,10 +186,36 @@ def _check_context_parallel(rank: int, world: int) -> None:
                 for name, got, want in zip("qkv", grads, ref_grads):
                     assert _rel_err(got, want[:, :, start:stop]) <= TOL, f"grad {name}, {what}"
 
+    # a local window reaching back into the previous rank's block (every block holds >= 2 positions)
+    for key_mask in (None, mask):
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = rand_attention(*full, projection, causal=True, key_padding_mask=key_mask, local_window=3)
+        ref_grads = torch.autograd.grad((ref * weight).sum(), full)
+        local = [t[:, :, start:stop].clone().requires_grad_() for t in (q, k, v)]
+        out = context_parallel_attention(
+            *local,
+            projection,
+            causal=True,
+            key_padding_mask=None if key_mask is None else key_mask[:, start:stop],
+            chunk_size=3,
+            local_window=3,
+        )
+        what = f"local_window=3 mask={key_mask is not None} rank={rank}"
+        assert _rel_err(out, ref[:, :, start:stop]) <= TOL, f"output, {what}"
+        grads = torch.autograd.grad((out * weight[:, :, start:stop]).sum(), local)
+        for name, got, want in zip("qkv", grads, ref_grads):
+            assert _rel_err(got, want[:, :, start:stop]) <= TOL, f"grad {name}, {what}"
+    # a window wider than some block: every rank raises (none waits in a collective)
+    with pytest.raises(ValueError, match="local_window"):
+        context_parallel_attention(
+            q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop], projection, causal=True,
+            local_window=max(lengths) + 1,
+        )
+
     # module level: the rank's block of the layer's output; parameter gradients summed over ranks
     torch.manual_seed(4)
-    for causal in (False, True):
-        layer = RandMultiHeadAttention(16, 2, causal=causal, seed=9, backend="reference")
+    for causal, window in ((False, None), (True, None), (True, 3)):
+        layer = RandMultiHeadAttention(16, 2, causal=causal, seed=9, backend="reference", local_window=window)
         x = torch.randn(total, 3, 16, generator=g)  # (L, N, E)
         w = torch.randn(total, 3, 16, generator=g)
         ((layer(x, x, x, need_weights=False)[0] * w).sum()).backward()
@@ -197,7 +223,7 @@ def _check_context_parallel(rank: int, world: int) -> None:
         ref = layer(x, x, x, need_weights=False)[0]
         layer.zero_grad()
         out = context_parallel_self_attention(layer, x[start:stop])
-        assert _rel_err(out, ref[start:stop]) <= TOL, f"module output, causal={causal}"
+        assert _rel_err(out, ref[start:stop]) <= TOL, f"module output, causal={causal} window={window}"
         (out * w[start:stop]).sum().backward()
         for name, p in layer.named_parameters():
             grad = p.grad.clone()
@@ -261,14 +287,6 @@ def test_context_parallel_needs_a_process_group():
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(RuntimeError, match="process group"):
         context_parallel_attention(q, q, q, torch.randn(4, 8))
-
-
-def test_context_parallel_refuses_a_local_window():
-    """A windowed layer's first queries on a rank would need the previous rank's latest keys: a clear
-    error, not the output of a layer without the window."""
-    layer = RandMultiHeadAttention(16, 2, batch_first=True, causal=True, local_window=4)
-    with pytest.raises(ValueError, match="local_window"):
-        context_parallel_self_attention(layer, torch.randn(1, 8, 16))
 
 
 def test_redraw_seed_is_deterministic_and_distinct():

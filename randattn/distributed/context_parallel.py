@@ -9,7 +9,11 @@ their per-head ``(m, d_v)`` states, never their keys and values:
 - causal: each rank summarises its block as a state (:func:`randattn.decoding.block_state`), the states
   are all-gathered, and rank ``r`` folds those of ranks ``< r`` into an exclusive prefix, rescaling by
   the running maximum (:func:`randattn.decoding.merge_states`); it then runs its own block as a
-  recurrence that starts from that prefix (:func:`randattn.decoding.rand_attention_step`).
+  recurrence that starts from that prefix (:func:`randattn.decoding.rand_attention_step`);
+- causal with a local window of ``w`` keys: rank ``r``'s first queries also weigh the ``w - 1`` latest
+  keys of rank ``r - 1`` exactly, so each rank also sends those keys and values and the state of its
+  block without them; rank ``r`` starts from a :class:`~randattn.decoding.WindowedDecodingState`
+  (every block holds at least ``w - 1`` positions).
 
 The communicated volume per layer is ``O(N H m d_v)`` (times ``P`` for the all-gather), independent
 of the sequence length; see :func:`randattn.distributed.communication_bytes`. Gradients flow back
@@ -24,9 +28,9 @@ from typing import TYPE_CHECKING, cast
 import torch
 import torch.distributed as dist
 
-from ..decoding import CHUNK_SIZE, DecodingState, block_state, merge_states, rand_attention_step
-from ..features import relu_features, scale_inputs, softmax_logits
-from ..functional import _check_qkv, check_kernel_fn, key_padding_bias
+from ..decoding import CHUNK_SIZE, DecodingState, block_state, merge_states, rand_attention_step, window_state
+from ..features import compute_dtype, relu_features, scale_inputs, softmax_logits
+from ..functional import _check_qkv, check_kernel_fn, check_local_window, key_padding_bias
 from ..ops.feature_maps import STABILISER_FLOOR, query_features
 from .collectives import all_gather, all_reduce_max, all_reduce_sum
 
@@ -70,7 +74,12 @@ def exclusive_prefix_state(local: DecodingState, group: dist.ProcessGroup | None
         with respect to every rank's sums. Communicates one all-gather of ``P * N * H * (m (d_v + 1) + 1)``
         values.
     """
-    rank = dist.get_rank(group)
+    return _prefix(_gathered_states(local, group), dist.get_rank(group))
+
+
+def _gathered_states(local: DecodingState, group) -> list[DecodingState]:
+    """Every rank's state, in rank order (one all-gather of the sums, differentiable, and one of the
+    stabilisers and positions)."""
     packed = torch.cat([local.kv_sum, local.key_sum.unsqueeze(-1)], dim=-1)
     sums = all_gather(packed, group)  # (P, N, H, m, d_v + 1)
     # stabilisers and lengths carry no gradient
@@ -78,20 +87,64 @@ def exclusive_prefix_state(local: DecodingState, group: dist.ProcessGroup | None
         [local.stabiliser.detach().double().flatten(), packed.new_tensor([local.position], dtype=torch.float64)]
     )
     metas = all_gather(meta, group).detach()
-    n, h, m, dv = local.kv_sum.shape
-    # The empty prefix is built from the gathered tensor (times zero) so that every rank's output depends
-    # on it: backward then runs the collective on every rank, rank 0 included, and none waits forever.
-    empty = sums[rank] * 0.0
-    prefix = DecodingState(empty[..., :-1], empty[..., -1], local.stabiliser.new_full((n, h), float("-inf")), 0)
-    for source in range(rank):
-        part = DecodingState(
+    n, h = local.stabiliser.shape
+    return [
+        DecodingState(
             sums[source, ..., :-1],
             sums[source, ..., -1],
             metas[source, :-1].view(n, h).to(local.stabiliser.dtype),
             int(metas[source, -1].item()),
         )
+        for source in range(sums.shape[0])
+    ]
+
+
+def _prefix(states: list[DecodingState], upto: int, anchor: DecodingState | None = None) -> DecodingState:
+    """The states of ranks ``0 .. upto - 1`` merged in order.
+
+    The empty start is built from ``states[upto]`` (or ``anchor``), times zero, so that every rank's
+    output depends on the gathered tensors: backward then runs the collective on every rank, rank 0
+    included, and none waits forever."""
+    like = states[min(upto, len(states) - 1)] if anchor is None else anchor
+    prefix = DecodingState(like.kv_sum * 0.0, like.key_sum * 0.0, torch.full_like(like.stabiliser, float("-inf")), 0)
+    for part in states[:upto]:
         prefix = merge_states(prefix, part)
     return prefix
+
+
+def _windowed(q, k, v, projection, key_bias, group, chunk_size, window):
+    """Causal softmax attention with a local window: rank ``r`` starts from the states of ranks
+    ``< r - 1``, that of rank ``r - 1`` without its ``window - 1`` latest keys, and those keys."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    length, latest = k.shape[-2], window - 1
+    lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(lengths, torch.tensor([length]), group=group)
+    if min(int(t.item()) for t in lengths) < latest:
+        raise ValueError(
+            f"q: with local_window={window} every rank must hold at least {latest} positions; "
+            f"the ranks hold {[int(t.item()) for t in lengths]}"
+        )
+    split = length - latest
+    bias = torch.zeros(k.shape[0], length, device=k.device) if key_bias is None else key_bias
+    full = _gathered_states(block_state(k, v, projection, key_bias=key_bias), group)
+    heads = _gathered_states(
+        block_state(k[..., :split, :], v[..., :split, :], projection, key_bias=bias[:, :split]), group
+    )
+    dtype = compute_dtype(k.dtype)
+    tails = all_gather(torch.cat([k[..., split:, :], v[..., split:, :]], dim=-1).to(dtype), group)
+    tail_bias = all_gather(bias[:, split:].to(dtype).contiguous(), group).detach()
+    if rank == 0:
+        # no earlier keys; the zero start depends on every gathered tensor (see _prefix)
+        older = _prefix(heads, 0, anchor=full[0])
+        older = older._replace(kv_sum=older.kv_sum + (heads[0].kv_sum * 0.0) + (tails[0] * 0.0).sum())
+        state = window_state(older, k[..., :0, :], v[..., :0, :], projection, window)
+    else:
+        older = merge_states(_prefix(full, rank - 1), heads[rank - 1])
+        d = k.shape[-1]
+        prev = tails[rank - 1]
+        state = window_state(older, prev[..., :d], prev[..., d:], projection, window, key_bias=tail_bias[rank - 1])
+    out, _ = rand_attention_step(q, k, v, projection, state, key_bias=key_bias, chunk_size=chunk_size)
+    return out
 
 
 def _causal(q, k, v, projection, kernel_fn, key_bias, group, chunk_size):
@@ -116,6 +169,7 @@ def context_parallel_attention(
     key_padding_mask: torch.Tensor | None = None,
     group: dist.ProcessGroup | None = None,
     chunk_size: int = CHUNK_SIZE,
+    local_window: int | None = None,
 ) -> torch.Tensor:
     """Random-feature attention over a sequence sharded along its length across ``group``.
 
@@ -133,22 +187,29 @@ def context_parallel_attention(
         key_padding_mask: local block ``(N, L_r)`` bool (``True`` ignores) or float additive, or ``None``.
         group: process group over which the sequence is sharded (default: the world).
         chunk_size: chunk of the causal local recurrence (rounding only).
+        local_window: causal softmax only, as for :func:`randattn.functional.rand_attention`; every
+            rank must then hold at least ``local_window - 1`` positions.
 
     Returns:
         ``(N, H, L_r, d_v)`` in ``q.dtype``.
 
     Communication per call (forward; backward the same again): non-causal one all-reduce MAX of
     ``N * H`` and one all-reduce SUM of ``N * H * m * (d_v + 1)`` float32; causal one all-gather of
-    ``P * N * H * (m * (d_v + 1) + 1)`` float32. Nothing depends on ``L``.
+    ``P * N * H * (m * (d_v + 1) + 1)`` float32. Nothing depends on ``L``. With a local window of
+    ``w`` keys the causal case gathers a second set of states and ``P * N * H * (w - 1) * (d + d_v)``
+    keys and values more.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("context_parallel_attention needs an initialised torch.distributed process group")
     check_kernel_fn(kernel_fn)
+    check_local_window(local_window, causal, kernel_fn, "reference")
     _check_qkv(q, k, v, projection, causal=True)
     if q.shape[-2] == 0:
         raise ValueError("q: every rank must hold at least one position of the sequence")
     key_bias = key_padding_bias(key_padding_mask, k.shape[0], k.shape[-2])
     projection = projection.float()
+    if local_window is not None:
+        return _windowed(q, k, v, projection, key_bias, group, chunk_size, local_window)
     if causal:
         return _causal(q, k, v, projection, kernel_fn, key_bias, group, chunk_size)
     return _noncausal(q, k, v, projection, kernel_fn, key_bias, group)
@@ -169,7 +230,7 @@ def context_parallel_self_attention(
 
     Args:
         layer: a :class:`~randattn.RandMultiHeadAttention` with ``kdim == vdim == embed_dim`` and without
-            ``add_bias_kv`` / ``add_zero_attn`` / ``local_window``.
+            ``add_bias_kv`` / ``add_zero_attn``.
         x: ``(N, L_r, E)`` if ``layer.batch_first`` else ``(L_r, N, E)``.
         key_padding_mask: this rank's ``(N, L_r)`` block of the mask, or ``None``.
         is_causal: attend causally (also when ``layer.causal``).
@@ -186,11 +247,6 @@ def context_parallel_self_attention(
         raise ValueError("layer: context parallelism does not support add_bias_kv or add_zero_attn")
     if not layer._qkv_same_embed_dim:
         raise ValueError("layer: context-parallel self-attention needs kdim == vdim == embed_dim")
-    if layer.local_window is not None:
-        raise ValueError(
-            "layer: context parallelism does not support local_window (a rank's first queries would need "
-            "the previous rank's latest keys)"
-        )
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != layer.embed_dim:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(
@@ -212,6 +268,7 @@ def context_parallel_self_attention(
         causal=layer.causal or is_causal,
         key_padding_mask=key_padding_mask,
         group=group,
+        local_window=layer.local_window,
     )
     out = layer.out_proj(out.transpose(1, 2).flatten(2))
     return out if layer.batch_first else out.transpose(0, 1)

@@ -158,53 +158,36 @@ def _check_context_parallel(rank: int, world: int) -> None:
     weight = torch.randn(n, h, total, d, generator=g)
     mask = torch.rand(n, total, generator=g) < 0.25
     mask[:, 0] = False
-    for causal in (False, True):
-        for kernel_fn in ("softmax", "relu"):
-            for key_mask in (None, mask):
-                full = [t.clone().requires_grad_() for t in (q, k, v)]
-                ref = rand_attention(
-                    *full,
-                    projection,
-                    kernel_fn=kernel_fn,
-                    causal=causal,
-                    key_padding_mask=key_mask,
-                    backend="reference",
-                )
-                ref_grads = torch.autograd.grad((ref * weight).sum(), full)
-                local = [t[:, :, start:stop].clone().requires_grad_() for t in (q, k, v)]
-                out = context_parallel_attention(
-                    *local,
-                    projection,
-                    kernel_fn=kernel_fn,
-                    causal=causal,
-                    key_padding_mask=None if key_mask is None else key_mask[:, start:stop],
-                    chunk_size=3,
-                )
-                what = f"causal={causal} kernel_fn={kernel_fn} mask={key_mask is not None} rank={rank}"
-                assert _rel_err(out, ref[:, :, start:stop]) <= TOL, f"output, {what}"
-                grads = torch.autograd.grad((out * weight[:, :, start:stop]).sum(), local)
-                for name, got, want in zip("qkv", grads, ref_grads):
-                    assert _rel_err(got, want[:, :, start:stop]) <= TOL, f"grad {name}, {what}"
-
-    # a local window reaching back into the previous rank's block (every block holds >= 2 positions)
-    for key_mask in (None, mask):
-        full = [t.clone().requires_grad_() for t in (q, k, v)]
-        ref = rand_attention(*full, projection, causal=True, key_padding_mask=key_mask, local_window=3)
-        ref_grads = torch.autograd.grad((ref * weight).sum(), full)
-        local = [t[:, :, start:stop].clone().requires_grad_() for t in (q, k, v)]
-        out = context_parallel_attention(
-            *local,
-            projection,
-            causal=True,
-            key_padding_mask=None if key_mask is None else key_mask[:, start:stop],
-            chunk_size=3,
-            local_window=3,
-        )
-        what = f"local_window=3 mask={key_mask is not None} rank={rank}"
-        assert _rel_err(out, ref[:, :, start:stop]) <= TOL, f"output, {what}"
-        grads = torch.autograd.grad((out * weight[:, :, start:stop]).sum(), local)
-        for name, got, want in zip("qkv", grads, ref_grads):
-            assert _rel_err(got, want[:, :, start:stop]) <= TOL, f"grad {name}, {what}"
+    # (causal, kernel_fn, local_window); a window of 3 reaches back into the previous rank's block
+    cases = [(False, "softmax", None), (False, "relu", None), (True, "softmax", None), (True, "relu", None)]
+    for causal, kernel_fn, window in cases + [(True, "softmax", 3)]:
+        for key_mask in (None, mask):
+            full = [t.clone().requires_grad_() for t in (q, k, v)]
+            ref = rand_attention(
+                *full,
+                projection,
+                kernel_fn=kernel_fn,
+                causal=causal,
+                key_padding_mask=key_mask,
+                backend="reference",
+                local_window=window,
+            )
+            ref_grads = torch.autograd.grad((ref * weight).sum(), full)
+            local = [t[:, :, start:stop].clone().requires_grad_() for t in (q, k, v)]
+            out = context_parallel_attention(
+                *local,
+                projection,
+                kernel_fn=kernel_fn,
+                causal=causal,
+                key_padding_mask=None if key_mask is None else key_mask[:, start:stop],
+                chunk_size=3,
+                local_window=window,
+            )
+            what = f"causal={causal} kernel_fn={kernel_fn} window={window} mask={key_mask is not None} rank={rank}"
+            assert _rel_err(out, ref[:, :, start:stop]) <= TOL, f"output, {what}"
+            grads = torch.autograd.grad((out * weight[:, :, start:stop]).sum(), local)
+            for name, got, want in zip("qkv", grads, ref_grads):
+                assert _rel_err(got, want[:, :, start:stop]) <= TOL, f"grad {name}, {what}"
     # a window wider than some block: every rank raises (none waits in a collective)
     with pytest.raises(ValueError, match="local_window"):
         context_parallel_attention(

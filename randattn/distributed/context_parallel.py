@@ -99,13 +99,13 @@ def _gathered_states(local: DecodingState, group) -> list[DecodingState]:
     ]
 
 
-def _prefix(states: list[DecodingState], upto: int, anchor: DecodingState | None = None) -> DecodingState:
+def _prefix(states: list[DecodingState], upto: int) -> DecodingState:
     """The states of ranks ``0 .. upto - 1`` merged in order.
 
-    The empty start is built from ``states[upto]`` (or ``anchor``), times zero, so that every rank's
-    output depends on the gathered tensors: backward then runs the collective on every rank, rank 0
-    included, and none waits forever."""
-    like = states[min(upto, len(states) - 1)] if anchor is None else anchor
+    The empty start is built from ``states[upto]`` (the last state for ``upto = P``), times zero, so
+    that every rank's output depends on the gathered tensors: backward then runs the collective on
+    every rank, rank 0 included, and none waits forever."""
+    like = states[min(upto, len(states) - 1)]
     prefix = DecodingState(like.kv_sum * 0.0, like.key_sum * 0.0, torch.full_like(like.stabiliser, float("-inf")), 0)
     for part in states[:upto]:
         prefix = merge_states(prefix, part)
@@ -135,7 +135,7 @@ def _windowed(q, k, v, projection, key_bias, group, chunk_size, window):
     tail_bias = all_gather(bias[:, split:].to(dtype).contiguous(), group).detach()
     if rank == 0:
         # no earlier keys; the zero start depends on every gathered tensor (see _prefix)
-        older = _prefix(heads, 0, anchor=full[0])
+        older = _prefix(full, 0)
         older = older._replace(kv_sum=older.kv_sum + (heads[0].kv_sum * 0.0) + (tails[0] * 0.0).sum())
         state = window_state(older, k[..., :0, :], v[..., :0, :], projection, window)
     else:

@@ -253,7 +253,7 @@ def tune(args) -> None:
 
 KERNELS = {
     False: ("key_state", "query_out", "query_grad", "query_state_grad", "key_grad"),
-    True: ("chunk_state", "scan", "chunk_out", "state", "rstate", "chunk_grad"),
+    True: ("chunk_max", "chunk_out", "state", "rstate", "chunk_grad"),
 }
 CANDIDATES = ((4, 1), (4, 2), (4, 3), (8, 1), (8, 2), (8, 3))
 
@@ -305,17 +305,6 @@ def _sweep_mode(causal: bool, length: int) -> None:
                 best = (ms, setting)
         LAUNCH[name] = best[1]
         print(f"SWEEP causal={causal} {name}: keep {best[1]} ({best[0]:.3f} ms)", flush=True)
-    if causal:  # tile of the state scan
-        from randattn.ops.causal import triton as causal_kernels
-
-        for tile in ((64, 32), (32, 32), (32, 16), (16, 16), (16, 8)):
-            causal_kernels.SCAN_BLOCK = tile
-            for setting in ((1, 3), (2, 3), (4, 3)):
-                LAUNCH["scan"] = setting
-                diff = max(((a - b).norm() / b.norm()).item() for a, b in zip(results(), baseline))
-                ms = triton.testing.do_bench(fwd_bwd, warmup=10, rep=100, return_mode="median")
-                print(f"SWEEP causal=True L={length} scan tile {tile} {setting}: fwd+bwd {ms:.3f} ms, "
-                      f"max rel diff {diff:.1e}", flush=True)
 
 
 def diagnose(args) -> None:

@@ -37,7 +37,7 @@ class CountOps(TorchDispatchMode):
 # query-output kernel (two launches), the causal forward computes its stabilisers in a kernel; the
 # causal backward gets dq, then dk and dv, from the carried states kept by the forward at this length
 # (recomputed: one kernel, from the forward's stabilisers)
-CAUSAL_STATES = ["_chunk_state_kernel", "_stabiliser_kernel", "_scan_kernel"]
+CAUSAL_STATES = ["_chunk_max_kernel", "_stabiliser_kernel", "_state_kernel"]
 CAUSAL_GRADS = ["_chunk_grad_kernel", "_rstate_kernel", "_chunk_grad_kernel"]
 BUDGET = {
     "noncausal": {"forward": (13, ["_key_state_kernel", "_query_out_kernel"]),

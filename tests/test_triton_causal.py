@@ -29,9 +29,9 @@ def test_matches_reference_fp32(kernel_fn, shape, mask, gen):
 
 
 @pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
-def test_several_feature_blocks_and_scan_tiles(kernel_fn, gen):
-    """m = 160: three feature blocks of 64 (the last one partial), each scanned in tiles of fewer rows
-    (the scan's per-block gains must follow the tiles), several chunks, ragged length."""
+def test_several_feature_blocks(kernel_fn, gen):
+    """m = 160: three feature blocks of 64 (the last one partial), each walked by the state kernels
+    in programs of fewer features, several chunks, ragged length."""
     inputs = make_inputs(1, 2, 150, 150, 16, 40, 160, torch.float32, gen, scale=1.5, mask="bool")
     check_against_reference(*inputs, kernel_fn, causal=True)
 
@@ -91,37 +91,58 @@ def test_backward_holds_the_output_only_beside_kept_states(keep, gen, monkeypatc
 
 @pytest.mark.parametrize("windows", [False, True])
 @pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
-def test_recomputed_states_equal_the_forwards(kernel_fn, windows, gen, monkeypatch):
-    """The backward's carried states (one sequential kernel from the forward's stabilisers) equal the
-    forward's (chunk states, stabilisers, scan) up to float32 rounding, in one window or several
-    (each window's states starting from the previous window's final state)."""
+def test_carried_states_are_the_sums_over_earlier_keys(kernel_fn, windows, gen, monkeypatch):
+    """The forward's stabilisers are ``c = cummax(max(r, floor))`` of the keys' logit maxima and its
+    carried states ``S_t = sum_{j < tC} phi_k[j] e^{-cprev_t} v_j`` (with ``z_t`` likewise) against a
+    float64 computation from the definition, in one window or several (each window's states
+    starting from the previous window's final state); the backward's recomputation (the same kernel
+    from the forward's stabilisers) gives them bit for bit."""
     from _triton_checks import _bias
 
+    from randattn.features import RELU_EPS
     from randattn.ops._triton_utils import launch_sizes, prepare_projection
     from randattn.ops.causal import triton as kernels
+    from randattn.ops.feature_maps import STABILISER_FLOOR
 
-    length = 2048 if CUDA else 300
-    q, k, v, projection, _, key_mask = make_inputs(1, 2, length, length, 32, 16, 80, torch.float32, gen, 1.5, "bool")
+    length, d, dv, m = (2048 if CUDA else 300), 32, 16, 80
+    q, k, v, projection, _, key_mask = make_inputs(1, 2, length, length, d, dv, m, torch.float32, gen, 1.5, "bool")
     if windows:  # windows of 2 chunks (CPU) or 16 (GPU), the last one short
         monkeypatch.setattr(kernels, "STABILISER_CHUNKS", 16 if CUDA else 2)
-        monkeypatch.setattr(kernels, "STATE_WINDOW_BYTES", (20 if CUDA else 2) * 2 * 80 * 16 * 4)
+        monkeypatch.setattr(kernels, "STATE_WINDOW_BYTES", (20 if CUDA else 2) * 2 * m * dv * 4)
         monkeypatch.setattr(kernels, "STATE_WINDOW_PER_Q", 0)
         monkeypatch.setattr(kernels, "STATE_WINDOW_KV", 0)
     sz = launch_sizes(q, v, projection, kernel_fn)
     w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
-    nt = -(-length // kernels.CHUNK)
-    nw = kernels._windows(2, nt, sz["m"], sz["dv"], False, kernels._bytes(q))
+    nt, chunk = -(-length // kernels.CHUNK), kernels.CHUNK
+    nw = kernels._windows(2, nt, m, dv, False, kernels._bytes(q))
     assert (nw < nt) == windows
     bias = _bias(key_mask)
+    # float64 features of every key, without a stabiliser (softmax: logits s_k, kept exponentiated later)
+    y, vv = k.double().flatten(0, 1), v.double().flatten(0, 1)
+    proj = y @ projection.double().T * d**-0.25
+    b = bias.double().repeat_interleave(2, 0)[:, :, None]
+    if kernel_fn == "softmax":
+        s = proj - 0.5 * d**-0.5 * (y * y).sum(-1, keepdim=True) + b
+        c = torch.cummax(s.amax(-1).clamp_min(STABILISER_FLOOR), dim=-1).values
+    else:
+        phi = (torch.relu(proj) * m**-0.5 + RELU_EPS) * b.exp()
+        c = torch.zeros(2, length, dtype=torch.float64, device=k.device)
     fwd = kernels._States(k, v, w_hi, w_lo, bias, sz, nw)
     bwd = kernels._KnownStates(k, v, w_hi, w_lo, bias, sz, nw, fwd.c, fwd.cprev, fwd.cend, fwd.decay)
     for t0, steps in kernels._window_starts(nt, nw):
         fwd.window(t0, steps)
         bwd.window(t0, steps)
-        for got, want in ((bwd.a, fwd.a), (bwd.za, fwd.za)):
-            got, want = got[:, :steps], want[:, :steps]
-            assert want.abs().max() > 0
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+        for t in range(t0, t0 + steps):
+            cprev = fwd.cprev[:, t].double()[:, None, None]
+            before = slice(0, t * chunk)
+            p = (s[:, before] - cprev).exp() if kernel_fn == "softmax" else phi[:, before] * (-cprev).exp()
+            want, want_z = p.transpose(1, 2) @ vv[:, before], p.sum(1)
+            got, got_z = fwd.a[:, t - t0].double(), fwd.za[:, t - t0].double()
+            scale = max(want.abs().max().item(), 1e-30)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * scale)
+            torch.testing.assert_close(got_z, want_z, rtol=1e-5, atol=1e-6 * max(want_z.abs().max().item(), 1e-30))
+        assert torch.equal(bwd.a[:, :steps], fwd.a[:, :steps]) and torch.equal(bwd.za[:, :steps], fwd.za[:, :steps])
+    torch.testing.assert_close(fwd.c.double(), c, rtol=1e-6, atol=1e-4)  # (the floor, -1e30, in float32)
 
 
 @pytest.mark.parametrize("forward", [False, True])
@@ -216,12 +237,12 @@ def test_stabiliser_kernel_equals_the_cummax_formula(length, window, gen):
     rp[0, : min(3, length)] = float("-inf")  # the first keys of head 0 dropped
     rp[1, length // 2 :: 3] = float("-inf")
     rp[2, :, 1] = float("-inf")
-    # the chunks' maxima per feature block, floored (as the chunk-state kernel writes them)
+    # the chunks' maxima per feature block, floored (as the chunk-maximum kernel writes them)
     padded = torch.full((nh, nt * chunk, nmb), float("-inf"), device=DEVICE)
     padded[:, :length] = rp
     mb = padded.view(nh, nt, chunk, nmb).amax(2).clamp_min(STABILISER_FLOOR)
-    shapes = ((nh, length), (nh, nt), (nh, nt), (nh, nt), (nh, nt, nmb))
-    c, cend, cprev, decay, gain = (torch.full(shape, float("nan"), device=DEVICE) for shape in shapes)
+    shapes = ((nh, length), (nh, nt), (nh, nt), (nh, nt))
+    c, cend, cprev, decay = (torch.full(shape, float("nan"), device=DEVICE) for shape in shapes)
     nw = nt if window is None else window
     for t0 in range(0, nt, nw):
         steps = min(nw, nt - t0)
@@ -229,7 +250,7 @@ def test_stabiliser_kernel_equals_the_cummax_formula(length, window, gen):
         part = rp[:, t0 * chunk : (t0 + nw) * chunk]
         rp_window[:, : part.shape[1]] = part
         _stabiliser_kernel[(-(-steps // 2), nh)](
-            rp_window, mb, c, cend, cprev, decay, gain, length, nt, nmb, t0, nw,
+            rp_window, mb, c, cend, cprev, decay, length, nt, nmb, t0, nw,
             BLOCK_NMB=4, BLOCK_C=chunk, CHUNKS=2, BLOCK_T=2,
         )  # fmt: skip
     want = torch.cummax(rp.amax(-1).clamp_min(STABILISER_FLOOR), dim=-1).values
@@ -239,8 +260,7 @@ def test_stabiliser_kernel_equals_the_cummax_formula(length, window, gen):
     assert torch.equal(c, want) and torch.equal(cend, want_end) and torch.equal(cprev, want_prev)
     # the GPU's exp of x rounds x log2(e) first: relative error up to ~|x| 1e-7
     torch.testing.assert_close(decay, torch.exp(want_prev - want_end), rtol=3e-5, atol=1e-30)
-    torch.testing.assert_close(gain, torch.exp(mb - want_end[..., None]), rtol=3e-5, atol=1e-30)
-    assert (decay <= 1).all() and (gain <= 1).all()  # the scales never grow along the chunks
+    assert (decay <= 1).all()  # the scales never grow along the chunks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -49,6 +49,7 @@ __all__ = [
     "finish_gradients",
     "query_state_grad_tile",
     "key_tiles",
+    "key_bias",
 ]
 
 #: Kernel function codes passed to the kernels as a compile-time constant.
@@ -145,8 +146,7 @@ LAUNCH: dict[str, tuple[int, int]] = {
     "*": (4, 2),
     "chunk_grad": (4, 1),
     "chunk_out": (4, 1),
-    "chunk_state": (4, 1),
-    "scan": (2, 3),
+    "chunk_max": (4, 1),
     "rstate": (4, 3),
     "state": (4, 4),
 }
@@ -529,11 +529,18 @@ def key_tiles(
     positions ``offs_s`` of head ``(n, h)``."""
     y = row_tile(K + n * sk_n + h * sk_h, offs_s, s_ok, offs_d, D, sk_s)
     vt = row_tile(V + n * sv_n + h * sv_h, offs_s, s_ok, offs_dv, DV, sv_s)
+    return y, vt, key_bias(BIAS, n, offs_s, s_ok, S, HAS_BIAS)
+
+
+@triton.jit
+def key_bias(BIAS, n, offs_s, s_ok, S, HAS_BIAS: tl.constexpr):
+    """The float32 key bias of positions ``offs_s`` of batch row ``n`` (``BIAS`` ``(N, S)`` when
+    ``HAS_BIAS``, else 0)."""
     if HAS_BIAS:
         b = tl.load(BIAS + n * S + offs_s, mask=s_ok, other=0.0)
     else:
         b = tl.zeros(offs_s.shape, tl.float32)
-    return y, vt, b
+    return b
 
 
 @triton.jit

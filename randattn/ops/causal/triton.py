@@ -7,25 +7,27 @@ chunk ``t - 1`` (``c_j`` cancels inside the state).
 
 Forward:
 
-1. ``_chunk_state_kernel`` (chunk x feature block, parallel): per chunk the partial state
-   ``A_t = sum_j exp(s_k[j] - M_t) v_j`` at the chunk's own maximum ``M_t`` and the row maxima ``r``.
+1. ``_chunk_max_kernel`` (chunk x feature block, parallel; softmax only): the keys' logit maxima
+   ``r`` and each chunk's maximum.
 2. ``_stabiliser_kernel`` (blocks of chunks, parallel): ``c = cummax(r)``, each chunk's end and the
    scale ``c_prev`` of its carried state.
-3. ``_scan_kernel``: sequential over chunks, parallel over ``(n, h)`` and feature blocks, it turns the
-   partials into the carried states in place.
+3. ``_state_kernel``: sequential over chunks with the state on chip, parallel over ``(n, h)`` and
+   feature blocks, it writes each chunk's carried state. (Partial states per chunk and a scan over
+   them took longer: H100, bf16, 4 x 8 heads, m = 256, op forward 1.89 / 7.36 ms at 16384 / 65536
+   positions against 1.66 / 6.50 with this step, the same states up to rounding.)
 4. ``_chunk_out_kernel`` (chunk-parallel): inter-chunk part ``phi_q S_t`` plus the intra-chunk
    quadratic part ``(phi_q phit_k^T * exp(c_j - c_i))_{j<=i} v``, divided by the matching denominator.
 
 States in windows: the carried states are ``N H L/C m d_v`` float32 values (537 MB for 4 x 8 heads,
 16384 positions, ``m = 256``, ``d_v = 64``). Unless they fit a window (see :func:`_windows`), steps 1-4
-run window by window (chunks ``t0 .. t0 + W``): the scan of a window starts from the previous
+run window by window (chunks ``t0 .. t0 + W``): the walk of a window starts from the previous
 window's final state (``CARRY``), and the stabilisers of a window need no later position, so the
 results equal those of one window bit for bit while only one window's states exist.
 
 Backward: the carried states again, window by window, unless the forward kept them (kept only up to
 :data:`KEEP_STATES_MAX_BYTES`, since a model of many layers would hold one such tensor per layer
 between the passes): ``_state_kernel`` recomputes them from the forward's stabilisers in one launch
-per window, walking the chunks with the state on chip;
+per window, bit-equal to the forward's;
 ``t_i = dout_i . num_i / den_i^2 = dout_i . out_i / den_i`` needs the float32 output: beside kept
 states the forward keeps it as ``hi + lo`` in the input dtype; otherwise ``_chunk_out_kernel``
 recomputes it in each window (``MODE`` 2) and writes only ``t``, so no second copy of the output
@@ -65,6 +67,7 @@ from .._triton_utils import (
     gradient_buffers,
     heads_last,
     kernel_dtype,
+    key_bias,
     key_tiles,
     launch_opts,
     launch_sizes,
@@ -133,9 +136,6 @@ def _keeps_states(nh: int, length: int, m: int, dv: int) -> bool:
 #: of 2 (``LAUNCH["state"]``): 6.68 / 25.53 against 6.79-6.80 / 26.07-26.08. Overridable for tuning runs.
 SEQ_BLOCK_M = int(os.environ.get("RANDATTN_TRITON_SEQ_BLOCK_M", "32"))
 
-#: Tile of the state scan (feature rows, value columns); overridable for tuning runs.
-SCAN_BLOCK = tuple(int(x) for x in os.environ.get("RANDATTN_TRITON_SCAN_BLOCK", "64,32").split(","))
-
 
 @triton.jit
 def _key_chunk(
@@ -169,12 +169,32 @@ def _key_chunk(
     FP32_DOT: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Keys ``offs_s`` against a feature block: ``(s, v)``. Softmax: ``s`` the logits plus the key
-    bias (``-inf`` for keys and features out of range), unstabilised; ReLU: ``s`` the features times
-    ``exp(bias)`` (0 out of range)."""
+    """Keys ``offs_s`` against a feature block: ``(s, v)`` (``s`` as in :func:`_key_logits`)."""
     y, vt, b = key_tiles(
         K, V, BIAS, n, h, offs_s, s_ok, offs_d, offs_dv, L, D, DV, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, HAS_BIAS
     )
+    s = _key_logits(y, b, s_ok, m_ok, wt_hi, wt_lo, wt_lo2, half_inv_sqrt_d, RELU_SCALE, EPS, KERNEL, FP32_DOT)
+    return s, vt
+
+
+@triton.jit
+def _key_logits(
+    y,
+    b,
+    s_ok,
+    m_ok,
+    wt_hi,
+    wt_lo,
+    wt_lo2,
+    half_inv_sqrt_d,
+    RELU_SCALE,
+    EPS,
+    KERNEL: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
+    """Key tile ``y`` (bias ``b``) against a feature block. Softmax: the logits plus the key bias
+    (``-inf`` for keys and features out of range), unstabilised; ReLU: the features times
+    ``exp(bias)`` (0 out of range)."""
     proj = logits_tile(y, wt_hi, wt_lo, wt_lo2, KERNEL, FP32_DOT)
     ok = s_ok[:, None] & m_ok[None, :]
     if KERNEL == 0:
@@ -183,50 +203,41 @@ def _key_chunk(
         s = tl.where(ok, proj - sq[:, None] + b[:, None], float("-inf"))
     else:
         s = tl.where(ok, (tl.maximum(proj, 0.0) * RELU_SCALE + EPS) * tl.exp(b)[:, None], 0.0)
-    return s, vt
+    return s
 
 
 @direct_launch
 @triton.jit
-def _chunk_state_kernel(
+def _chunk_max_kernel(
     K,
-    V,
     W_HI,
     W_LO,
     BIAS,
-    A,
-    ZA,
     MB,
     RP,
     sk_n,
     sk_h,
     sk_s,
-    sv_n,
-    sv_h,
-    sv_s,
     H,
     L,
     D,
-    DV,
     M,
     NT,
     NMB,
     T0,
     NW,
     half_inv_sqrt_d,
-    RELU_SCALE,
-    EPS,
     HAS_BIAS: tl.constexpr,
     KERNEL: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    STATE_PASSES: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
-    """Chunk ``T0 + program_id(1)`` of a window of ``NW`` chunks: ``A``, ``ZA``, ``RP`` are the window's
-    (chunk and position counted from ``T0``), ``MB`` the whole sequence's."""
+    """The keys' logit maxima of chunk ``T0 + program_id(1)`` (of a window of ``NW`` chunks) against
+    feature block ``program_id(0)``: per key ``RP`` (the window's, positions counted from ``T0``) and
+    over the chunk ``MB`` (the whole sequence's, floored). Softmax only: kept keys only (logit plus
+    bias; ``-inf`` for a dropped key)."""
     pid_m = tl.program_id(0)
     pid_w = tl.program_id(1)
     pid_t = T0 + pid_w
@@ -236,57 +247,14 @@ def _chunk_state_kernel(
     offs_s = pid_t * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_d = tl.arange(0, BLOCK_D)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
     s_ok = offs_s < L
     m_ok = offs_m < M
     wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
-    s, vt = _key_chunk(
-        K,
-        V,
-        BIAS,
-        n,
-        h,
-        offs_s,
-        s_ok,
-        offs_d,
-        offs_dv,
-        m_ok,
-        wt_hi,
-        wt_lo,
-        wt_lo2,
-        sk_n,
-        sk_h,
-        sk_s,
-        sv_n,
-        sv_h,
-        sv_s,
-        L,
-        D,
-        DV,
-        half_inv_sqrt_d,
-        RELU_SCALE,
-        EPS,
-        HAS_BIAS,
-        KERNEL,
-        FP32_DOT,
-        BLOCK_C,
-    )
-    if KERNEL == 0:
-        # row maxima of kept keys only (logit plus bias; -inf for a dropped key)
-        rmax = tl.max(s, 1)
-        mx = tl.maximum(tl.max(rmax, 0), NEG_BIG)
-        p = tl.exp(s - mx)
-    else:
-        rmax = tl.zeros((BLOCK_C,), tl.float32)
-        mx = 0.0
-        p = s
-    acc = mm_exact_b(tl.trans(p), vt, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), STATE_PASSES, FP32_DOT)
-    base = pid_nh * NW + pid_w
-    tl.store(
-        A + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :], acc, mask=m_ok[:, None] & (offs_dv[None, :] < DV)
-    )
-    tl.store(ZA + base * M + offs_m, tl.sum(p, 0), mask=m_ok)
-    tl.store(MB + (pid_nh * NT + pid_t) * NMB + pid_m, mx)
+    y = row_tile(K + n * sk_n + h * sk_h, offs_s, s_ok, offs_d, D, sk_s)
+    b = key_bias(BIAS, n, offs_s, s_ok, L, HAS_BIAS)
+    s = _key_logits(y, b, s_ok, m_ok, wt_hi, wt_lo, wt_lo2, half_inv_sqrt_d, 0.0, 0.0, KERNEL, FP32_DOT)
+    rmax = tl.max(s, 1)
+    tl.store(MB + (pid_nh * NT + pid_t) * NMB + pid_m, tl.maximum(tl.max(rmax, 0), NEG_BIG))
     tl.store(RP + (pid_nh * NW * BLOCK_C + offs_s - T0 * BLOCK_C) * NMB + pid_m, rmax, mask=s_ok)
 
 
@@ -322,67 +290,6 @@ def _carry_out(CARRY, CARRY_Z, st, sz, pid_nh, offs_m, offs_dv, s_mask, z_mask, 
     if HAS_CARRY:
         tl.store(CARRY + pid_nh * M * DV + offs_m[:, None] * DV + offs_dv[None, :], st, mask=s_mask)
         tl.store(CARRY_Z + pid_nh * M + offs_m, sz, mask=z_mask)
-
-
-@direct_launch
-@triton.jit
-def _scan_kernel(
-    X,
-    XZ,
-    DECAY,
-    GAIN,
-    CARRY,
-    CARRY_Z,
-    NT,
-    NW,
-    SF,
-    M,
-    DV,
-    NMB,
-    HAS_CARRY: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    FEATURE_BLOCK: tl.constexpr,
-):
-    """In place: ``X[t] <- state before step t``; ``state <- state * DECAY[t] + X[t] * GAIN[t, block]``,
-    for ``NT`` steps.
-
-    ``X`` holds ``NW`` steps per head, ``DECAY`` and ``GAIN`` ``SF`` steps per head (the scan of a
-    window of chunks gets views that start at its first chunk). ``HAS_CARRY``: the state starts from
-    ``CARRY``, ``CARRY_Z`` (one per head; the previous window's final state) and ends there.
-
-    A tile is ``BLOCK_M`` rows of a feature block of ``FEATURE_BLOCK`` (``GAIN`` has one value per
-    feature block) by ``BLOCK_DV`` columns. Measured on the H100 (bf16, B=4, 8 heads, m=256,
-    d_v=64, fwd+bwd of the op with state windows, 16384 / 65536 positions; warps, stages): 64 x 32
-    with (2, 3) 8.70 / 34.79 ms; 32 x 64 (2, 2) 8.70 / 34.80; 64 x 64 (1, 3) 9.78 / 39.64; 32 x 32
-    (1, 4) 9.55 / 38.31; 64 x 32 (1, 3) 10.28 / 41.49; four warps and 16-wide tiles 11.3-14.1 /
-    45-56. The factors are loaded, not computed here: the loop is latency-bound.
-    """
-    pid_m = tl.program_id(0)
-    pid_dv = tl.program_id(1)
-    pid_nh = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    mask = (offs_m[:, None] < M) & (offs_dv[None, :] < DV)
-    m_ok = offs_m < M
-    do_z = (offs_m * 0 + pid_dv) == 0
-    st, sz = _carry_in(CARRY, CARRY_Z, pid_nh, offs_m, offs_dv, mask, m_ok & do_z, M, DV, HAS_CARRY, BLOCK_M, BLOCK_DV)
-    for t in range(0, NT):
-        base = pid_nh * NW + t
-        fbase = pid_nh * SF + t
-        ptrs = X + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :]
-        x = tl.load(ptrs, mask=mask, other=0.0)
-        xz = tl.load(XZ + base * M + offs_m, mask=m_ok & do_z, other=0.0)
-        decay = tl.load(DECAY + fbase)
-        # loaded before the stores below, which the compiler cannot move it across
-        gain = tl.load(GAIN + fbase * NMB + (pid_m * BLOCK_M) // FEATURE_BLOCK)
-        x = x * gain
-        xz = xz * gain
-        tl.store(ptrs, st, mask=mask)
-        tl.store(XZ + base * M + offs_m, sz, mask=m_ok & do_z)
-        st = st * decay + x
-        sz = sz * decay + xz
-    _carry_out(CARRY, CARRY_Z, st, sz, pid_nh, offs_m, offs_dv, mask, m_ok & do_z, M, DV, HAS_CARRY)
 
 
 @direct_launch
@@ -427,14 +334,13 @@ def _state_kernel(
     FP32_DOT: tl.constexpr,
     HAS_CARRY: tl.constexpr,
 ):
-    """The carried states again, from stabilisers already known (the backward's recomputation), for
-    one feature block: chunk by chunk, ``A[t]``, ``ZA[t]`` get the state before chunk ``t``, then
-    ``state <- state * DECAY[t] + sum_j exp(s_k[j] - c_end) v_j`` (ReLU: the features times
-    ``exp(-c_end) = 1``), the state on chip between chunks. The values of steps 1-3 of the module
-    docstring up to rounding: one launch instead of three, and no partial states through memory
-    (H100, bf16, B=4, 8 heads, m=256, d_v=64, op fwd+bwd at 4096 / 16384 / 65536 positions, 64
-    features per program: 2.40 / 7.47 / 30.00 ms before, 2.07 / 7.24 / 29.01 after; per-kernel time
-    at 16384 0.86 ms against 1.01 for the three kernels).
+    """The carried states from known stabilisers (step 3 of the module docstring, and the backward's
+    recomputation), for one feature block: chunk by chunk, ``A[t]``, ``ZA[t]`` get the state before
+    chunk ``t``, then ``state <- state * DECAY[t] + sum_j exp(s_k[j] - c_end) v_j`` (ReLU: the
+    features times ``exp(-c_end) = 1``), the state on chip between chunks: no partial states through
+    memory (H100, bf16, B=4, 8 heads, m=256, d_v=64, backward's recomputation, op fwd+bwd at 4096 /
+    16384 / 65536 positions, 64 features per program: 2.40 / 7.47 / 30.00 ms with partial states and
+    a scan, 2.07 / 7.24 / 29.01 with this kernel).
 
     Runs chunks ``T0 .. T0 + STEPS`` (``A``, ``ZA`` hold a window of ``NW`` chunks from ``T0``);
     ``HAS_CARRY``: the state starts from ``CARRY``, ``CARRY_Z`` (the previous window's final state)
@@ -515,7 +421,6 @@ def _stabiliser_kernel(
     CEND,
     CPREV,
     DECAY,
-    GAIN,
     L,
     NT,
     NMB,
@@ -530,8 +435,8 @@ def _stabiliser_kernel(
     chunk's last position) and ``CPREV`` (the previous chunk's end; for chunk 0 ``c_0``, the smallest
     scale of that chunk), for ``CHUNKS`` chunks of ``BLOCK_C`` positions per program. The running
     maximum before the program's first chunk comes from the chunks' maxima ``MB`` (``(NT, NMB)`` per
-    head, floored), so the programs of a head run in parallel. Also the forward scan's factors
-    ``DECAY = exp(CPREV - CEND)`` and ``GAIN = exp(MB - CEND)``. The programs cover the window of
+    head, floored), so the programs of a head run in parallel. Also the states' decay from one chunk's
+    end to the next, ``DECAY = exp(CPREV - CEND)``. The programs cover the window of
     chunks from ``T0`` (a multiple of ``CHUNKS``), whose row maxima ``RP`` hold ``NW`` chunks per head
     (positions counted from the window's first)."""
     pid_s = tl.program_id(0)
@@ -575,9 +480,6 @@ def _stabiliser_kernel(
     tl.store(CEND + pid * NT + offs_t, cend, mask=t_ok)
     tl.store(CPREV + pid * NT + offs_t, cprev, mask=t_ok)
     tl.store(DECAY + pid * NT + offs_t, tl.exp(cprev - cend), mask=t_ok)
-    gmask = t_ok[:, None] & (offs_b[None, :] < NMB)
-    g_ptrs = (pid * NT + offs_t[:, None]) * NMB + offs_b[None, :]
-    tl.store(GAIN + g_ptrs, tl.exp(tl.load(MB + g_ptrs, mask=gmask, other=0.0) - cend[:, None]), mask=gmask)
 
 
 @triton.jit
@@ -1472,122 +1374,16 @@ def _bytes(x: torch.Tensor) -> int:
     return x.numel() * x.element_size()
 
 
-def _scan(x, xz, decay, gain, nmb, sz, steps, carry=None):
-    """States in place (see ``_scan_kernel``) for ``steps`` chunks; ``x`` holds a window of
-    ``x.shape[1]`` chunks, ``decay`` and ``gain`` are views from the window's first chunk;
-    ``carry``: ``(state, sums)`` carried in and out."""
-    nh = x.shape[0]
-    block_m = min(sz["BLOCK_M"], SCAN_BLOCK[0])
-    block_dv = min(sz["BLOCK_DV"], SCAN_BLOCK[1])
-    _scan_kernel[(cdiv(sz["m"], block_m), cdiv(sz["dv"], block_dv), nh)](
-        x,
-        xz,
-        decay,
-        gain,
-        x if carry is None else carry[0],
-        xz if carry is None else carry[1],
-        steps,
-        x.shape[1],
-        decay.stride(0),
-        sz["m"],
-        sz["dv"],
-        nmb,
-        HAS_CARRY=carry is not None,
-        BLOCK_M=block_m,
-        BLOCK_DV=block_dv,
-        FEATURE_BLOCK=sz["BLOCK_M"],
-        **launch_opts("scan"),
-    )
-
-
 #: Chunks per program of the stabiliser kernel.
 STABILISER_CHUNKS = 16
 
 
-class _States:
-    """The carried states ``S_t`` window by window (steps 1-3 of the module docstring).
-
-    Holds the stabilisers of the whole sequence (``c``, ``cprev``, ``cend``, ``decay``, filled window
-    by window), one window's buffers ``a`` ``(N H, W, m, d_v)`` and ``za`` ``(N H, W, m)``, and the
-    state carried between windows. :meth:`window` turns chunks ``t0 .. t0 + steps`` into their carried
-    states in ``a``, ``za`` (at the scale of each previous chunk's end); windows must come in order.
-    """
-
-    def __init__(self, k, v, w_hi, w_lo, key_bias, sz, nw):
-        n, h, length, _ = k.shape
-        self.args = (k, v, w_hi, w_lo, key_bias, sz)
-        nh, nt = n * h, cdiv(length, CHUNK)
-        self.nmb = nmb = cdiv(sz["m"], sz["BLOCK_M"])
-        f32 = dict(device=k.device, dtype=torch.float32)
-        self.a = torch.empty(nh, nw, sz["m"], sz["dv"], **f32)
-        self.za = torch.empty(nh, nw, sz["m"], **f32)
-        self.carry = _zero_carry(nh, sz, k.device) if nw < nt else None
-        self.mb = torch.empty(nh, nt, nmb, **f32)
-        self.rp = torch.empty(nh, nw * CHUNK, nmb, **f32)
-        self.c = torch.empty(nh, length, **f32)
-        self.cend = torch.empty(nh, nt, **f32)
-        self.cprev = torch.empty(nh, nt, **f32)
-        self.decay = torch.empty(nh, nt, **f32)
-        self.gain = torch.empty(nh, nt, nmb, **f32)
-
-    def window(self, t0: int, steps: int) -> None:
-        k, v, w_hi, w_lo, key_bias, sz = self.args
-        n, h, length, _ = k.shape
-        nh, nt, nw = n * h, self.decay.shape[1], self.a.shape[1]
-        _chunk_state_kernel[(self.nmb, steps, nh)](
-            k,
-            v,
-            w_hi,
-            w_lo,
-            key_bias.contiguous() if key_bias is not None else self.a,
-            self.a,
-            self.za,
-            self.mb,
-            self.rp,
-            *_strides(k, v),
-            *_sizes(h, length, sz),
-            self.nmb,
-            t0,
-            nw,
-            *_consts(sz),
-            HAS_BIAS=key_bias is not None,
-            **_tiles(sz),
-            STATE_PASSES=PRECISION.fwd_state,
-            FP32_DOT=PRECISION.fp32_dot,
-            **launch_opts("chunk_state", sz),
-        )
-        # c = cummax(max(r, STABILISER_FLOOR)): the floor before the first kept key (its exp factors
-        # are 0 or 1, never NaN). The (empty) state of chunk 0 takes the scale of position 0, the
-        # smallest of that chunk, so every factor exp(cprev - c_i) is at most 1 (chunk 0's end can
-        # stand more than 88 above position 0: exp would overflow to inf, and inf times the empty
-        # state is NaN). c depends on earlier positions only, so a window's stabilisers need no later one.
-        _stabiliser_kernel[(cdiv(steps, STABILISER_CHUNKS), nh)](
-            self.rp,
-            self.mb,
-            self.c,
-            self.cend,
-            self.cprev,
-            self.decay,
-            self.gain,
-            length,
-            nt,
-            self.nmb,
-            t0,
-            nw,
-            BLOCK_NMB=next_pow2(self.nmb),
-            BLOCK_C=CHUNK,
-            CHUNKS=STABILISER_CHUNKS,
-            BLOCK_T=256,
-            num_warps=4,
-            num_stages=1,
-        )
-        _scan(self.a, self.za, _from(self.decay, t0), _from(self.gain, t0), self.nmb, sz, steps, self.carry)
-
-
 class _KnownStates:
-    """The carried states window by window from the forward's stabilisers (``c``, ``cprev``,
-    ``cend``, ``decay``): one :func:`_state_kernel` launch per window; the same attributes as
-    :class:`_States` for the kernels that read them."""
+    """The carried states window by window from known stabilisers (``c``, ``cprev``, ``cend``,
+    ``decay``): one :func:`_state_kernel` launch per window. Holds one window's buffers ``a``
+    ``(N H, W, m, d_v)`` and ``za`` ``(N H, W, m)`` and the state carried between windows;
+    :meth:`window` turns chunks ``t0 .. t0 + steps`` into their carried states in ``a``, ``za`` (at
+    the scale of each previous chunk's end); windows must come in order."""
 
     def __init__(self, k, v, w_hi, w_lo, key_bias, sz, nw, c, cprev, cend, decay):
         nh, nt = cend.shape
@@ -1629,6 +1425,87 @@ class _KnownStates:
         )
 
 
+class _States(_KnownStates):
+    """The carried states ``S_t`` window by window (steps 1-3 of the module docstring), with the
+    stabilisers of the whole sequence (``c``, ``cprev``, ``cend``, ``decay``) filled window by window
+    (softmax; the ReLU features need none: ``c = 0``, ``decay = 1``)."""
+
+    def __init__(self, k, v, w_hi, w_lo, key_bias, sz, nw):
+        n, h, length, _ = k.shape
+        nh, nt = n * h, cdiv(length, CHUNK)
+        self.nmb = nmb = cdiv(sz["m"], sz["BLOCK_M"])
+        f32 = dict(device=k.device, dtype=torch.float32)
+        self.softmax = sz["KERNEL"] == 0
+        if self.softmax:
+            self.mb = torch.empty(nh, nt, nmb, **f32)
+            self.rp = torch.empty(nh, nw * CHUNK, nmb, **f32)
+            stabilisers = (torch.empty(nh, length, **f32), *(torch.empty(nh, nt, **f32) for _ in range(3)))
+        else:
+            zeros = torch.zeros(nh, nt, **f32)
+            stabilisers = (torch.zeros(nh, length, **f32), zeros, zeros, torch.ones(nh, nt, **f32))
+        super().__init__(k, v, w_hi, w_lo, key_bias, sz, nw, *stabilisers)
+
+    def window(self, t0: int, steps: int) -> None:
+        if self.softmax:
+            self._stabilisers(t0, steps)
+        super().window(t0, steps)
+
+    def _stabilisers(self, t0: int, steps: int) -> None:
+        k, _, w_hi, w_lo, key_bias, sz = self.args
+        n, h, length, _ = k.shape
+        nh, nt, nw = n * h, self.decay.shape[1], self.a.shape[1]
+        tiles = _tiles(sz)
+        _chunk_max_kernel[(self.nmb, steps, nh)](
+            k,
+            w_hi,
+            w_lo,
+            key_bias.contiguous() if key_bias is not None else self.c,
+            self.mb,
+            self.rp,
+            *k.stride()[:3],
+            h,
+            length,
+            sz["d"],
+            sz["m"],
+            nt,
+            self.nmb,
+            t0,
+            nw,
+            sz["half"],
+            HAS_BIAS=key_bias is not None,
+            KERNEL=tiles["KERNEL"],
+            BLOCK_C=CHUNK,
+            BLOCK_D=tiles["BLOCK_D"],
+            BLOCK_M=tiles["BLOCK_M"],
+            FP32_DOT=PRECISION.fp32_dot,
+            **launch_opts("chunk_max", sz),
+        )
+        # c = cummax(max(r, STABILISER_FLOOR)): the floor before the first kept key (its exp factors
+        # are 0 or 1, never NaN). The (empty) state of chunk 0 takes the scale of position 0, the
+        # smallest of that chunk, so every factor exp(cprev - c_i) is at most 1 (chunk 0's end can
+        # stand more than 88 above position 0: exp would overflow to inf, and inf times the empty
+        # state is NaN). c depends on earlier positions only, so a window's stabilisers need no later one.
+        _stabiliser_kernel[(cdiv(steps, STABILISER_CHUNKS), nh)](
+            self.rp,
+            self.mb,
+            self.c,
+            self.cend,
+            self.cprev,
+            self.decay,
+            length,
+            nt,
+            self.nmb,
+            t0,
+            nw,
+            BLOCK_NMB=next_pow2(self.nmb),
+            BLOCK_C=CHUNK,
+            CHUNKS=STABILISER_CHUNKS,
+            BLOCK_T=256,
+            num_warps=4,
+            num_stages=1,
+        )
+
+
 class _Lag:
     """The local window's neighbouring state between windows of chunks.
 
@@ -1651,11 +1528,6 @@ class _Lag:
         if self.state is not self.a:
             self.state.copy_(self.a[:, index])
             self.sums.copy_(self.za[:, index])
-
-
-def _from(x: torch.Tensor, t0: int) -> torch.Tensor:
-    """``x[:, t0:]`` (``x`` itself for ``t0 = 0``: no view op on the common one-window path)."""
-    return x[:, t0:] if t0 else x
 
 
 def _zero_carry(nh: int, sz: dict, device) -> tuple[torch.Tensor, torch.Tensor]:

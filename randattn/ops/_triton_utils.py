@@ -70,7 +70,7 @@ class Precision:
 
     Attributes:
         fwd_state, fwd_mixed: those two counts in the forward kernels (the causal forward's output
-            product uses ``mixed``: its backward reads that output).
+            product uses ``mixed`` where its backward reads that output: beside kept states).
         state, mixed: the same in the backward kernels (which also recompute forward quantities).
         grad_w: products of the feature gradients with the projection (``dq``, ``dk``; these are
             differences of two nearly equal terms, so their error is amplified).

@@ -145,6 +145,17 @@ def test_carried_states_are_the_sums_over_earlier_keys(kernel_fn, windows, gen, 
     torch.testing.assert_close(fwd.c.double(), c, rtol=1e-6, atol=1e-4)  # (the floor, -1e30, in float32)
 
 
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+def test_custom_op_outputs_do_not_alias(kernel_fn, gen):
+    """The forward custom op returns distinct storages (a custom op's outputs may not alias each
+    other), also for the ReLU kernel, whose stabilisers are constants."""
+    import randattn.ops.causal.triton  # noqa: F401  (registers the op)
+
+    q, k, v, projection, _, _ = make_inputs(1, 2, 100, 100, 16, 16, 32, torch.float32, gen)
+    outputs = [t for t in torch.ops.randattn.causal_fwd(q, k, v, projection, kernel_fn, None, 0) if t.numel()]
+    assert len({t.untyped_storage().data_ptr() for t in outputs}) == len(outputs) >= 8
+
+
 @pytest.mark.parametrize("forward", [False, True])
 @pytest.mark.parametrize("floor", [1 << 20, 64 << 20])
 @pytest.mark.parametrize("keep", [False, True])

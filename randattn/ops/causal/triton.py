@@ -1441,8 +1441,9 @@ class _States(_KnownStates):
             self.rp = torch.empty(nh, nw * CHUNK, nmb, **f32)
             stabilisers = (torch.empty(nh, length, **f32), *(torch.empty(nh, nt, **f32) for _ in range(3)))
         else:
-            zeros = torch.zeros(nh, nt, **f32)
-            stabilisers = (torch.zeros(nh, length, **f32), zeros, zeros, torch.ones(nh, nt, **f32))
+            # separate tensors: the custom op returns each of them, and its outputs may not alias
+            stabilisers = (torch.zeros(nh, length, **f32), *(torch.zeros(nh, nt, **f32) for _ in range(2)))
+            stabilisers += (torch.ones(nh, nt, **f32),)
         super().__init__(k, v, w_hi, w_lo, key_bias, sz, nw, *stabilisers)
 
     def window(self, t0: int, steps: int) -> None:

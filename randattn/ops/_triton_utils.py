@@ -50,6 +50,7 @@ __all__ = [
     "query_state_grad_tile",
     "key_tiles",
     "key_bias",
+    "query_rows",
 ]
 
 #: Kernel function codes passed to the kernels as a compile-time constant.
@@ -530,6 +531,43 @@ def key_tiles(
     y = row_tile(K + n * sk_n + h * sk_h, offs_s, s_ok, offs_d, D, sk_s)
     vt = row_tile(V + n * sv_n + h * sv_h, offs_s, s_ok, offs_dv, DV, sv_s)
     return y, vt, key_bias(BIAS, n, offs_s, s_ok, S, HAS_BIAS)
+
+
+@triton.jit
+def query_rows(
+    Q,
+    DO,
+    CQ,
+    DEN,
+    n,
+    h,
+    pid_nh,
+    offs,
+    ok,
+    offs_d,
+    offs_dv,
+    L,
+    D,
+    DV,
+    sq_n,
+    sq_h,
+    sq_l,
+    sd_n,
+    sd_h,
+    sd_l,
+    half_inv_sqrt_d,
+):
+    """What a gradient kernel reads of query rows ``offs`` of head ``(n, h)``: the queries ``x`` and
+    output gradients ``do`` (0 where not ``ok``), ``sq = |x|^2 / (2 sqrt(d))``, the forward's query
+    scales ``cq`` and denominators ``den`` (1 where not ``ok``), and ``1 / den`` (1 for a zero ``den``)."""
+    x = row_tile(Q + n * sq_n + h * sq_h, offs, ok, offs_d, D, sq_l)
+    do = row_tile(DO + n * sd_n + h * sd_h, offs, ok, offs_dv, DV, sd_l)
+    xf = x.to(tl.float32)
+    sq = tl.sum(xf * xf, 1) * half_inv_sqrt_d
+    cq = tl.load(CQ + pid_nh * L + offs, mask=ok, other=0.0)
+    den = tl.load(DEN + pid_nh * L + offs, mask=ok, other=1.0)
+    inv_den = 1.0 / tl.where(den == 0.0, 1.0, den)
+    return x, do, sq, cq, den, inv_den
 
 
 @triton.jit

@@ -81,6 +81,7 @@ from .._triton_utils import (
     next_pow2,
     prepare_projection,
     query_floor,
+    query_rows,
     query_state_grad_tile,
     row_tile,
     rows_contiguous,
@@ -1067,19 +1068,16 @@ def _chunk_grad_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     c_ok = offs_c < L
-    x = row_tile(Q + n * sq_n + h * sq_h, offs_c, c_ok, offs_d, D, sq_l)
+    x, do, sqx, cq, den, inv_den = query_rows(
+        Q, DO, CQ, DEN, n, h, pid_nh, offs_c, c_ok, offs_d, offs_dv, L, D, DV,
+        sq_n, sq_h, sq_l, sd_n, sd_h, sd_l, half_inv_sqrt_d,
+    )  # fmt: skip
     y, vt, b = key_tiles(
         K, V, BIAS, n, h, offs_c, c_ok, offs_d, offs_dv, L, D, DV, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, HAS_BIAS
     )
-    do = row_tile(DO + n * sd_n + h * sd_h, offs_c, c_ok, offs_dv, DV, sd_l)
-    xf = x.to(tl.float32)
-    sqx = tl.sum(xf * xf, 1) * half_inv_sqrt_d
     yf = y.to(tl.float32)
     sqy = tl.sum(yf * yf, 1) * half_inv_sqrt_d
     cc = tl.load(C + pid_nh * L + offs_c, mask=c_ok, other=0.0)
-    cq = tl.load(CQ + pid_nh * L + offs_c, mask=c_ok, other=0.0)
-    den = tl.load(DEN + pid_nh * L + offs_c, mask=c_ok, other=1.0)
-    inv_den = 1.0 / tl.where(den == 0.0, 1.0, den)
     t = _row_t(
         OUT,
         OUT_LO,
@@ -1153,14 +1151,11 @@ def _chunk_grad_kernel(
         else:
             offs_nx = offs_c + BLOCK_C
             n_ok = offs_nx < L
-            xn = row_tile(Q + n * sq_n + h * sq_h, offs_nx, n_ok, offs_d, D, sq_l)
-            don = row_tile(DO + n * sd_n + h * sd_h, offs_nx, n_ok, offs_dv, DV, sd_l)
-            xnf = xn.to(tl.float32)
-            sqxn = tl.sum(xnf * xnf, 1) * half_inv_sqrt_d
+            xn, don, sqxn, cqn, denn, inv_denn = query_rows(
+                Q, DO, CQ, DEN, n, h, pid_nh, offs_nx, n_ok, offs_d, offs_dv, L, D, DV,
+                sq_n, sq_h, sq_l, sd_n, sd_h, sd_l, half_inv_sqrt_d,
+            )  # fmt: skip
             ccn = tl.load(C + pid_nh * L + offs_nx, mask=n_ok, other=0.0)
-            cqn = tl.load(CQ + pid_nh * L + offs_nx, mask=n_ok, other=0.0)
-            denn = tl.load(DEN + pid_nh * L + offs_nx, mask=n_ok, other=1.0)
-            inv_denn = 1.0 / tl.where(denn == 0.0, 1.0, denn)
             tn = _row_t(
                 OUT,
                 OUT_LO,
@@ -1277,7 +1272,7 @@ def _chunk_grad_kernel(
     g_mask = c_ok[:, None] & (offs_d[None, :] < D)
     if SIDE == 0:
         if KERNEL == 0:
-            dx = dx - rsq[:, None] * xf * (2.0 * half_inv_sqrt_d)
+            dx = dx - rsq[:, None] * x.to(tl.float32) * (2.0 * half_inv_sqrt_d)
         if WINDOW > 0:
             # exact pairs: dq_i += sum_j dA_ij A_ij k_j / sqrt(d) (A the exact weight)
             near = keep & (offs_c[:, None] - offs_j[None, :] < WINDOW)

@@ -56,6 +56,7 @@ from .._triton_utils import (
     next_pow2,
     prepare_projection,
     query_floor,
+    query_rows,
     query_state_grad_tile,
     row_tile,
     rows_contiguous,
@@ -442,13 +443,10 @@ def _query_grad_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     l_ok = offs_l < L
-    x = row_tile(Q + n * sq_n + h * sq_h, offs_l, l_ok, offs_d, D, sq_l)
-    do = row_tile(DO + n * sd_n + h * sd_h, offs_l, l_ok, offs_dv, DV, sd_l)
-    xf = x.to(tl.float32)
-    sq = tl.sum(xf * xf, 1) * half_inv_sqrt_d
-    cq = tl.load(CQ + pid_nh * L + offs_l, mask=l_ok, other=0.0)
-    den = tl.load(DEN + pid_nh * L + offs_l, mask=l_ok, other=1.0)
-    inv_den = 1.0 / tl.where(den == 0.0, 1.0, den)
+    x, do, sq, cq, den, inv_den = query_rows(
+        Q, DO, CQ, DEN, n, h, pid_nh, offs_l, l_ok, offs_d, offs_dv, L, D, DV,
+        sq_n, sq_h, sq_l, sd_n, sd_h, sd_l, half_inv_sqrt_d,
+    )  # fmt: skip
     # t_i = dout_i . num_i / den_i^2 with dout_i . num_i = sum_m phi_im g_im, g = dout S^T: a first pass
     # over the feature blocks (float32 accurate; nothing of the forward's output is kept for it)
     u = tl.zeros((BLOCK_L,), tl.float32)
@@ -477,7 +475,7 @@ def _query_grad_kernel(
         w_hi, w_lo = load_w(W_HI, W_LO, offs_m, offs_d, D, M)
         dx = mm_mixed_w(ds, w_hi, w_lo, dx, GRADW_PASSES, FP32_DOT)
     if KERNEL == 0:
-        dx = dx - rs[:, None] * xf * (2.0 * half_inv_sqrt_d)
+        dx = dx - rs[:, None] * x.to(tl.float32) * (2.0 * half_inv_sqrt_d)
     tl.store(
         DQ + n * sg_n + h * sg_h + offs_l[:, None] * sg_l + offs_d[None, :],
         dx.to(DQ.dtype.element_ty),

@@ -651,7 +651,8 @@ def _chunk_out_kernel(
     """Forward output of chunk ``T0 + program_id(0)``; ``ST``, ``SZ`` hold the states of a window of
     ``NW`` chunks from ``T0``. ``MODE`` 0: the output as ``hi + lo`` in the output dtype
     (float32-accurate for the backward), the scales ``CQ`` and denominators ``DEN``; 1: the same
-    without ``lo``; 2 (in the backward): only ``T = dout . out / den`` from the float32 output.
+    without ``lo`` (from one-pass products: see ``_out_launch``); 2 (in the backward): ``T = dout .
+    out / den`` from the float32 output, and ``DEN`` again, float32-accurate, for the backward's kernels.
 
     ``WINDOW > 0`` (softmax, at most ``BLOCK_C``): the pairs ``0 <= i - j < WINDOW`` get the exact
     weight (:func:`_exact_weights`) instead of their estimate. The queries then take the state of
@@ -802,6 +803,7 @@ def _chunk_out_kernel(
     if MODE == 2:
         do = row_tile(DO + n * sd_n + h * sd_h, offs_c, c_ok, offs_dv, DV, sd_l)
         tl.store(T + pid_nh * L + offs_c, tl.sum(do.to(tl.float32) * out, 1) * inv_den, mask=c_ok)
+        tl.store(DEN + pid_nh * L + offs_c, den, mask=c_ok)
     else:
         out_hi = out.to(OUT.dtype.element_ty)
         o_ptrs = n * so_n + h * so_h + offs_c[:, None] * so_l + offs_dv[None, :]
@@ -1613,7 +1615,9 @@ def _out_launch(
         STATE_PASSES=PRECISION.fwd_state,
         # the backward's t_i = dout_i . out_i / den_i reads the output of modes 0 and 2: float32-accurate
         # (one pass there gave dq 1.6-2.8x the reference's error on the H100; full passes: equal to
-        # it); mode 1's output is only rounded to the input dtype, like the non-causal forward's
+        # it); mode 1's output is only rounded to the input dtype, like the non-causal forward's, and
+        # its denominators are written again by mode 2 (one pass there gave dk 3.3x the reference's
+        # error on the H100: ReLU, bf16, d = d_v = m = 16)
         MIXED_PASSES=PRECISION.fwd_mixed if mode == 1 else PRECISION.mixed,
         FP32_DOT=PRECISION.fp32_dot,
         MODE=mode,
@@ -1691,9 +1695,11 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *save
         nw = _windows(nh, nt, sz["m"], sz["dv"], False, _bytes(q))
         states = _KnownStates(k, v, w_hi, w_lo, key_bias, sz, nw, c, cprev, cend, decay)
         lag = _Lag(states.a, states.za, window, nt)
+        # the forward's denominators came from one-pass products: the t pass writes them again
+        den = torch.empty_like(den)
         for t0, steps in _window_starts(nt, nw):
             states.window(t0, steps)
-            _out_launch(q, k, v, w_hi, w_lo, key_bias, states, sz, t0, steps, out, out, t, t, lag, dout, t, mode=2)
+            _out_launch(q, k, v, w_hi, w_lo, key_bias, states, sz, t0, steps, out, out, t, den, lag, dout, t, mode=2)
             grad_launch(0, states.a, states.za, lag, t0, steps)
             lag.keep(steps - 1)
         del states, lag  # freed before the later queries' states exist

@@ -70,6 +70,30 @@ def test_carried_states_kept_recomputed_or_windowed_match(kernel_fn, mode, gen, 
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("unroll", [2, 3])
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+def test_chunks_per_step_of_the_state_walks_change_nothing(kernel_fn, unroll, gen, monkeypatch):
+    """The sequential state kernels taking 2 or 3 chunks per step give the output and gradients of
+    1 chunk per step bit for bit (the states are summed in the same order). Windows of 3 (2) chunks
+    for 2 (3) per step: steps run past the end of windows whose final state the next window takes."""
+    from randattn.ops.causal import triton as kernels
+
+    length, dtype = (2048, torch.bfloat16) if CUDA else (500, torch.float32)
+    inputs = make_inputs(1, 2, length, length, 32, 16, 80, dtype, gen, scale=1.5, mask="bool")
+    chunks = 16 if CUDA else 5 - unroll
+    monkeypatch.setattr(kernels, "KEEP_STATES_MAX_BYTES", 0)
+    monkeypatch.setattr(kernels, "STABILISER_CHUNKS", chunks if CUDA else 1)
+    monkeypatch.setattr(kernels, "STATE_WINDOW_BYTES", chunks * 2 * 80 * 16 * 4)
+    monkeypatch.setattr(kernels, "STATE_WINDOW_PER_Q", 0)
+    monkeypatch.setattr(kernels, "STATE_WINDOW_KV", 0)
+    monkeypatch.setattr(kernels, "STATE_UNROLL", 1)
+    want = run("triton", *inputs, kernel_fn, True)
+    monkeypatch.setattr(kernels, "STATE_UNROLL", unroll)
+    got = run("triton", *inputs, kernel_fn, True)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("keep", [False, True])
 def test_backward_holds_the_output_only_beside_kept_states(keep, gen, monkeypatch):
     """With recomputed states the backward needs no output, so the autograd node holds none of it

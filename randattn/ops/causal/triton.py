@@ -136,6 +136,8 @@ def _keeps_states(nh: int, length: int, m: int, dv: int) -> bool:
 #: 32 features 6.93 / 27.52 ms, 64 features 7.24 / 29.10; then ``_state_kernel`` with 4 stages instead
 #: of 2 (``LAUNCH["state"]``): 6.68 / 25.53 against 6.79-6.80 / 26.07-26.08. Overridable for tuning runs.
 SEQ_BLOCK_M = int(os.environ.get("RANDATTN_TRITON_SEQ_BLOCK_M", "32"))
+#: Chunks per step of the sequential state kernels (see :func:`_state_kernel`).
+STATE_UNROLL = int(os.environ.get("RANDATTN_TRITON_STATE_UNROLL", "1"))
 
 
 @triton.jit
@@ -334,6 +336,7 @@ def _state_kernel(
     STATE_PASSES: tl.constexpr,
     FP32_DOT: tl.constexpr,
     HAS_CARRY: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     """The carried states from known stabilisers (step 3 of the module docstring, and the backward's
     recomputation), for one feature block: chunk by chunk, ``A[t]``, ``ZA[t]`` get the state before
@@ -358,54 +361,109 @@ def _state_kernel(
     s_mask = m_ok[:, None] & (offs_dv[None, :] < DV)
     wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
     st, sz = _carry_in(CARRY, CARRY_Z, pid_nh, offs_m, offs_dv, s_mask, m_ok, M, DV, HAS_CARRY, BLOCK_M, BLOCK_DV)
-    for pid_w in range(0, STEPS):
-        pid_t = T0 + pid_w
-        offs_s = pid_t * BLOCK_C + tl.arange(0, BLOCK_C)
-        s_ok = offs_s < L
-        s, vt = _key_chunk(
-            K,
-            V,
-            BIAS,
-            n,
-            h,
-            offs_s,
-            s_ok,
-            offs_d,
-            offs_dv,
-            m_ok,
-            wt_hi,
-            wt_lo,
-            wt_lo2,
-            sk_n,
-            sk_h,
-            sk_s,
-            sv_n,
-            sv_h,
-            sv_s,
-            L,
-            D,
-            DV,
-            half_inv_sqrt_d,
-            RELU_SCALE,
-            EPS,
-            HAS_BIAS,
-            KERNEL,
-            FP32_DOT,
-            BLOCK_C,
-        )
-        cend = tl.load(CEND + pid_nh * NT + pid_t)
-        decay = tl.load(DECAY + pid_nh * NT + pid_t)
-        if KERNEL == 0:
-            p = tl.exp(s - cend)
-        else:
-            p = s * tl.exp(-cend)
-        acc = mm_exact_b(tl.trans(p), vt, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), STATE_PASSES, FP32_DOT)
-        base = pid_nh * NW + pid_w
-        tl.store(A + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :], st, mask=s_mask)
-        tl.store(ZA + base * M + offs_m, sz, mask=m_ok)
-        st = st * decay + acc
-        sz = sz * decay + tl.sum(p, 0)
+    # UNROLL chunks per step: their contributions are independent of each other and of the state
+    # (only the two updates are sequential), so the compiler can overlap their latencies
+    for pid_w in range(0, STEPS, UNROLL):
+        for u in tl.static_range(UNROLL):
+            acc, zsum, decay = _state_step(
+                K, V, BIAS, CEND, DECAY, n, h, pid_nh, T0 + pid_w + u, T0 + STEPS, offs_d, offs_dv, m_ok, wt_hi, wt_lo,
+                wt_lo2, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, L, D, DV, NT, half_inv_sqrt_d, RELU_SCALE, EPS,
+                HAS_BIAS, KERNEL, BLOCK_C, BLOCK_M, BLOCK_DV, STATE_PASSES, FP32_DOT,
+            )  # fmt: skip
+            base = pid_nh * NW + pid_w + u
+            ok = m_ok & (pid_w + u + tl.zeros_like(offs_m) < STEPS)  # (a vector: the interpreter's masks)
+            tl.store(A + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :], st, mask=ok[:, None] & s_mask)
+            tl.store(ZA + base * M + offs_m, sz, mask=ok)
+            st = st * decay + acc
+            sz = sz * decay + zsum
     _carry_out(CARRY, CARRY_Z, st, sz, pid_nh, offs_m, offs_dv, s_mask, m_ok, M, DV, HAS_CARRY)
+
+
+@triton.jit
+def _state_step(
+    K,
+    V,
+    BIAS,
+    CEND,
+    DECAY,
+    n,
+    h,
+    pid_nh,
+    pid_t,
+    end,
+    offs_d,
+    offs_dv,
+    m_ok,
+    wt_hi,
+    wt_lo,
+    wt_lo2,
+    sk_n,
+    sk_h,
+    sk_s,
+    sv_n,
+    sv_h,
+    sv_s,
+    L,
+    D,
+    DV,
+    NT,
+    half_inv_sqrt_d,
+    RELU_SCALE,
+    EPS,
+    HAS_BIAS: tl.constexpr,
+    KERNEL: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    STATE_PASSES: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
+    """Chunk ``pid_t``'s contribution to the carried state of one feature block: ``(acc, zsum,
+    decay)`` with ``acc = sum_j p_j v_j^T``, ``zsum = sum_j p_j`` (``p_j = exp(s_k[j] - c_end)``; ReLU:
+    the features times ``exp(-c_end)``) and the chunk's decay; for a chunk from ``end`` on 0, 0 and 1:
+    the update then leaves the state as it is."""
+    offs_s = pid_t * BLOCK_C + tl.arange(0, BLOCK_C)
+    s_ok = (offs_s < L) & (offs_s < end * BLOCK_C)
+    s, vt = _key_chunk(
+        K,
+        V,
+        BIAS,
+        n,
+        h,
+        offs_s,
+        s_ok,
+        offs_d,
+        offs_dv,
+        m_ok,
+        wt_hi,
+        wt_lo,
+        wt_lo2,
+        sk_n,
+        sk_h,
+        sk_s,
+        sv_n,
+        sv_h,
+        sv_s,
+        L,
+        D,
+        DV,
+        half_inv_sqrt_d,
+        RELU_SCALE,
+        EPS,
+        HAS_BIAS,
+        KERNEL,
+        FP32_DOT,
+        BLOCK_C,
+    )
+    t_in = tl.minimum(pid_t, NT - 1)  # a chunk past the sequence reads the last one's (unused) values
+    cend = tl.load(CEND + pid_nh * NT + t_in)
+    decay = tl.where(pid_t < end, tl.load(DECAY + pid_nh * NT + t_in), 1.0)
+    if KERNEL == 0:
+        p = tl.exp(s - cend)
+    else:
+        p = s * tl.exp(-cend)
+    acc = mm_exact_b(tl.trans(p), vt, tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), STATE_PASSES, FP32_DOT)
+    return acc, tl.sum(p, 0), decay
 
 
 @triton.jit
@@ -907,6 +965,7 @@ def _rstate_kernel(
     FP32_DOT: tl.constexpr,
     HAS_T: tl.constexpr,
     HAS_CARRY: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     """States of later queries for one feature block, chunk by chunk from the last: ``RB[t]``,
     ``RZ[t]`` get the state before chunk ``t``'s own contribution, then
@@ -933,54 +992,110 @@ def _rstate_kernel(
     s_mask = m_ok[:, None] & (offs_dv[None, :] < DV)
     wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
     st, sz = _carry_in(CARRY, CARRY_Z, pid_nh, offs_m, offs_dv, s_mask, m_ok, M, DV, HAS_CARRY, BLOCK_M, BLOCK_DV)
-    for i in range(0, STEPS):
-        pid_w = STEPS - 1 - i
-        pid_t = T0 + pid_w
-        offs_c = pid_t * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = offs_c < L
-        x = row_tile(Q + n * sq_n + h * sq_h, offs_c, c_ok, offs_d, D, sq_l)
-        do = row_tile(DO + n * sd_n + h * sd_h, offs_c, c_ok, offs_dv, DV, sd_l)
-        cq = tl.load(CQ + pid_nh * L + offs_c, mask=c_ok, other=0.0)
-        cc = tl.load(C + pid_nh * L + offs_c, mask=c_ok, other=0.0)
-        den = tl.load(DEN + pid_nh * L + offs_c, mask=c_ok, other=1.0)
-        t = _row_t(
-            OUT,
-            OUT_LO,
-            T,
-            do,
-            den,
-            n * sd_n + h * sd_h + offs_c[:, None] * sd_l + offs_dv[None, :],
-            c_ok[:, None] & (offs_dv[None, :] < DV),
-            pid_nh * L + offs_c,
-            c_ok,
-            HAS_T,
-        )
-        cprev = tl.load(CPREV + pid_nh * NT + pid_t)
-        decay = tl.load(DECAY + pid_nh * NT + pid_t)
-        acc, phiq = query_state_grad_tile(
-            x,
-            do,
-            cq,
-            den,
-            tl.where(c_ok, tl.exp(cprev - cc), 0.0),
-            tl.zeros((BLOCK_M, BLOCK_DV), tl.float32),
-            wt_hi,
-            wt_lo,
-            wt_lo2,
-            m_ok,
-            half_inv_sqrt_d,
-            RELU_SCALE,
-            EPS,
-            KERNEL,
-            STATE_PASSES,
-            FP32_DOT,
-        )
-        base = pid_nh * NW + pid_w
-        tl.store(RB + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :], st, mask=s_mask)
-        tl.store(RZ + base * M + offs_m, sz, mask=m_ok)
-        st = st * decay + acc
-        sz = sz * decay - tl.sum(phiq * t[:, None], 0)
+    for i in range(0, STEPS, UNROLL):  # UNROLL chunks per step, as in _state_kernel
+        for u in tl.static_range(UNROLL):
+            pid_w = STEPS - 1 - i - u
+            acc, zsum, decay = _rstate_step(
+                Q, DO, OUT, OUT_LO, T, C, CPREV, DECAY, CQ, DEN, n, h, pid_nh, T0 + pid_w, T0, offs_d, offs_dv,
+                m_ok, wt_hi, wt_lo, wt_lo2, sq_n, sq_h, sq_l, sd_n, sd_h, sd_l, L, D, DV, NT, half_inv_sqrt_d,
+                RELU_SCALE, EPS, KERNEL, BLOCK_C, BLOCK_M, BLOCK_DV, STATE_PASSES, FP32_DOT, HAS_T,
+            )  # fmt: skip
+            base = pid_nh * NW + pid_w
+            ok = m_ok & (pid_w + tl.zeros_like(offs_m) >= 0)
+            tl.store(RB + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :], st, mask=ok[:, None] & s_mask)
+            tl.store(RZ + base * M + offs_m, sz, mask=ok)
+            st = st * decay + acc
+            sz = sz * decay + zsum
     _carry_out(CARRY, CARRY_Z, st, sz, pid_nh, offs_m, offs_dv, s_mask, m_ok, M, DV, HAS_CARRY)
+
+
+@triton.jit
+def _rstate_step(
+    Q,
+    DO,
+    OUT,
+    OUT_LO,
+    T,
+    C,
+    CPREV,
+    DECAY,
+    CQ,
+    DEN,
+    n,
+    h,
+    pid_nh,
+    pid_t,
+    start,
+    offs_d,
+    offs_dv,
+    m_ok,
+    wt_hi,
+    wt_lo,
+    wt_lo2,
+    sq_n,
+    sq_h,
+    sq_l,
+    sd_n,
+    sd_h,
+    sd_l,
+    L,
+    D,
+    DV,
+    NT,
+    half_inv_sqrt_d,
+    RELU_SCALE,
+    EPS,
+    KERNEL: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    STATE_PASSES: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    HAS_T: tl.constexpr,
+):
+    """Chunk ``pid_t``'s contribution to the later queries' state of one feature block: ``(B_t, u_t,
+    decay)`` (see :func:`_rstate_kernel`); for a chunk before ``start`` 0, 0 and 1."""
+    offs_c = pid_t * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = (offs_c < L) & (offs_c >= start * BLOCK_C)
+    x = row_tile(Q + n * sq_n + h * sq_h, offs_c, c_ok, offs_d, D, sq_l)
+    do = row_tile(DO + n * sd_n + h * sd_h, offs_c, c_ok, offs_dv, DV, sd_l)
+    cq = tl.load(CQ + pid_nh * L + offs_c, mask=c_ok, other=0.0)
+    cc = tl.load(C + pid_nh * L + offs_c, mask=c_ok, other=0.0)
+    den = tl.load(DEN + pid_nh * L + offs_c, mask=c_ok, other=1.0)
+    t = _row_t(
+        OUT,
+        OUT_LO,
+        T,
+        do,
+        den,
+        n * sd_n + h * sd_h + offs_c[:, None] * sd_l + offs_dv[None, :],
+        c_ok[:, None] & (offs_dv[None, :] < DV),
+        pid_nh * L + offs_c,
+        c_ok,
+        HAS_T,
+    )
+    t_in = tl.maximum(pid_t, 0)  # a chunk before the window reads chunk 0's (unused) values
+    cprev = tl.load(CPREV + pid_nh * NT + t_in)
+    decay = tl.where(pid_t >= start, tl.load(DECAY + pid_nh * NT + t_in), 1.0)
+    acc, phiq = query_state_grad_tile(
+        x,
+        do,
+        cq,
+        den,
+        tl.where(c_ok, tl.exp(cprev - cc), 0.0),
+        tl.zeros((BLOCK_M, BLOCK_DV), tl.float32),
+        wt_hi,
+        wt_lo,
+        wt_lo2,
+        m_ok,
+        half_inv_sqrt_d,
+        RELU_SCALE,
+        EPS,
+        KERNEL,
+        STATE_PASSES,
+        FP32_DOT,
+    )
+    return acc, -tl.sum(phiq * t[:, None], 0), decay
 
 
 @direct_launch
@@ -1418,6 +1533,7 @@ class _KnownStates:
             STATE_PASSES=PRECISION.fwd_state,
             FP32_DOT=PRECISION.fp32_dot,
             HAS_CARRY=self.carry is not None,
+            UNROLL=STATE_UNROLL,
             **launch_opts("state", sz),
         )
 
@@ -1738,6 +1854,7 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *save
             FP32_DOT=PRECISION.fp32_dot,
             HAS_T=has_t,
             HAS_CARRY=carry is not None,
+            UNROLL=STATE_UNROLL,
             **launch_opts("rstate", sz),
         )
         grad_launch(1, rb, rz, lag, t0, steps)

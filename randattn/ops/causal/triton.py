@@ -598,12 +598,17 @@ def _pick(P, LAG, off, lag_off, mask, in_buffer, from_lag, LAGGED: tl.constexpr)
 
 
 @triton.jit
+def _pair_dots(do, v, FP32_DOT: tl.constexpr):
+    """``dout_i . v_j`` (rows: the queries of ``do``, columns: the keys of ``v``; exact products)."""
+    vt = tl.trans(v)
+    return mm_exact_a(do, vt, vt, tl.zeros((do.shape[0], v.shape[0]), tl.float32), 1, FP32_DOT)
+
+
+@triton.jit
 def _weight_grad(do, v, inv_den, t, FP32_DOT: tl.constexpr):
     """``dA_ij = (dout_i . v_j) / den_i - t_i``: the gradient of the loss in each unnormalised weight
     (rows: the queries of ``do``, columns: the keys of ``v``)."""
-    vt = tl.trans(v)
-    gv = mm_exact_a(do, vt, vt, tl.zeros((do.shape[0], v.shape[0]), tl.float32), 1, FP32_DOT)
-    return gv * inv_den[:, None] - t[:, None]
+    return _pair_dots(do, v, FP32_DOT) * inv_den[:, None] - t[:, None]
 
 
 @triton.jit
@@ -711,7 +716,10 @@ def _chunk_out_kernel(
     ``NW`` chunks from ``T0``. ``MODE`` 0: the output as ``hi + lo`` in the output dtype
     (float32-accurate for the backward), the scales ``CQ`` and denominators ``DEN``; 1: the same
     without ``lo`` (from one-pass products: see ``_out_launch``); 2 (in the backward): ``T = dout .
-    out / den`` from the float32 output, and ``DEN`` again, float32-accurate, for the backward's kernels.
+    out / den``, float32-accurate, and ``DEN`` again for the backward's kernels. Mode 2 never forms
+    the output: ``dout_i . num_i`` is ``sum_m phi_q[i, m] (S_t dout_i)_m`` plus ``sum_j A_ij (dout_i .
+    v_j)``, products with ``dout`` exact in the operand dtype (fewer split passes than ``phi_q S_t``
+    and ``A v`` of two float32 operands).
 
     ``WINDOW > 0`` (softmax, at most ``BLOCK_C``): the pairs ``0 <= i - j < WINDOW`` get the exact
     weight (:func:`_exact_weights`) instead of their estimate. The queries then take the state of
@@ -743,7 +751,11 @@ def _chunk_out_kernel(
     else:
         s_idx = pid_w
         cprev = tl.load(CPREV + pid_nh * NT + pid_t)
-    num = tl.zeros((BLOCK_C, BLOCK_DV), tl.float32)
+    if MODE == 2:
+        do = row_tile(DO + n * sd_n + h * sd_h, offs_c, c_ok, offs_dv, DV, sd_l)
+        num = tl.zeros((BLOCK_C,), tl.float32)  # dout_i . num_i
+    else:
+        num = tl.zeros((BLOCK_C, BLOCK_DV), tl.float32)
     den = tl.zeros((BLOCK_C,), tl.float32)
     pp = tl.zeros((BLOCK_C, BLOCK_C), tl.float32)
     if WINDOW > 0:  # the previous chunk's keys, their estimates pp_p
@@ -788,7 +800,10 @@ def _chunk_out_kernel(
             new = tl.maximum(cq, tl.max(s, 1))
             alpha = tl.exp(cq - new)
             phiq = tl.exp(s - new[:, None])
-            num = num * alpha[:, None]
+            if MODE == 2:
+                num = num * alpha
+            else:
+                num = num * alpha[:, None]
             den = den * alpha
             pp = pp * alpha[:, None]
             cq = new
@@ -822,21 +837,35 @@ def _chunk_out_kernel(
             DV,
             WINDOW > 0,
         )
-        num = mm_mixed(phiq, st, num, x, MIXED_PASSES, FP32_DOT)
+        if MODE == 2:
+            st_hi = st.to(do.dtype)
+            st_lo = (st - st_hi.to(tl.float32)).to(do.dtype)
+            g = mm_exact_a(
+                do, tl.trans(st_hi), tl.trans(st_lo), tl.zeros((BLOCK_C, BLOCK_M), tl.float32), STATE_PASSES, FP32_DOT
+            )
+            num += tl.sum(phiq * g, 1)
+        else:
+            num = mm_mixed(phiq, st, num, x, MIXED_PASSES, FP32_DOT)
         den += tl.sum(phiq * z[None, :], 1)
         if KERNEL == 0:
             ssum += tl.sum(st, 0)
             zsum += tl.sum(z, 0)
             krow += tl.sum(phik, 1)
     if KERNEL == 0:  # every query feature carries the floor EPS
-        num += EPS * ssum[None, :]
+        if MODE == 2:
+            num += EPS * tl.sum(do.to(tl.float32) * ssum[None, :], 1)
+        else:
+            num += EPS * ssum[None, :]
         den += EPS * zsum
         pp += EPS * krow[None, :]
         if WINDOW > 0:
             pp_p += EPS * krow_p[None, :]
     # inter-chunk part to each query's scale, intra-chunk part with exp(c_j - c_i), j <= i
     e_q = tl.exp(cprev - cc)
-    num = num * e_q[:, None]
+    if MODE == 2:
+        num = num * e_q
+    else:
+        num = num * e_q[:, None]
     den = den * e_q
     offs_j = pid_t * BLOCK_C + tl.arange(0, BLOCK_C)
     keep = (offs_j[None, :] <= offs_c[:, None]) & (offs_j[None, :] < L)
@@ -850,20 +879,25 @@ def _chunk_out_kernel(
         pe_p = tl.where(
             near_p, _exact_weights(x, yp, bp, cq, cc, near_p, M, scale, FP32_DOT), pp_p * _rescale(ccp, cc, pair_p)
         )
-        num = mm_exact_b(pe_p, vp, num, STATE_PASSES, FP32_DOT)
+        if MODE == 2:
+            num += tl.sum(pe_p * _pair_dots(do, vp, FP32_DOT), 1)
+        else:
+            num = mm_exact_b(pe_p, vp, num, STATE_PASSES, FP32_DOT)
         den += tl.sum(pe_p, 1)
-    num = mm_exact_b(pe, vt, num, STATE_PASSES, FP32_DOT)
+    if MODE == 2:
+        num += tl.sum(pe * _pair_dots(do, vt, FP32_DOT), 1)
+    else:
+        num = mm_exact_b(pe, vt, num, STATE_PASSES, FP32_DOT)
     den += tl.sum(pe, 1)
     inv_den = 1.0 / tl.where(den == 0.0, 1.0, den)
     if KERNEL != 0:
         cq = tl.zeros((BLOCK_C,), tl.float32)
-    out = num * inv_den[:, None]
-    omask = c_ok[:, None] & (offs_dv[None, :] < DV)
     if MODE == 2:
-        do = row_tile(DO + n * sd_n + h * sd_h, offs_c, c_ok, offs_dv, DV, sd_l)
-        tl.store(T + pid_nh * L + offs_c, tl.sum(do.to(tl.float32) * out, 1) * inv_den, mask=c_ok)
+        tl.store(T + pid_nh * L + offs_c, num * inv_den * inv_den, mask=c_ok)
         tl.store(DEN + pid_nh * L + offs_c, den, mask=c_ok)
     else:
+        out = num * inv_den[:, None]
+        omask = c_ok[:, None] & (offs_dv[None, :] < DV)
         out_hi = out.to(OUT.dtype.element_ty)
         o_ptrs = n * so_n + h * so_h + offs_c[:, None] * so_l + offs_dv[None, :]
         tl.store(OUT + o_ptrs, out_hi, mask=omask)
@@ -1729,10 +1763,10 @@ def _out_launch(
         *_consts(sz),
         HAS_BIAS=key_bias is not None,
         **_tiles(sz),
-        STATE_PASSES=PRECISION.fwd_state,
-        # the backward's t_i = dout_i . out_i / den_i reads the output of modes 0 and 2: float32-accurate
-        # (one pass there gave dq 1.6-2.8x the reference's error on the H100; full passes: equal to
-        # it); mode 1's output is only rounded to the input dtype, like the non-causal forward's, and
+        STATE_PASSES=PRECISION.state if mode == 2 else PRECISION.fwd_state,
+        # the backward's t_i = dout_i . out_i / den_i needs mode 0's output and mode 2's sums
+        # float32-accurate (one pass there gave dq 1.6-2.8x the reference's error on the H100; full
+        # passes: equal to it); mode 1's output is only rounded to the input dtype, like the non-causal forward's, and
         # its denominators are written again by mode 2 (one pass there gave dk 3.3x the reference's
         # error on the H100: ReLU, bf16, d = d_v = m = 16)
         MIXED_PASSES=PRECISION.fwd_mixed if mode == 1 else PRECISION.mixed,

@@ -392,6 +392,13 @@ def mm_exact_a(a, b_hi, b_lo, acc, PASSES: tl.constexpr, FP32_DOT: tl.constexpr)
 
 
 @triton.jit
+def mm_exact_a_f32(a, b, acc, PASSES: tl.constexpr, FP32_DOT: tl.constexpr):
+    """``acc + a @ b`` where ``a`` is exact in the operand dtype and ``b`` is float32 (split here)."""
+    b_hi = b.to(a.dtype)
+    return mm_exact_a(a, b_hi, (b - b_hi.to(tl.float32)).to(a.dtype), acc, PASSES, FP32_DOT)
+
+
+@triton.jit
 def mm_exact_b(a, b, acc, PASSES: tl.constexpr, FP32_DOT: tl.constexpr):
     """``acc + a @ b`` where ``a`` is float32 and ``b`` is exact in the operand dtype."""
     if b.dtype == tl.float32:

@@ -75,6 +75,7 @@ from .._triton_utils import (
     load_wt,
     logits_tile,
     mm_exact_a,
+    mm_exact_a_f32,
     mm_exact_b,
     mm_mixed,
     mm_mixed_w,
@@ -838,11 +839,7 @@ def _chunk_out_kernel(
             WINDOW > 0,
         )
         if MODE == 2:
-            st_hi = st.to(do.dtype)
-            st_lo = (st - st_hi.to(tl.float32)).to(do.dtype)
-            g = mm_exact_a(
-                do, tl.trans(st_hi), tl.trans(st_lo), tl.zeros((BLOCK_C, BLOCK_M), tl.float32), STATE_PASSES, FP32_DOT
-            )
+            g = mm_exact_a_f32(do, tl.trans(st), tl.zeros((BLOCK_C, BLOCK_M), tl.float32), STATE_PASSES, FP32_DOT)
             num += tl.sum(phiq * g, 1)
         else:
             num = mm_mixed(phiq, st, num, x, MIXED_PASSES, FP32_DOT)
@@ -935,9 +932,8 @@ def _state_product(
     xt = _pick(
         STATES, LAG, (pid_nh * NW + idx) * M * DV + ptrs, pid_nh * M * DV + ptrs, mask, in_buffer, from_lag, LAGGED
     )
-    hi = xt.to(a.dtype)
     acc = tl.zeros((BLOCK_C, xt.shape[1]), tl.float32)
-    return mm_exact_a(a, hi, (xt - hi.to(tl.float32)).to(a.dtype), acc, STATE_PASSES, FP32_DOT), xt
+    return mm_exact_a_f32(a, xt, acc, STATE_PASSES, FP32_DOT), xt
 
 
 @triton.jit

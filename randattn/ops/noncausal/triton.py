@@ -49,7 +49,7 @@ from .._triton_utils import (
     load_w,
     load_wt,
     logits_tile,
-    mm_exact_a,
+    mm_exact_a_f32,
     mm_exact_b,
     mm_mixed,
     mm_mixed_w,
@@ -369,15 +369,7 @@ def _state_rows(do, ST, pid_nh, offs_m, m_ok, offs_dv, DV, M, STATE_PASSES: tl.c
         mask=m_ok[None, :] & (offs_dv[:, None] < DV),
         other=0.0,
     )
-    st_hi = stt.to(do.dtype)
-    return mm_exact_a(
-        do,
-        st_hi,
-        (stt - st_hi.to(tl.float32)).to(do.dtype),
-        tl.zeros((do.shape[0], offs_m.shape[0]), tl.float32),
-        STATE_PASSES,
-        FP32_DOT,
-    )
+    return mm_exact_a_f32(do, stt, tl.zeros((do.shape[0], offs_m.shape[0]), tl.float32), STATE_PASSES, FP32_DOT)
 
 
 @triton.jit
@@ -653,18 +645,7 @@ def _key_grad_kernel(
                 other=0.0,
             )
             dz += tl.load(DKS + part * M + offs_m, mask=m_ok, other=0.0)
-        dst_hi = dstt.to(vt.dtype)
-        dphi = (
-            mm_exact_a(
-                vt,
-                dst_hi,
-                (dstt - dst_hi.to(tl.float32)).to(vt.dtype),
-                tl.zeros((BLOCK_S, BLOCK_M), tl.float32),
-                STATE_PASSES,
-                FP32_DOT,
-            )
-            + dz[None, :]
-        )
+        dphi = mm_exact_a_f32(vt, dstt, tl.zeros((BLOCK_S, BLOCK_M), tl.float32), STATE_PASSES, FP32_DOT) + dz[None, :]
         dv = mm_mixed(phi, tl.trans(dstt), dv, vt, MIXED_PASSES, FP32_DOT)
         if KERNEL == 0:
             ds = dphi * phi

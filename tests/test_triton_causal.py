@@ -190,6 +190,67 @@ def test_recomputed_backward_does_not_depend_on_the_forwards_passes(kernel_fn, g
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("windows", [False, True])
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+def test_bfloat16_forward_states_change_nothing(kernel_fn, windows, gen, monkeypatch):
+    """With recomputed states and a one-pass output product, the forward stores its states in
+    bfloat16 (the product reads them rounded to bfloat16 anyway): the stored states are the float32
+    ones rounded (the carry between windows stays float32), the float32 output before its rounding
+    (the output kernel writing float32) and the op's output and gradients are bit-equal to float32
+    storage, in one window and in windows whose state carries over."""
+    from _triton_checks import _bias
+
+    from randattn.ops._triton_utils import PRECISION, launch_sizes, prepare_projection
+    from randattn.ops.causal import triton as kernels
+
+    monkeypatch.setattr(kernels, "KEEP_STATES_MAX_BYTES", 0)
+    monkeypatch.setattr(PRECISION, "fwd_mixed", 1)
+    length, d, dv, m = (2048 if CUDA else 300), 32, 16, 80
+    if windows:  # windows of 2 chunks (CPU) or 16 (GPU), the last one short
+        monkeypatch.setattr(kernels, "STABILISER_CHUNKS", 16 if CUDA else 2)
+        monkeypatch.setattr(kernels, "STATE_WINDOW_BYTES", (20 if CUDA else 2) * 2 * m * dv * 2)
+        monkeypatch.setattr(kernels, "STATE_WINDOW_PER_Q", 0)
+        monkeypatch.setattr(kernels, "STATE_WINDOW_KV", 0)
+    inputs = make_inputs(1, 2, length, length, d, dv, m, torch.bfloat16, gen, scale=1.5, mask="bool")
+    q, k, v, projection, _, key_mask = inputs
+    nt = -(-length // kernels.CHUNK)
+    nw = kernels._windows(2, nt, m, dv, False, kernels._bytes(q), 0, 2)
+    assert (nw < nt) == windows
+    sz = launch_sizes(q, v, projection, kernel_fn)
+    w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
+    bias = _bias(key_mask)
+    outputs = []
+    for dtype in (torch.bfloat16, torch.float32):
+        states = kernels._States(k, v, w_hi, w_lo, bias, sz, nw, dtype)
+        lag = kernels._Lag(states.a, states.za, 0, nt)
+        out = torch.zeros(1, length, 2, dv, device=q.device).permute(0, 2, 1, 3)  # heads last, float32
+        cq, den = torch.empty(2, length, device=q.device), torch.empty(2, length, device=q.device)
+        kept = []
+        for t0, steps in kernels._window_starts(nt, nw):
+            states.window(t0, steps)
+            kept.append(states.a[:, :steps].clone())
+            kernels._out_launch(q, k, v, w_hi, w_lo, bias, states, sz, t0, steps, out, out, cq, den, lag, mode=1)
+        outputs.append((torch.cat(kept, 1), out, cq, den))
+    (a16, *lean), (a32, *full) = outputs
+    if not CUDA:  # the interpreter rounds float32 to bfloat16 by truncation
+        a32 = (a32.view(torch.int32) & -65536).view(torch.float32)
+    assert a16.dtype == torch.bfloat16 and torch.equal(a16, a32.to(torch.bfloat16))
+    for a, b in zip(lean, full):
+        assert torch.equal(a, b)
+    results = []
+    for lean_states in (True, False):
+        monkeypatch.setattr(kernels, "BF16_FORWARD_STATES", lean_states)
+        want = torch.bfloat16 if lean_states else torch.float32
+        assert kernels._forward_state_dtype(torch.bfloat16, False) == want
+        results.append(run("triton", *inputs, kernel_fn, True))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert kernels._forward_state_dtype(torch.bfloat16, True) == torch.float32  # kept: the backward reads them
+    assert kernels._forward_state_dtype(torch.float32, False) == torch.float32
+    monkeypatch.setattr(PRECISION, "fwd_mixed", 3)
+    assert kernels._forward_state_dtype(torch.bfloat16, False) == torch.float32  # a split product
+
+
 @pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
 def test_custom_op_outputs_do_not_alias(kernel_fn, gen):
     """The forward custom op returns distinct storages (a custom op's outputs may not alias each

@@ -374,7 +374,11 @@ def _state_kernel(
             )  # fmt: skip
             base = pid_nh * NW + pid_w + u
             ok = m_ok & (pid_w + u + tl.zeros_like(offs_m) < STEPS)  # (a vector: the interpreter's masks)
-            tl.store(A + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :], st, mask=ok[:, None] & s_mask)
+            tl.store(
+                A + base * M * DV + offs_m[:, None] * DV + offs_dv[None, :],
+                st.to(A.dtype.element_ty),
+                mask=ok[:, None] & s_mask,
+            )
             tl.store(ZA + base * M + offs_m, sz, mask=ok)
             st = st * decay + acc
             sz = sz * decay + zsum
@@ -838,6 +842,10 @@ def _chunk_out_kernel(
             DV,
             WINDOW > 0,
         )
+        if MODE == 1 and MIXED_PASSES == 1:
+            # a one-pass product reads the state rounded to the operand dtype (as the forward may
+            # store it: see BF16_FORWARD_STATES), and so do the floor's sums below
+            st = st.to(x.dtype).to(tl.float32)
         if MODE == 2:
             g = mm_exact_a_f32(do, tl.trans(st), tl.zeros((BLOCK_C, BLOCK_M), tl.float32), STATE_PASSES, FP32_DOT)
             num += tl.sum(phiq * g, 1)
@@ -1499,13 +1507,15 @@ def _tiles(sz: dict, window: int = 0) -> dict:
     )
 
 
-def _windows(nh: int, nt: int, m: int, dv: int, keep: bool, q_bytes: int, kv_bytes: int = 0) -> int:
+def _windows(
+    nh: int, nt: int, m: int, dv: int, keep: bool, q_bytes: int, kv_bytes: int = 0, state_bytes: int = 4
+) -> int:
     """Chunks per window of states: all ``nt`` when the states are kept or fit the window's budget;
     else the most chunks, a multiple of :data:`STABILISER_CHUNKS` (at least one, at most ``nt``),
-    whose states fit it. The budget: :data:`STATE_WINDOW_BYTES` or :data:`STATE_WINDOW_PER_Q` times
-    ``q_bytes`` (the bytes of the op's ``q``), whichever is more, plus :data:`STATE_WINDOW_KV` times
-    ``kv_bytes`` (the forward's: the bytes of ``k`` and ``v``)."""
-    per_chunk = nh * m * dv * 4
+    whose states (``state_bytes`` an element) fit it. The budget: :data:`STATE_WINDOW_BYTES` or
+    :data:`STATE_WINDOW_PER_Q` times ``q_bytes`` (the bytes of the op's ``q``), whichever is more,
+    plus :data:`STATE_WINDOW_KV` times ``kv_bytes`` (the forward's: the bytes of ``k`` and ``v``)."""
+    per_chunk = nh * m * dv * state_bytes
     budget = max(STATE_WINDOW_BYTES, STATE_WINDOW_PER_Q * q_bytes) + STATE_WINDOW_KV * kv_bytes
     if keep or nt * per_chunk <= budget:
         return nt
@@ -1526,14 +1536,15 @@ class _KnownStates:
     ``decay``): one :func:`_state_kernel` launch per window. Holds one window's buffers ``a``
     ``(N H, W, m, d_v)`` and ``za`` ``(N H, W, m)`` and the state carried between windows;
     :meth:`window` turns chunks ``t0 .. t0 + steps`` into their carried states in ``a``, ``za`` (at
-    the scale of each previous chunk's end); windows must come in order."""
+    the scale of each previous chunk's end); windows must come in order. ``a`` holds the states in
+    ``dtype`` (rounded once from the float32 state on chip, which carries on unrounded)."""
 
-    def __init__(self, k, v, w_hi, w_lo, key_bias, sz, nw, c, cprev, cend, decay):
+    def __init__(self, k, v, w_hi, w_lo, key_bias, sz, nw, c, cprev, cend, decay, dtype=torch.float32):
         nh, nt = cend.shape
         self.args = (k, v, w_hi, w_lo, key_bias, sz)
         self.c, self.cprev, self.cend, self.decay = c, cprev, cend, decay
         f32 = dict(device=k.device, dtype=torch.float32)
-        self.a = torch.empty(nh, nw, sz["m"], sz["dv"], **f32)
+        self.a = torch.empty(nh, nw, sz["m"], sz["dv"], device=k.device, dtype=dtype)
         self.za = torch.empty(nh, nw, sz["m"], **f32)
         self.carry = _zero_carry(nh, sz, k.device) if nw < nt else None
 
@@ -1574,7 +1585,7 @@ class _States(_KnownStates):
     stabilisers of the whole sequence (``c``, ``cprev``, ``cend``, ``decay``) filled window by window
     (softmax; the ReLU features need none: ``c = 0``, ``decay = 1``)."""
 
-    def __init__(self, k, v, w_hi, w_lo, key_bias, sz, nw):
+    def __init__(self, k, v, w_hi, w_lo, key_bias, sz, nw, dtype=torch.float32):
         n, h, length, _ = k.shape
         nh, nt = n * h, cdiv(length, CHUNK)
         self.nmb = nmb = cdiv(sz["m"], sz["BLOCK_M"])
@@ -1588,7 +1599,7 @@ class _States(_KnownStates):
             # separate tensors: the custom op returns each of them, and its outputs may not alias
             stabilisers = (torch.zeros(nh, length, **f32), *(torch.zeros(nh, nt, **f32) for _ in range(2)))
             stabilisers += (torch.ones(nh, nt, **f32),)
-        super().__init__(k, v, w_hi, w_lo, key_bias, sz, nw, *stabilisers)
+        super().__init__(k, v, w_hi, w_lo, key_bias, sz, nw, *stabilisers, dtype=dtype)
 
     def window(self, t0: int, steps: int) -> None:
         if self.softmax:
@@ -1702,8 +1713,9 @@ def _forward(q, k, v, projection, kernel_fn, key_bias, cached=True, window=0):
     sz = launch_sizes(q, v, projection, kernel_fn)
     w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype, cached)
     keep = _keeps_states(nh, length, sz["m"], sz["dv"])
-    nw = _windows(nh, nt, sz["m"], sz["dv"], keep, _bytes(q), _bytes(k) + _bytes(v))
-    states = _States(k, v, w_hi, w_lo, key_bias, sz, nw)
+    state_dtype = _forward_state_dtype(q.dtype, keep)
+    nw = _windows(nh, nt, sz["m"], sz["dv"], keep, _bytes(q), _bytes(k) + _bytes(v), state_dtype.itemsize)
+    states = _States(k, v, w_hi, w_lo, key_bias, sz, nw, state_dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
     out = heads_last(n, h, length, sz["dv"], device=q.device, dtype=store_dtype(q.dtype))
     # the output's lo half only beside kept states; else the backward recomputes dout . out itself
@@ -1723,6 +1735,21 @@ def _forward(q, k, v, projection, kernel_fn, key_bias, cached=True, window=0):
         out, out_lo = out.to(q.dtype), out.new_empty(0, dtype=q.dtype)
         st, szs = states.a.new_empty(0), states.za.new_empty(0)
     return out, out_lo, cq, den, states.c, states.cprev, states.cend, states.decay, st, szs
+
+
+#: Whether the forward stores its states in bfloat16 where its output product reads them rounded to
+#: bfloat16 anyway (bfloat16 inputs, states not kept, one-pass output product): half the bytes
+#: written by the walk and read by the output kernel, windows twice as long.
+#: ``RANDATTN_TRITON_FLOAT32_STATES=1`` keeps them float32 (for comparisons).
+BF16_FORWARD_STATES = os.environ.get("RANDATTN_TRITON_FLOAT32_STATES", "0") != "1"
+
+
+def _forward_state_dtype(dtype: torch.dtype, keep: bool) -> torch.dtype:
+    """The dtype of the forward's window of states (see :data:`BF16_FORWARD_STATES`): float32 where
+    the backward reads them (kept) or the output product splits them."""
+    if BF16_FORWARD_STATES and dtype == torch.bfloat16 and not keep and PRECISION.fwd_mixed == 1:
+        return torch.bfloat16
+    return torch.float32
 
 
 def _out_launch(

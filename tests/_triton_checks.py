@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from randattn.features import RELU_EPS, SOFTMAX_QUERY_FLOOR, draw_projection
+from randattn.features import RELU_EPS, SOFTMAX_QUERY_FLOOR, draw_projection, feature_projection
 from randattn.functional import rand_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,10 +33,11 @@ KINK_TOL = 2.0**-18
 
 
 def _fp64_inputs(q, k, projection, key_bias):
-    """Float64 scaled inputs ``x, y``, projection ``w`` and key bias ``b`` (broadcast over heads and features)."""
+    """Float64 scaled inputs ``x, y``, projection ``w`` (as the features use it: ``feature_projection``)
+    and key bias ``b`` (broadcast over heads and features)."""
     d = q.shape[-1]
     b = 0.0 if key_bias is None else key_bias.double()[:, None, :, None]
-    return q.double() * d**-0.25, k.double() * d**-0.25, projection.double(), b
+    return q.double() * d**-0.25, k.double() * d**-0.25, feature_projection(projection), b
 
 
 def fp64_softmax_features(q, k, projection, key_bias):
@@ -73,8 +74,9 @@ def _combine(phi_q, phi_k, v, causal):
 
 
 def _relu_logits(q, k, projection):
-    """Float64 ReLU logits ``q W'^T``, ``k W'^T`` with ``W' = W d^{-1/4}``, and ``W'``."""
-    w = projection.double() * q.shape[-1] ** -0.25
+    """Float64 ReLU logits ``q W'^T``, ``k W'^T`` with ``W' = W d^{-1/4}`` (``W`` as the features use
+    it: ``feature_projection``), and ``W'``."""
+    w = feature_projection(projection) * q.shape[-1] ** -0.25
     return q.double() @ w.T, k.double() @ w.T, w
 
 

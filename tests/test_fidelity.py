@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from randattn import RandMultiHeadAttention
-from randattn.features import draw_projection
+from randattn.features import draw_projection, feature_projection
 from randattn.fidelity import (
     DRAWS,
     ErrorStats,
@@ -30,7 +30,7 @@ from randattn.functional import exact_attention, rand_attention
 def _direct_rows(q, k, w, kernel_fn, causal):
     """Attention rows straight from the feature-map definitions (no stabilisers), float64."""
     d = q.shape[-1]
-    x, y, w = q.double() * d**-0.25, k.double() * d**-0.25, w.double()
+    x, y, w = q.double() * d**-0.25, k.double() * d**-0.25, feature_projection(w)
     if kernel_fn == "softmax":
         fq = torch.exp(x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True))
         fk = torch.exp(y @ w.T - 0.5 * (y * y).sum(-1, keepdim=True))

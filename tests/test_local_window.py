@@ -8,7 +8,7 @@ import torch
 
 from randattn import RandMultiHeadAttention
 from randattn.decoding import WindowedDecodingState, empty_window_state, init_state, rand_attention_step
-from randattn.features import draw_projection
+from randattn.features import draw_projection, feature_projection
 from randattn.functional import rand_attention
 from randattn.ops.causal.reference import windowed_causal_attention
 
@@ -25,7 +25,7 @@ def _dense(q, k, v, projection, window, key_bias=None):
     estimate (mean over features of exp(w.x + w.y - |x|^2/2 - |y|^2/2)) before it, one softmax."""
     d, m = q.shape[-1], projection.shape[0]
     x, y = q * d**-0.25, k * d**-0.25
-    w = projection.double()
+    w = feature_projection(projection)
     exact = x @ y.transpose(-1, -2)
     lq = x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)
     lk = y @ w.T - 0.5 * (y * y).sum(-1, keepdim=True)

@@ -123,7 +123,7 @@ def test_carried_states_are_the_sums_over_earlier_keys(kernel_fn, windows, gen, 
     from the forward's stabilisers) gives them bit for bit."""
     from _triton_checks import _bias
 
-    from randattn.features import RELU_EPS
+    from randattn.features import RELU_EPS, feature_projection
     from randattn.ops._triton_utils import launch_sizes, prepare_projection
     from randattn.ops.causal import triton as kernels
     from randattn.ops.feature_maps import STABILISER_FLOOR
@@ -136,14 +136,14 @@ def test_carried_states_are_the_sums_over_earlier_keys(kernel_fn, windows, gen, 
         monkeypatch.setattr(kernels, "STATE_WINDOW_PER_Q", 0)
         monkeypatch.setattr(kernels, "STATE_WINDOW_KV", 0)
     sz = launch_sizes(q, v, projection, kernel_fn)
-    w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
+    w = prepare_projection(projection, sz["d"], q.dtype)
     nt, chunk = -(-length // kernels.CHUNK), kernels.CHUNK
     nw = kernels._windows(2, nt, m, dv, False, kernels._bytes(q))
     assert (nw < nt) == windows
     bias = _bias(key_mask)
     # float64 features of every key, without a stabiliser (softmax: logits s_k, kept exponentiated later)
     y, vv = k.double().flatten(0, 1), v.double().flatten(0, 1)
-    proj = y @ projection.double().T * d**-0.25
+    proj = y @ feature_projection(projection).T * d**-0.25
     b = bias.double().repeat_interleave(2, 0)[:, :, None]
     if kernel_fn == "softmax":
         s = proj - 0.5 * d**-0.5 * (y * y).sum(-1, keepdim=True) + b
@@ -151,8 +151,8 @@ def test_carried_states_are_the_sums_over_earlier_keys(kernel_fn, windows, gen, 
     else:
         phi = (torch.relu(proj) * m**-0.5 + RELU_EPS) * b.exp()
         c = torch.zeros(2, length, dtype=torch.float64, device=k.device)
-    fwd = kernels._States(k, v, w_hi, w_lo, bias, sz, nw)
-    bwd = kernels._KnownStates(k, v, w_hi, w_lo, bias, sz, nw, fwd.c, fwd.cprev, fwd.cend, fwd.decay)
+    fwd = kernels._States(k, v, w, bias, sz, nw)
+    bwd = kernels._KnownStates(k, v, w, bias, sz, nw, fwd.c, fwd.cprev, fwd.cend, fwd.decay)
     for t0, steps in kernels._window_starts(nt, nw):
         fwd.window(t0, steps)
         bwd.window(t0, steps)
@@ -217,11 +217,11 @@ def test_bfloat16_forward_states_change_nothing(kernel_fn, windows, gen, monkeyp
     nw = kernels._windows(2, nt, m, dv, False, kernels._bytes(q), 0, 2)
     assert (nw < nt) == windows
     sz = launch_sizes(q, v, projection, kernel_fn)
-    w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype)
+    w = prepare_projection(projection, sz["d"], q.dtype)
     bias = _bias(key_mask)
     outputs = []
     for dtype in (torch.bfloat16, torch.float32):
-        states = kernels._States(k, v, w_hi, w_lo, bias, sz, nw, dtype)
+        states = kernels._States(k, v, w, bias, sz, nw, dtype)
         lag = kernels._Lag(states.a, states.za, 0, nt)
         out = torch.zeros(1, length, 2, dv, device=q.device).permute(0, 2, 1, 3)  # heads last, float32
         cq, den = torch.empty(2, length, device=q.device), torch.empty(2, length, device=q.device)
@@ -229,7 +229,7 @@ def test_bfloat16_forward_states_change_nothing(kernel_fn, windows, gen, monkeyp
         for t0, steps in kernels._window_starts(nt, nw):
             states.window(t0, steps)
             kept.append(states.a[:, :steps].clone())
-            kernels._out_launch(q, k, v, w_hi, w_lo, bias, states, sz, t0, steps, out, out, cq, den, lag, mode=1)
+            kernels._out_launch(q, k, v, w, bias, states, sz, t0, steps, out, out, cq, den, lag, mode=1)
         outputs.append((torch.cat(kept, 1), out, cq, den))
     (a16, *lean), (a32, *full) = outputs
     if not CUDA:  # the interpreter rounds float32 to bfloat16 by truncation
@@ -385,11 +385,13 @@ def test_first_key_far_below_its_chunk(dtype, gen):
     """Key 0's largest logit ``y . w - |y|^2 / 2`` some 200 below the later keys' in the same chunk: the
     first chunk's scale must not be its end's, where ``exp(c_end - c_0)`` overflows to inf (seen as
     NaN outputs in a character-level model trained with bfloat16 autocast)."""
+    from randattn.features import feature_projection
+
     q, k, v, projection, dout, _ = make_inputs(1, 2, 50, 50, 16, 16, 32, dtype, gen)
     k[:, :, 0] = (k[:, :, 0].float() / k[:, :, 0].float().norm(dim=-1, keepdim=True) * 49.0).to(dtype)
     with torch.no_grad():
         y = k.double() * 16**-0.25
-        s = y @ projection.double().T - 0.5 * (y * y).sum(-1, keepdim=True)
+        s = y @ feature_projection(projection).T - 0.5 * (y * y).sum(-1, keepdim=True)
         row_max = s.amax(-1)
         assert (row_max[:, :, 1:].max(-1).values - row_max[:, :, 0] > 150).all()
     check_against_reference(q, k, v, projection, dout, None, "softmax", causal=True)

@@ -170,31 +170,28 @@ def test_gpu_long_sequence_large_logits_finite(dtype, gen):
 
 
 def test_prepared_projection_is_reused_until_the_projection_changes():
+    """The kernels' ``W' = W d^{-1/4}`` is the projection as the feature maps use it (exact in
+    bfloat16, stored in the operand dtype); prepared once per projection tensor and version."""
+    from randattn.features import feature_projection
     from randattn.ops._triton_utils import prepare_projection
 
     w = torch.randn(16, 8)
     a = prepare_projection(w, 8, torch.bfloat16)
-    assert prepare_projection(w, 8, torch.bfloat16)[0] is a[0]
-    hi, lo = a
-    assert hi.shape == (16, 8) and lo.shape == (2, 16, 8)
-    exact = (w * 8**-0.25).double()  # the float32 W' that the parts split
-    two = hi.double() + lo[0].double()
-    three = two + lo[1].double()
-    assert ((two - exact).abs() <= 2.0**-15 * exact.abs()).all()
-    assert ((three - exact).abs() <= 2.0**-22 * exact.abs()).all()
-    assert (three - exact).abs().max() < (two - exact).abs().max() / 64
+    assert prepare_projection(w, 8, torch.bfloat16) is a
+    assert a.shape == (16, 8) and a.dtype == torch.bfloat16
+    torch.testing.assert_close(a.double(), feature_projection(w) * 8**-0.25, rtol=1e-15, atol=0)
+    assert ((a.double() - w.double() * 8**-0.25).abs() <= 2.0**-8 * (w.double() * 8**-0.25).abs()).all()
+    assert torch.equal(prepare_projection(w, 8, torch.float32), a.float())
     w.mul_(-1)  # in place: the version counter moves
     b = prepare_projection(w, 8, torch.bfloat16)
-    assert b[0] is not a[0]
-    torch.testing.assert_close(b[0].float() + b[1][0].float(), w * 8**-0.25, rtol=1e-5, atol=0)
-    assert prepare_projection(w, 8, torch.float32)[0].dtype == torch.float32
-    assert prepare_projection(w.clone(), 8, torch.bfloat16)[0] is not b[0]
-    # uncached (the custom ops under torch.compile): the same parts, neither taken from nor kept in the cache
+    assert b is not a and torch.equal(b, -a)
+    assert prepare_projection(w.clone(), 8, torch.bfloat16) is not b
+    # uncached (the custom ops under torch.compile): the same values, neither taken from nor kept in the cache
     c = prepare_projection(w, 8, torch.bfloat16, cached=False)
-    assert c[0] is not b[0] and torch.equal(c[0], b[0]) and torch.equal(c[1], b[1])
+    assert c is not b and torch.equal(c, b)
     v = torch.randn(16, 8)
     d = prepare_projection(v, 8, torch.bfloat16, cached=False)
-    assert prepare_projection(v, 8, torch.bfloat16)[0] is not d[0]
+    assert prepare_projection(v, 8, torch.bfloat16) is not d
 
 
 def test_head_dim_256_in_bfloat16_non_causal(gen):

@@ -2,8 +2,10 @@
 
 The gradient of a ReLU feature jumps where its logit ``x . w`` crosses zero, so a logit computed with
 more error than float32 arithmetic can flip the feature's whole contribution to ``dk`` / ``dq``.
-The kernels compute the logits of bfloat16 inputs from three bfloat16 parts of the float32
-projection (``hi + lo + lo2``); with two parts, about half of the logits built below would flip.
+Every path uses the projection as the feature maps define it (``W d^{-1/4}`` rounded to bfloat16,
+:func:`randattn.features.feature_projection`), so the kernels' logits of bfloat16 inputs are exact
+products with float32 sums; a kernel whose projection differed from the reference's by one bfloat16
+rounding (up to ``2^-8`` of each entry) would put every logit built below on a random side of zero.
 """
 
 from __future__ import annotations
@@ -15,34 +17,40 @@ pytest.importorskip("triton")
 
 from _triton_checks import DEVICE, rel_err, relu_kink_bounds, run, run_fp64  # noqa: E402
 
+from randattn.features import feature_projection  # noqa: E402
 
-def kink_inputs(gen, d=32, m=32, length=24, at_kink=8, delta=1e-7):
-    """Inputs whose first ``at_kink`` keys have every logit ``y_j . w_i'`` at ``+-delta .. +-2 delta``."""
+
+def kink_inputs(gen, d=32, m=32, length=24, at_kink=8, delta=2.0**-22):
+    """Inputs whose first ``at_kink`` keys have every logit ``k_j . w'_i`` (``w' = W d^{-1/4}`` as the
+    features use it, exact in bfloat16) at ``+-delta .. +-2 delta``: key ``j`` is ``(1, -1, 0, ...)``
+    plus ``delta`` at coordinate ``2 + j``; every ``w'_i`` has two equal first coordinates and a
+    coordinate ``2 + j`` of size 1 to 2, so the logit is ``delta w'_i[2 + j]``, exactly."""
+
     def rnd(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
     q, k, v, dout = (rnd(1, 1, length, d).to(torch.bfloat16) for _ in range(4))
-    # the solved coordinates of those keys form 2 I: a well-conditioned system, so the float32
-    # projection that solves it has entries of ordinary size (and ordinary rounding)
-    k[0, 0, :at_kink, d - at_kink :] = 2 * torch.eye(at_kink)
-    y = k[0, 0, :at_kink].double() * d**-0.25
-    target = delta * (1 + torch.rand(m, at_kink, generator=gen, dtype=torch.float64))
-    target = target * torch.where(torch.rand(m, at_kink, generator=gen) < 0.5, -1.0, 1.0).double()
-    # w' = w d^-1/4 as the kernels scale it; solve its last `at_kink` coordinates for y_j . w'_i = target_ij
     wp = rnd(m, d) / d**0.5 * d**-0.25
-    free, solved = slice(0, d - at_kink), slice(d - at_kink, d)
-    rhs = target - wp[:, free] @ y[:, free].T
-    wp[:, solved] = torch.linalg.solve(y[:, solved], rhs.T).T
+    wp[:, 1] = wp[:, 0]
+    own = 1 + torch.rand(m, at_kink, generator=gen, dtype=torch.float64)
+    wp[:, 2 : 2 + at_kink] = own * torch.where(torch.rand(m, at_kink, generator=gen) < 0.5, -1.0, 1.0).double()
+    wp = wp.to(torch.bfloat16).double()
+    keys = torch.zeros(at_kink, d, dtype=torch.float64)
+    keys[:, 0], keys[:, 1] = 1.0, -1.0
+    keys[:, 2 : 2 + at_kink] = delta * torch.eye(at_kink, dtype=torch.float64)
+    k[0, 0, :at_kink] = keys.to(torch.bfloat16)
     projection = (wp * d**0.25).float()
-    logits = y @ (projection.double() * d**-0.25).T
+    torch.testing.assert_close(feature_projection(projection) * d**-0.25, wp, rtol=1e-15, atol=0)  # survives the rounding
+    logits = k[0, 0, :at_kink].double() @ wp.T
     return [t.to(DEVICE) for t in (q, k, v, projection, dout)], logits
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_relu_logits_near_zero_keep_their_sign_in_bfloat16(causal, gen):
     (q, k, v, projection, dout), logits = kink_inputs(gen)
-    # the construction worked: those logits are tiny, yet several times float32 rounding (~2e-8)
-    assert logits.abs().min() > 5e-8 and logits.abs().max() < 4e-7
+    # the construction worked: those logits are tiny, yet many times the float32 rounding of the
+    # sums they come from (terms of size ~0.1: ulp ~7e-9)
+    assert logits.abs().min() >= 2.0**-22 and logits.abs().max() < 2.0**-20
     exact = run_fp64(q, k, v, projection, dout, None, "relu", causal)
     ref = run("reference", q, k, v, projection, dout, None, "relu", causal)
     tri = run("triton", q, k, v, projection, dout, None, "relu", causal)

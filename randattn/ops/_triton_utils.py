@@ -6,13 +6,13 @@ Precision scheme (fp32 accumulation everywhere):
   tf32 tensor-core products, within 1.5x the float32 reference's error on an H100 and 18x faster than
   ``"ieee"``); plain tf32 is not accurate enough. float16 inputs run the float32 kernels.
 * bfloat16 / float16 inputs: tensor-core operands are in the input dtype. An operand that is already
-  exact in that dtype (the loaded ``q``, ``k``, ``v``, ``dout`` tiles) is used as is; a float32 operand
-  (projection, features, states) is split into ``hi + lo`` parts of the input dtype, and the number of
-  split products kept is set per kind of product (:class:`Precision`). The feature logits
-  ``x W^T`` always keep both parts: ``exp`` turns their absolute error into relative error of the
-  features.
+  exact in that dtype (the loaded ``q``, ``k``, ``v``, ``dout`` tiles, and the projection) is used as
+  is; a float32 operand (features, states) is split into ``hi + lo`` parts of the input dtype, and the
+  number of split products kept is set per kind of product (:class:`Precision`).
 
-The projection is pre-scaled by ``d ** -0.25`` on the host, so ``q W'^T = x W^T`` with ``x = q d^{-1/4}``.
+The projection is scaled by ``d ** -0.25`` and rounded to bfloat16 on the host (as every feature map
+uses it, :func:`randattn.features.feature_projection`), so ``q W'^T = x W^T`` with ``x = q d^{-1/4}``,
+and the feature logits of bfloat16 inputs are exact products: one tensor-core pass, float32 sums.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ class Precision:
             product uses ``mixed`` where its backward reads that output: beside kept states).
         state, mixed: the same in the backward kernels (which also recompute forward quantities).
         grad_w: products of the feature gradients with the projection (``dq``, ``dk``; these are
-            differences of two nearly equal terms, so their error is amplified).
+            differences of two nearly equal terms, so their error is amplified; the projection is
+            exact, so 2 is the float32-accurate count).
         fp32_dot: ``input_precision`` of float32 dots (``"ieee"`` or ``"tf32x3"``).
     """
 
@@ -82,12 +83,12 @@ class Precision:
     fwd_mixed: int = 3
     state: int = 2
     mixed: int = 3
-    grad_w: int = 3
+    grad_w: int = 2
     fp32_dot: str = "tf32x3"
 
     @classmethod
     def parse(cls, code: str, fp32_dot: str = "tf32x3") -> Precision:
-        """From five digits ``fwd_state fwd_mixed state mixed grad_w``, e.g. ``"11233"``."""
+        """From five digits ``fwd_state fwd_mixed state mixed grad_w``, e.g. ``"21232"``."""
         f_s, f_m, s, m, g = (int(c) for c in code)
         return cls(f_s, f_m, s, m, g, fp32_dot)
 
@@ -106,8 +107,8 @@ class Precision:
 #: Settings on a GPU: the forward product of the features with the states rounds once (its error stays
 #: well within the rule: 1.6x the reference's, measured on an H100), everything else is split fully.
 #: In the interpreter every product is split fully (it rounds float32 to bfloat16 by truncation).
-GPU_PRECISION = "21233"
-FULL_PRECISION = "23233"
+GPU_PRECISION = "21232"
+FULL_PRECISION = "23232"
 
 #: The precision used by the kernels (module-level so that benchmarks can compare settings).
 PRECISION = Precision.parse(
@@ -263,18 +264,16 @@ _PREPARED_MAX = 64
 
 def prepare_projection(
     projection: torch.Tensor, head_dim: int, dtype: torch.dtype, cached: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled projection ``W' = W d^{-1/4}`` split into parts of the operand dtype: ``(hi, lo)``.
+) -> torch.Tensor:
+    """The scaled projection ``W' = W d^{-1/4}`` the kernels read: rounded to bfloat16 (see
+    :func:`randattn.features.feature_projection`), stored in the operand dtype (bfloat16, or float32
+    for float32 inputs: exact either way).
 
-    For bfloat16 ``hi`` is ``(m, d)`` and ``lo`` is ``(2, m, d)``: ``lo[0]`` is the rounding of
-    ``W' - hi`` and ``lo[1]`` that of the remainder, so ``hi + lo[0] + lo[1]`` holds the float32
-    ``W'`` to about 24 bits (the third part is read only for the ReLU logits, see :func:`logits_tile`).
-    For float32 inputs ``hi`` is ``W'`` and ``lo`` is unused (the same tensor). The result is kept
-    for the same projection tensor while it is alive and unchanged (same version counter), so the
-    forward and backward of a layer prepare it once. With ``cached=False`` (the custom ops, which
-    ``torch.compile`` calls) it is neither kept nor looked up: a CUDA graph records the preparation
-    and replays it, so a redrawn projection reaches the replays, and no tensor of the graph's memory
-    pool outlives its step in the cache.
+    The result is kept for the same projection tensor while it is alive and unchanged (same version
+    counter), so the forward and backward of a layer prepare it once. With ``cached=False`` (the
+    custom ops, which ``torch.compile`` calls) it is neither kept nor looked up: a CUDA graph records
+    the preparation and replays it, so a redrawn projection reaches the replays, and no tensor of the
+    graph's memory pool outlives its step in the cache.
     """
     try:
         version = projection._version if cached else None
@@ -288,15 +287,8 @@ def prepare_projection(
         and entry[1:4] == (version, head_dim, dtype)
     ):
         return entry[4]
-    w = projection.float() * (head_dim**-0.25)
-    if dtype == torch.float32:
-        w = w.contiguous()
-        result = (w, w)
-    else:
-        hi = w.to(dtype)
-        rest = w - hi.float()
-        lo = rest.to(dtype)
-        result = (hi.contiguous(), torch.stack([lo, (rest - lo.float()).to(dtype)]))
+    # the same expression as feature_projection: W d^{-1/4} in float32, rounded to bfloat16
+    result = (projection.float() * (head_dim**-0.25)).to(torch.bfloat16).to(dtype).contiguous()
     if version is not None:
         if len(_PREPARED) >= _PREPARED_MAX:
             _PREPARED.pop(next(iter(_PREPARED)))
@@ -429,71 +421,35 @@ def mm_mixed(a, b, acc, like, PASSES: tl.constexpr, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
-def mm_mixed_w(a, w_hi, w_lo, acc, PASSES: tl.constexpr, FP32_DOT: tl.constexpr):
-    """``acc + a @ w`` with ``a`` float32 and ``w = w_hi + w_lo`` given split in the operand dtype."""
-    if w_hi.dtype == tl.float32:
-        acc = tl.dot(a, w_hi, acc, input_precision=FP32_DOT)
-    else:
-        a_hi = a.to(w_hi.dtype)
-        acc = dot_lowp(a_hi, w_hi, acc)
-        if PASSES >= 2:
-            acc = dot_lowp((a - a_hi.to(tl.float32)).to(w_hi.dtype), w_hi, acc)
-        if PASSES >= 3:
-            acc = dot_lowp(a_hi, w_lo, acc)
-    return acc
-
-
-@triton.jit
-def load_wt(w_hi_ptr, w_lo_ptr, offs_d, offs_m, D, M, KERNEL: tl.constexpr):
-    """Tiles ``(BLOCK_D, BLOCK_M)`` of ``W'^T`` from row-major ``(m, d)`` storage: ``(hi, lo, lo2)``.
-
-    ``lo2`` (the third part, see :func:`prepare_projection`) is loaded for the ReLU kernel in bfloat16
-    only; otherwise it is ``lo`` again and unused.
-    """
+def load_wt(w_ptr, offs_d, offs_m, D, M):
+    """The tile ``(BLOCK_D, BLOCK_M)`` of ``W'^T`` from row-major ``(m, d)`` storage."""
     mask = (offs_d[:, None] < D) & (offs_m[None, :] < M)
-    ptrs = offs_m[None, :] * D + offs_d[:, None]
-    hi = tl.load(w_hi_ptr + ptrs, mask=mask, other=0.0)
-    lo = tl.load(w_lo_ptr + ptrs, mask=mask, other=0.0)
-    lo2 = lo
-    if KERNEL == 1:
-        if hi.dtype != tl.float32:
-            lo2 = tl.load(w_lo_ptr + M * D + ptrs, mask=mask, other=0.0)
-    return hi, lo, lo2
+    return tl.load(w_ptr + offs_m[None, :] * D + offs_d[:, None], mask=mask, other=0.0)
 
 
 @triton.jit
-def logits_tile(x, wt_hi, wt_lo, wt_lo2, KERNEL: tl.constexpr, FP32_DOT: tl.constexpr):
-    """Feature logits ``x W'^T`` of a tile (``x`` exact in the operand dtype), float32-accurate.
-
-    Softmax: ``hi`` and ``lo`` (``exp`` needs the absolute error of float32 rounding of ``W'``, not
-    more). ReLU in bfloat16 adds the third part: the sign of a logit decides whether its feature has a
-    gradient, and with two parts about 2^8 times more logits near 0 fall on the other side of the kink
-    than with float32 arithmetic (seen as 3x the reference's ``dk`` error on an H100).
-    """
-    acc = tl.zeros((x.shape[0], wt_hi.shape[1]), tl.float32)
-    if KERNEL == 1:
-        if x.dtype != tl.float32:
-            acc = dot_lowp(x, wt_lo2, acc)
-    return mm_exact_a(x, wt_hi, wt_lo, acc, 2, FP32_DOT)
+def logits_tile(x, wt, FP32_DOT: tl.constexpr):
+    """Feature logits ``x W'^T`` of a tile, float32-accurate in one product: ``x`` and ``W'`` (see
+    :func:`prepare_projection`) are both exact in the operand dtype, so the tensor cores' products are
+    exact and only the float32 sums round. (A float32 ``W'`` split in two or three bfloat16 parts took
+    two or three products; the ReLU kernel's third part kept the signs of logits near the kink.)"""
+    return mm_exact_a(x, wt, wt, tl.zeros((x.shape[0], wt.shape[1]), tl.float32), 1, FP32_DOT)
 
 
 @triton.jit
-def load_w(w_hi_ptr, w_lo_ptr, offs_m, offs_d, D, M):
-    """Tiles ``(BLOCK_M, BLOCK_D)`` of ``W'`` (hi, lo)."""
+def load_w(w_ptr, offs_m, offs_d, D, M):
+    """The tile ``(BLOCK_M, BLOCK_D)`` of ``W'``."""
     mask = (offs_m[:, None] < M) & (offs_d[None, :] < D)
-    ptrs = offs_m[:, None] * D + offs_d[None, :]
-    return tl.load(w_hi_ptr + ptrs, mask=mask, other=0.0), tl.load(w_lo_ptr + ptrs, mask=mask, other=0.0)
+    return tl.load(w_ptr + offs_m[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def features_tile(
-    x, sq, wt_hi, wt_lo, wt_lo2, m_ok, stab, KERNEL: tl.constexpr, FP32_DOT: tl.constexpr, RELU_SCALE, EPS
-):
+def features_tile(x, sq, wt, m_ok, stab, KERNEL: tl.constexpr, FP32_DOT: tl.constexpr, RELU_SCALE, EPS):
     """Features of one tile: ``exp(x W'^T - sq - stab)`` (softmax) or ``relu(x W'^T)/sqrt(m) + eps``.
 
     ``stab`` is a per-row ``(B, 1)`` or scalar stabiliser. Returns ``(phi, proj)``; padded features are 0.
     """
-    proj = logits_tile(x, wt_hi, wt_lo, wt_lo2, KERNEL, FP32_DOT)
+    proj = logits_tile(x, wt, FP32_DOT)
     if KERNEL == 0:
         phi = tl.exp(proj - sq[:, None] - stab)
     else:
@@ -604,9 +560,7 @@ def query_state_grad_tile(
     den,
     w,
     acc,
-    wt_hi,
-    wt_lo,
-    wt_lo2,
+    wt,
     m_ok,
     half_inv_sqrt_d,
     RELU_SCALE,
@@ -620,7 +574,7 @@ def query_state_grad_tile(
     Returns ``(acc, phi)``."""
     xf = x.to(tl.float32)
     sq = tl.sum(xf * xf, 1) * half_inv_sqrt_d
-    phi, _ = features_tile(x, sq, wt_hi, wt_lo, wt_lo2, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+    phi, _ = features_tile(x, sq, wt, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
     phi = query_floor(phi, m_ok, KERNEL, EPS) * w[:, None]
     p = phi / tl.where(den == 0.0, 1.0, den)[:, None]
     return mm_exact_b(tl.trans(p), do, acc, STATE_PASSES, FP32_DOT), phi

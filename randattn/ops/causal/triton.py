@@ -78,7 +78,6 @@ from .._triton_utils import (
     mm_exact_a_f32,
     mm_exact_b,
     mm_mixed,
-    mm_mixed_w,
     next_pow2,
     prepare_projection,
     query_floor,
@@ -153,9 +152,7 @@ def _key_chunk(
     offs_d,
     offs_dv,
     m_ok,
-    wt_hi,
-    wt_lo,
-    wt_lo2,
+    wt,
     sk_n,
     sk_h,
     sk_s,
@@ -177,7 +174,7 @@ def _key_chunk(
     y, vt, b = key_tiles(
         K, V, BIAS, n, h, offs_s, s_ok, offs_d, offs_dv, L, D, DV, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, HAS_BIAS
     )
-    s = _key_logits(y, b, s_ok, m_ok, wt_hi, wt_lo, wt_lo2, half_inv_sqrt_d, RELU_SCALE, EPS, KERNEL, FP32_DOT)
+    s = _key_logits(y, b, s_ok, m_ok, wt, half_inv_sqrt_d, RELU_SCALE, EPS, KERNEL, FP32_DOT)
     return s, vt
 
 
@@ -187,9 +184,7 @@ def _key_logits(
     b,
     s_ok,
     m_ok,
-    wt_hi,
-    wt_lo,
-    wt_lo2,
+    wt,
     half_inv_sqrt_d,
     RELU_SCALE,
     EPS,
@@ -199,7 +194,7 @@ def _key_logits(
     """Key tile ``y`` (bias ``b``) against a feature block. Softmax: the logits plus the key bias
     (``-inf`` for keys and features out of range), unstabilised; ReLU: the features times
     ``exp(bias)`` (0 out of range)."""
-    proj = logits_tile(y, wt_hi, wt_lo, wt_lo2, KERNEL, FP32_DOT)
+    proj = logits_tile(y, wt, FP32_DOT)
     ok = s_ok[:, None] & m_ok[None, :]
     if KERNEL == 0:
         yf = y.to(tl.float32)
@@ -214,8 +209,7 @@ def _key_logits(
 @triton.jit
 def _chunk_max_kernel(
     K,
-    W_HI,
-    W_LO,
+    W,
     BIAS,
     MB,
     RP,
@@ -253,10 +247,10 @@ def _chunk_max_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     s_ok = offs_s < L
     m_ok = offs_m < M
-    wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
+    wt = load_wt(W, offs_d, offs_m, D, M)
     y = row_tile(K + n * sk_n + h * sk_h, offs_s, s_ok, offs_d, D, sk_s)
     b = key_bias(BIAS, n, offs_s, s_ok, L, HAS_BIAS)
-    s = _key_logits(y, b, s_ok, m_ok, wt_hi, wt_lo, wt_lo2, half_inv_sqrt_d, 0.0, 0.0, KERNEL, FP32_DOT)
+    s = _key_logits(y, b, s_ok, m_ok, wt, half_inv_sqrt_d, 0.0, 0.0, KERNEL, FP32_DOT)
     rmax = tl.max(s, 1)
     tl.store(MB + (pid_nh * NT + pid_t) * NMB + pid_m, tl.maximum(tl.max(rmax, 0), NEG_BIG))
     tl.store(RP + (pid_nh * NW * BLOCK_C + offs_s - T0 * BLOCK_C) * NMB + pid_m, rmax, mask=s_ok)
@@ -301,8 +295,7 @@ def _carry_out(CARRY, CARRY_Z, st, sz, pid_nh, offs_m, offs_dv, s_mask, z_mask, 
 def _state_kernel(
     K,
     V,
-    W_HI,
-    W_LO,
+    W,
     BIAS,
     CEND,
     DECAY,
@@ -360,7 +353,7 @@ def _state_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < M
     s_mask = m_ok[:, None] & (offs_dv[None, :] < DV)
-    wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
+    wt = load_wt(W, offs_d, offs_m, D, M)
     st, sz = _carry_in(CARRY, CARRY_Z, pid_nh, offs_m, offs_dv, s_mask, m_ok, M, DV, HAS_CARRY, BLOCK_M, BLOCK_DV)
     # UNROLL chunks per step (STATE_UNROLL): their contributions are independent of each other and of
     # the state, only the updates are sequential; on an H100 (Triton 3.6) 1 is the fastest (2 and 4 are
@@ -368,8 +361,7 @@ def _state_kernel(
     for pid_w in range(0, STEPS, UNROLL):
         for u in tl.static_range(UNROLL):
             acc, zsum, decay = _state_step(
-                K, V, BIAS, CEND, DECAY, n, h, pid_nh, T0 + pid_w + u, T0 + STEPS, offs_d, offs_dv, m_ok, wt_hi, wt_lo,
-                wt_lo2, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, L, D, DV, NT, half_inv_sqrt_d, RELU_SCALE, EPS,
+                K, V, BIAS, CEND, DECAY, n, h, pid_nh, T0 + pid_w + u, T0 + STEPS, offs_d, offs_dv, m_ok, wt, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, L, D, DV, NT, half_inv_sqrt_d, RELU_SCALE, EPS,
                 HAS_BIAS, KERNEL, BLOCK_C, BLOCK_M, BLOCK_DV, STATE_PASSES, FP32_DOT,
             )  # fmt: skip
             base = pid_nh * NW + pid_w + u
@@ -400,9 +392,7 @@ def _state_step(
     offs_d,
     offs_dv,
     m_ok,
-    wt_hi,
-    wt_lo,
-    wt_lo2,
+    wt,
     sk_n,
     sk_h,
     sk_s,
@@ -441,9 +431,7 @@ def _state_step(
         offs_d,
         offs_dv,
         m_ok,
-        wt_hi,
-        wt_lo,
-        wt_lo2,
+        wt,
         sk_n,
         sk_h,
         sk_s,
@@ -652,9 +640,9 @@ def _window_keys(
 
 
 @triton.jit
-def _key_features(y, sqy, b, cc, ok, wt_hi, wt_lo, wt_lo2, m_ok, FP32_DOT: tl.constexpr):
+def _key_features(y, sqy, b, cc, ok, wt, m_ok, FP32_DOT: tl.constexpr):
     """Softmax key features ``exp(s_k[j] + b_j - c_j)`` of a feature block (0 where not ``ok``)."""
-    phi, _ = features_tile(y, sqy, wt_hi, wt_lo, wt_lo2, m_ok, (cc - b)[:, None], 0, FP32_DOT, 1.0, 0.0)
+    phi, _ = features_tile(y, sqy, wt, m_ok, (cc - b)[:, None], 0, FP32_DOT, 1.0, 0.0)
     return tl.where(ok[:, None], phi, 0.0)
 
 
@@ -664,8 +652,7 @@ def _chunk_out_kernel(
     Q,
     K,
     V,
-    W_HI,
-    W_LO,
+    W,
     BIAS,
     C,
     CPREV,
@@ -798,8 +785,8 @@ def _chunk_out_kernel(
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
-        proj = logits_tile(x, wt_hi, wt_lo, wt_lo2, KERNEL, FP32_DOT)
+        wt = load_wt(W, offs_d, offs_m, D, M)
+        proj = logits_tile(x, wt, FP32_DOT)
         if KERNEL == 0:
             s = tl.where(m_ok[None, :], proj - sqx[:, None], float("-inf"))
             new = tl.maximum(cq, tl.max(s, 1))
@@ -812,16 +799,14 @@ def _chunk_out_kernel(
             den = den * alpha
             pp = pp * alpha[:, None]
             cq = new
-            phik, projk = features_tile(
-                y, sqy, wt_hi, wt_lo, wt_lo2, m_ok, (cc - b)[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS
-            )
+            phik, projk = features_tile(y, sqy, wt, m_ok, (cc - b)[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
             if WINDOW > 0:
-                phik_p = _key_features(yp, sqyp, bp, ccp, p_ok, wt_hi, wt_lo, wt_lo2, m_ok, FP32_DOT)
+                phik_p = _key_features(yp, sqyp, bp, ccp, p_ok, wt, m_ok, FP32_DOT)
                 pp_p = mm_mixed(phiq, tl.trans(phik_p), pp_p * alpha[:, None], x, MIXED_PASSES, FP32_DOT)
                 krow_p += tl.sum(phik_p, 1)
         else:
             phiq = tl.where(m_ok[None, :], tl.maximum(proj, 0.0) * RELU_SCALE + EPS, 0.0)
-            phik, projk = features_tile(y, sqy, wt_hi, wt_lo, wt_lo2, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
+            phik, projk = features_tile(y, sqy, wt, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
             phik = phik * tl.exp(b)[:, None]
         phik = tl.where(c_ok[:, None], phik, 0.0)
         pp = mm_mixed(phiq, tl.trans(phik), pp, x, MIXED_PASSES, FP32_DOT)
@@ -966,8 +951,7 @@ def _rstate_kernel(
     OUT,
     OUT_LO,
     T,
-    W_HI,
-    W_LO,
+    W,
     C,
     CPREV,
     DECAY,
@@ -1029,14 +1013,14 @@ def _rstate_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < M
     s_mask = m_ok[:, None] & (offs_dv[None, :] < DV)
-    wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
+    wt = load_wt(W, offs_d, offs_m, D, M)
     st, sz = _carry_in(CARRY, CARRY_Z, pid_nh, offs_m, offs_dv, s_mask, m_ok, M, DV, HAS_CARRY, BLOCK_M, BLOCK_DV)
     for i in range(0, STEPS, UNROLL):  # UNROLL chunks per step, as in _state_kernel
         for u in tl.static_range(UNROLL):
             pid_w = STEPS - 1 - i - u
             acc, zsum, decay = _rstate_step(
                 Q, DO, OUT, OUT_LO, T, C, CPREV, DECAY, CQ, DEN, n, h, pid_nh, T0 + pid_w, T0, offs_d, offs_dv,
-                m_ok, wt_hi, wt_lo, wt_lo2, sq_n, sq_h, sq_l, sd_n, sd_h, sd_l, L, D, DV, NT, half_inv_sqrt_d,
+                m_ok, wt, sq_n, sq_h, sq_l, sd_n, sd_h, sd_l, L, D, DV, NT, half_inv_sqrt_d,
                 RELU_SCALE, EPS, KERNEL, BLOCK_C, BLOCK_M, BLOCK_DV, STATE_PASSES, FP32_DOT, HAS_T,
             )  # fmt: skip
             base = pid_nh * NW + pid_w
@@ -1068,9 +1052,7 @@ def _rstate_step(
     offs_d,
     offs_dv,
     m_ok,
-    wt_hi,
-    wt_lo,
-    wt_lo2,
+    wt,
     sq_n,
     sq_h,
     sq_l,
@@ -1123,9 +1105,7 @@ def _rstate_step(
         den,
         tl.where(c_ok, tl.exp(cprev - cc), 0.0),
         tl.zeros((BLOCK_M, BLOCK_DV), tl.float32),
-        wt_hi,
-        wt_lo,
-        wt_lo2,
+        wt,
         m_ok,
         half_inv_sqrt_d,
         RELU_SCALE,
@@ -1147,8 +1127,7 @@ def _chunk_grad_kernel(
     OUT,
     OUT_LO,
     T,
-    W_HI,
-    W_LO,
+    W,
     BIAS,
     C,
     CPREV,
@@ -1340,18 +1319,16 @@ def _chunk_grad_kernel(
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
-        phiq, projq = features_tile(x, sqx, wt_hi, wt_lo, wt_lo2, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+        wt = load_wt(W, offs_d, offs_m, D, M)
+        phiq, projq = features_tile(x, sqx, wt, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
         if KERNEL == 0:
-            phik, projk = features_tile(
-                y, sqy, wt_hi, wt_lo, wt_lo2, m_ok, (cc - b)[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS
-            )
+            phik, projk = features_tile(y, sqy, wt, m_ok, (cc - b)[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
         else:
-            phik, projk = features_tile(y, sqy, wt_hi, wt_lo, wt_lo2, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
+            phik, projk = features_tile(y, sqy, wt, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
             phik = phik * tl.exp(b)[:, None]
         phik = tl.where(c_ok[:, None], phik, 0.0)
         phiq_f = query_floor(phiq, m_ok, KERNEL, EPS)  # the features; phiq stays their derivative
-        w_hi, w_lo = load_w(W_HI, W_LO, offs_m, offs_d, D, M)
+        w = load_w(W, offs_m, offs_d, D, M)
         if SIDE == 0:
             # query side: dphi_q = dAE phit_k + e_q (S_t dout / den - t z_t)
             g, _ = _state_product(
@@ -1377,14 +1354,14 @@ def _chunk_grad_kernel(
             dphiq = (g * inv_den[:, None] - t[:, None] * z[None, :]) * e_q[:, None]
             dphiq = mm_mixed(dae, phik, dphiq, x, MIXED_PASSES, FP32_DOT)
             if WINDOW > 0:
-                phik_p = _key_features(yp, sqyp, bp, ccp, p_ok, wt_hi, wt_lo, wt_lo2, m_ok, FP32_DOT)
+                phik_p = _key_features(yp, sqyp, bp, ccp, p_ok, wt, m_ok, FP32_DOT)
                 dphiq = mm_mixed(dae_p, phik_p, dphiq, x, MIXED_PASSES, FP32_DOT)
             if KERNEL == 0:
                 dsq = dphiq * phiq
                 rsq += tl.sum(dsq, 1)
             else:
                 dsq = tl.where((projq > 0.0) & m_ok[None, :], dphiq * RELU_SCALE, 0.0)
-            dx = mm_mixed_w(dsq, w_hi, w_lo, dx, GRADW_PASSES, FP32_DOT)
+            dx = mm_exact_b(dsq, w, dx, GRADW_PASSES, FP32_DOT)
         else:
             # key side: dphit_k = dAE^T phi_q + e_k (v R_t^T + u_t); pp for the intra-chunk dv
             pp = mm_mixed(phiq_f, tl.trans(phik), pp, x, MIXED_PASSES, FP32_DOT)
@@ -1411,9 +1388,7 @@ def _chunk_grad_kernel(
             dphik = (gk + u[None, :]) * e_k[:, None]
             dphik = mm_mixed(tl.trans(dae), phiq_f, dphik, x, MIXED_PASSES, FP32_DOT)
             if WINDOW > 0:
-                phin, _ = features_tile(
-                    xn, sqxn, wt_hi, wt_lo, wt_lo2, m_ok, cqn[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS
-                )
+                phin, _ = features_tile(xn, sqxn, wt, m_ok, cqn[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
                 phin = tl.where(n_ok[:, None], query_floor(phin, m_ok, KERNEL, EPS), 0.0)
                 dphik = mm_mixed(tl.trans(dae_n), phin, dphik, x, MIXED_PASSES, FP32_DOT)
                 pp_n = mm_mixed(phin, tl.trans(phik), pp_n, x, MIXED_PASSES, FP32_DOT)
@@ -1423,7 +1398,7 @@ def _chunk_grad_kernel(
                 rsk += tl.sum(dsk, 1)
             else:
                 dsk = tl.where((projk > 0.0) & m_ok[None, :], dphik * RELU_SCALE * tl.exp(b)[:, None], 0.0)
-            dy = mm_mixed_w(dsk, w_hi, w_lo, dy, GRADW_PASSES, FP32_DOT)
+            dy = mm_exact_b(dsk, w, dy, GRADW_PASSES, FP32_DOT)
     g_ptrs = n * sg_n + h * sg_h + offs_c[:, None] * sg_l + offs_d[None, :]
     g_mask = c_ok[:, None] & (offs_d[None, :] < D)
     if SIDE == 0:
@@ -1539,9 +1514,9 @@ class _KnownStates:
     the scale of each previous chunk's end); windows must come in order. ``a`` holds the states in
     ``dtype`` (rounded once from the float32 state on chip, which carries on unrounded)."""
 
-    def __init__(self, k, v, w_hi, w_lo, key_bias, sz, nw, c, cprev, cend, decay, dtype=torch.float32):
+    def __init__(self, k, v, w, key_bias, sz, nw, c, cprev, cend, decay, dtype=torch.float32):
         nh, nt = cend.shape
-        self.args = (k, v, w_hi, w_lo, key_bias, sz)
+        self.args = (k, v, w, key_bias, sz)
         self.c, self.cprev, self.cend, self.decay = c, cprev, cend, decay
         f32 = dict(device=k.device, dtype=torch.float32)
         self.a = torch.empty(nh, nw, sz["m"], sz["dv"], device=k.device, dtype=dtype)
@@ -1549,14 +1524,13 @@ class _KnownStates:
         self.carry = _zero_carry(nh, sz, k.device) if nw < nt else None
 
     def window(self, t0: int, steps: int) -> None:
-        k, v, w_hi, w_lo, key_bias, sz = self.args
+        k, v, w, key_bias, sz = self.args
         n, h, length, _ = k.shape
         block_m = min(sz["BLOCK_M"], SEQ_BLOCK_M)
         _state_kernel[(cdiv(sz["m"], block_m), n * h)](
             k,
             v,
-            w_hi,
-            w_lo,
+            w,
             key_bias.contiguous() if key_bias is not None else self.c,
             self.cend,
             self.decay,
@@ -1585,7 +1559,7 @@ class _States(_KnownStates):
     stabilisers of the whole sequence (``c``, ``cprev``, ``cend``, ``decay``) filled window by window
     (softmax; the ReLU features need none: ``c = 0``, ``decay = 1``)."""
 
-    def __init__(self, k, v, w_hi, w_lo, key_bias, sz, nw, dtype=torch.float32):
+    def __init__(self, k, v, w, key_bias, sz, nw, dtype=torch.float32):
         n, h, length, _ = k.shape
         nh, nt = n * h, cdiv(length, CHUNK)
         self.nmb = nmb = cdiv(sz["m"], sz["BLOCK_M"])
@@ -1599,7 +1573,7 @@ class _States(_KnownStates):
             # separate tensors: the custom op returns each of them, and its outputs may not alias
             stabilisers = (torch.zeros(nh, length, **f32), *(torch.zeros(nh, nt, **f32) for _ in range(2)))
             stabilisers += (torch.ones(nh, nt, **f32),)
-        super().__init__(k, v, w_hi, w_lo, key_bias, sz, nw, *stabilisers, dtype=dtype)
+        super().__init__(k, v, w, key_bias, sz, nw, *stabilisers, dtype=dtype)
 
     def window(self, t0: int, steps: int) -> None:
         if self.softmax:
@@ -1607,14 +1581,13 @@ class _States(_KnownStates):
         super().window(t0, steps)
 
     def _stabilisers(self, t0: int, steps: int) -> None:
-        k, _, w_hi, w_lo, key_bias, sz = self.args
+        k, _, w, key_bias, sz = self.args
         n, h, length, _ = k.shape
         nh, nt, nw = n * h, self.decay.shape[1], self.a.shape[1]
         tiles = _tiles(sz)
         _chunk_max_kernel[(self.nmb, steps, nh)](
             k,
-            w_hi,
-            w_lo,
+            w,
             key_bias.contiguous() if key_bias is not None else self.c,
             self.mb,
             self.rp,
@@ -1711,11 +1684,11 @@ def _forward(q, k, v, projection, kernel_fn, key_bias, cached=True, window=0):
     n, h, length, _ = q.shape
     nh, nt = n * h, cdiv(length, CHUNK)
     sz = launch_sizes(q, v, projection, kernel_fn)
-    w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype, cached)
+    w = prepare_projection(projection, sz["d"], q.dtype, cached)
     keep = _keeps_states(nh, length, sz["m"], sz["dv"])
     state_dtype = _forward_state_dtype(q.dtype, keep)
     nw = _windows(nh, nt, sz["m"], sz["dv"], keep, _bytes(q), _bytes(k) + _bytes(v), state_dtype.itemsize)
-    states = _States(k, v, w_hi, w_lo, key_bias, sz, nw, state_dtype)
+    states = _States(k, v, w, key_bias, sz, nw, state_dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
     out = heads_last(n, h, length, sz["dv"], device=q.device, dtype=store_dtype(q.dtype))
     # the output's lo half only beside kept states; else the backward recomputes dout . out itself
@@ -1726,7 +1699,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias, cached=True, window=0):
     for t0, steps in _window_starts(nt, states.a.shape[1]):
         states.window(t0, steps)
         mode = 0 if keep else 1
-        _out_launch(q, k, v, w_hi, w_lo, key_bias, states, sz, t0, steps, out, out_lo, cq, den, mode=mode, lag=lag)
+        _out_launch(q, k, v, w, key_bias, states, sz, t0, steps, out, out_lo, cq, den, mode=mode, lag=lag)
         lag.keep(steps - 1)
     if keep:
         out, out_lo = _split_output(out, out_lo, q.dtype)
@@ -1752,9 +1725,7 @@ def _forward_state_dtype(dtype: torch.dtype, keep: bool) -> torch.dtype:
     return torch.float32
 
 
-def _out_launch(
-    q, k, v, w_hi, w_lo, key_bias, states, sz, t0, steps, out, out_lo, cq, den, lag, dout=None, t=None, mode=0
-):
+def _out_launch(q, k, v, w, key_bias, states, sz, t0, steps, out, out_lo, cq, den, lag, dout=None, t=None, mode=0):
     """``_chunk_out_kernel`` for chunks ``t0 .. t0 + steps`` (see its ``MODE``; 2 needs ``dout`` and
     ``t``; ``lag``: the local window and the previous window's last state, a :class:`_Lag`)."""
     n, h, length, _ = q.shape
@@ -1764,8 +1735,7 @@ def _out_launch(
         q,
         k,
         v,
-        w_hi,
-        w_lo,
+        w,
         key_bias.contiguous() if key_bias is not None else states.c,
         states.c,
         states.cprev,
@@ -1812,7 +1782,7 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *save
     nh = n * h
     nt = cdiv(length, CHUNK)
     sz = launch_sizes(q, v, projection, kernel_fn)
-    w_hi, w_lo = prepare_projection(projection, sz["d"], q.dtype, cached)
+    w = prepare_projection(projection, sz["d"], q.dtype, cached)
     f32 = dict(device=q.device, dtype=torch.float32)
     dq, dk, dv = gradient_buffers(q, k, v, grads)
     if dq.stride() != dk.stride():
@@ -1829,8 +1799,7 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *save
             out,
             out_lo,
             t,
-            w_hi,
-            w_lo,
+            w,
             key_bias.contiguous() if key_bias is not None else c,
             c,
             cprev,
@@ -1867,13 +1836,13 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *save
         grad_launch(0, st, szs, _Lag(st, szs, window, nt), 0, nt)
     else:  # the same values again, window by window, and t from the float32 output
         nw = _windows(nh, nt, sz["m"], sz["dv"], False, _bytes(q))
-        states = _KnownStates(k, v, w_hi, w_lo, key_bias, sz, nw, c, cprev, cend, decay)
+        states = _KnownStates(k, v, w, key_bias, sz, nw, c, cprev, cend, decay)
         lag = _Lag(states.a, states.za, window, nt)
         # the forward's denominators came from one-pass products: the t pass writes them again
         den = torch.empty_like(den)
         for t0, steps in _window_starts(nt, nw):
             states.window(t0, steps)
-            _out_launch(q, k, v, w_hi, w_lo, key_bias, states, sz, t0, steps, out, out, t, den, lag, dout, t, mode=2)
+            _out_launch(q, k, v, w, key_bias, states, sz, t0, steps, out, out, t, den, lag, dout, t, mode=2)
             grad_launch(0, states.a, states.za, lag, t0, steps)
             lag.keep(steps - 1)
         del states, lag  # freed before the later queries' states exist
@@ -1890,8 +1859,7 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *save
             out,
             out_lo,
             t,
-            w_hi,
-            w_lo,
+            w,
             c,
             cprev,
             decay,

@@ -52,7 +52,6 @@ from .._triton_utils import (
     mm_exact_a_f32,
     mm_exact_b,
     mm_mixed,
-    mm_mixed_w,
     next_pow2,
     prepare_projection,
     query_floor,
@@ -113,8 +112,7 @@ MERGE_IN_KERNEL_MAX = 128
 def _key_state_kernel(
     K,
     V,
-    W_HI,
-    W_LO,
+    W,
     BIAS,
     A,
     Z,
@@ -153,7 +151,7 @@ def _key_state_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < M
-    wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
+    wt = load_wt(W, offs_d, offs_m, D, M)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
     zacc = tl.zeros((BLOCK_M,), tl.float32)
     mx = NEG_BIG
@@ -165,7 +163,7 @@ def _key_state_kernel(
         y, vt, b = key_tiles(
             K, V, BIAS, n, h, offs_s, s_ok, offs_d, offs_dv, S, D, DV, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, HAS_BIAS
         )
-        proj = logits_tile(y, wt_hi, wt_lo, wt_lo2, KERNEL, FP32_DOT)
+        proj = logits_tile(y, wt, FP32_DOT)
         ok = s_ok[:, None] & m_ok[None, :]
         if KERNEL == 0:
             yf = y.to(tl.float32)
@@ -255,8 +253,7 @@ def _merge_kernel(
 @triton.jit
 def _query_out_kernel(
     Q,
-    W_HI,
-    W_LO,
+    W,
     A,
     Z,
     MX,
@@ -317,8 +314,8 @@ def _query_out_kernel(
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
-        proj = logits_tile(x, wt_hi, wt_lo, wt_lo2, KERNEL, FP32_DOT)
+        wt = load_wt(W, offs_d, offs_m, D, M)
+        proj = logits_tile(x, wt, FP32_DOT)
         if KERNEL == 0:
             s = tl.where(m_ok[None, :], proj - sq[:, None], float("-inf"))
             new = tl.maximum(cq, tl.max(s, 1))
@@ -374,7 +371,7 @@ def _state_rows(do, ST, pid_nh, offs_m, m_ok, offs_dv, DV, M, STATE_PASSES: tl.c
 
 @triton.jit
 def _query_feature_block(
-    x, sq, cq, do, W_HI, W_LO, ST, pid_nh, m0, offs_d, offs_dv, D, DV, M,
+    x, sq, cq, do, W, ST, pid_nh, m0, offs_d, offs_dv, D, DV, M,
     KERNEL: tl.constexpr, BLOCK_M: tl.constexpr, STATE_PASSES: tl.constexpr, FP32_DOT: tl.constexpr,
     RELU_SCALE, EPS,
 ):  # fmt: skip
@@ -382,8 +379,8 @@ def _query_feature_block(
     with the query features ``phi`` (stabilised by ``cq``), their logits and ``g = dout S^T``."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
-    wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
-    phi, proj = features_tile(x, sq, wt_hi, wt_lo, wt_lo2, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
+    wt = load_wt(W, offs_d, offs_m, D, M)
+    phi, proj = features_tile(x, sq, wt, m_ok, cq[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
     g = _state_rows(do, ST, pid_nh, offs_m, m_ok, offs_dv, DV, M, STATE_PASSES, FP32_DOT)
     return offs_m, m_ok, phi, proj, g
 
@@ -393,8 +390,7 @@ def _query_feature_block(
 def _query_grad_kernel(
     Q,
     DO,
-    W_HI,
-    W_LO,
+    W,
     ST,
     KS,
     CQ,
@@ -444,7 +440,7 @@ def _query_grad_kernel(
     u = tl.zeros((BLOCK_L,), tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m, m_ok, phi, proj, g = _query_feature_block(
-            x, sq, cq, do, W_HI, W_LO, ST, pid_nh, m0, offs_d, offs_dv, D, DV, M,
+            x, sq, cq, do, W, ST, pid_nh, m0, offs_d, offs_dv, D, DV, M,
             KERNEL, BLOCK_M, STATE_PASSES, FP32_DOT, RELU_SCALE, EPS,
         )  # fmt: skip
         u += tl.sum(query_floor(phi, m_ok, KERNEL, EPS) * g, 1)
@@ -454,7 +450,7 @@ def _query_grad_kernel(
     rs = tl.zeros((BLOCK_L,), tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m, m_ok, phi, proj, g = _query_feature_block(
-            x, sq, cq, do, W_HI, W_LO, ST, pid_nh, m0, offs_d, offs_dv, D, DV, M,
+            x, sq, cq, do, W, ST, pid_nh, m0, offs_d, offs_dv, D, DV, M,
             KERNEL, BLOCK_M, STATE_PASSES, FP32_DOT, RELU_SCALE, EPS,
         )  # fmt: skip
         z = tl.load(KS + pid_nh * M + offs_m, mask=m_ok, other=0.0)
@@ -464,8 +460,8 @@ def _query_grad_kernel(
             rs += tl.sum(ds, 1)
         else:
             ds = tl.where((proj > 0.0) & m_ok[None, :], dphi * RELU_SCALE, 0.0)
-        w_hi, w_lo = load_w(W_HI, W_LO, offs_m, offs_d, D, M)
-        dx = mm_mixed_w(ds, w_hi, w_lo, dx, GRADW_PASSES, FP32_DOT)
+        w = load_w(W, offs_m, offs_d, D, M)
+        dx = mm_exact_b(ds, w, dx, GRADW_PASSES, FP32_DOT)
     if KERNEL == 0:
         dx = dx - rs[:, None] * x.to(tl.float32) * (2.0 * half_inv_sqrt_d)
     tl.store(
@@ -481,8 +477,7 @@ def _query_grad_kernel(
 def _query_state_grad_kernel(
     Q,
     DO,
-    W_HI,
-    W_LO,
+    W,
     CQ,
     DEN,
     TV,
@@ -521,7 +516,7 @@ def _query_state_grad_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < M
-    wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
+    wt = load_wt(W, offs_d, offs_m, D, M)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
     zacc = tl.zeros((BLOCK_M,), tl.float32)
     start = pid_split * ROWS_PER_SPLIT
@@ -541,9 +536,7 @@ def _query_state_grad_kernel(
             den,
             l_ok.to(tl.float32),
             acc,
-            wt_hi,
-            wt_lo,
-            wt_lo2,
+            wt,
             m_ok,
             half_inv_sqrt_d,
             RELU_SCALE,
@@ -565,8 +558,7 @@ def _query_state_grad_kernel(
 def _key_grad_kernel(
     K,
     V,
-    W_HI,
-    W_LO,
+    W,
     BIAS,
     CK,
     DST,
@@ -625,13 +617,11 @@ def _key_grad_kernel(
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        wt_hi, wt_lo, wt_lo2 = load_wt(W_HI, W_LO, offs_d, offs_m, D, M, KERNEL)
+        wt = load_wt(W, offs_d, offs_m, D, M)
         if KERNEL == 0:
-            phi, proj = features_tile(
-                y, sq, wt_hi, wt_lo, wt_lo2, m_ok, ck - b[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS
-            )
+            phi, proj = features_tile(y, sq, wt, m_ok, ck - b[:, None], KERNEL, FP32_DOT, RELU_SCALE, EPS)
         else:
-            phi, proj = features_tile(y, sq, wt_hi, wt_lo, wt_lo2, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
+            phi, proj = features_tile(y, sq, wt, m_ok, 0.0, KERNEL, FP32_DOT, RELU_SCALE, EPS)
             phi = phi * tl.exp(b)[:, None]
         phi = tl.where(s_ok[:, None], phi, 0.0)
         # dS^T and dz: the sums of the NSPLIT query splits' partials
@@ -652,8 +642,8 @@ def _key_grad_kernel(
             rs += tl.sum(ds, 1)
         else:
             ds = tl.where((proj > 0.0) & m_ok[None, :], dphi * RELU_SCALE * tl.exp(b)[:, None], 0.0)
-        w_hi, w_lo = load_w(W_HI, W_LO, offs_m, offs_d, D, M)
-        dy = mm_mixed_w(ds, w_hi, w_lo, dy, GRADW_PASSES, FP32_DOT)
+        w = load_w(W, offs_m, offs_d, D, M)
+        dy = mm_exact_b(ds, w, dy, GRADW_PASSES, FP32_DOT)
     if KERNEL == 0:
         dy = dy - rs[:, None] * yf * (2.0 * half_inv_sqrt_d)
     tl.store(
@@ -685,7 +675,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias, cached=True):
     n, h, length, _ = q.shape
     s_len = k.shape[2]
     c = launch_sizes(q, v, projection, kernel_fn)
-    w_hi, w_lo = prepare_projection(projection, c["d"], q.dtype, cached)
+    w = prepare_projection(projection, c["d"], q.dtype, cached)
     nmb = cdiv(c["m"], c["BLOCK_M"])
     ks_rows, ks_opts = _tiles("key_state", c)
     qo_rows, qo_opts = _tiles("query_out", c)
@@ -699,8 +689,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias, cached=True):
     _key_state_kernel[(nmb, nsplit, nh)](
         k,
         v,
-        w_hi,
-        w_lo,
+        w,
         bias,
         a,
         z,
@@ -757,8 +746,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias, cached=True):
     den = torch.empty(nh, length, **f32)
     _query_out_kernel[(query_blocks, nh)](
         q,
-        w_hi,
-        w_lo,
+        w,
         a,
         z,
         mx,
@@ -804,7 +792,7 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
     s_len = k.shape[2]
     nh = n * h
     c = launch_sizes(q, v, projection, kernel_fn)
-    w_hi, w_lo = prepare_projection(projection, c["d"], q.dtype, cached)
+    w = prepare_projection(projection, c["d"], q.dtype, cached)
     f32 = dict(device=q.device, dtype=torch.float32)
     common_consts = (c["half"], c["rscale"], c["eps"])
     dq, dk, dv = gradient_buffers(q, k, v, grads)
@@ -813,8 +801,7 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
     _query_grad_kernel[(cdiv(length, qg_rows), nh)](
         q,
         dout,
-        w_hi,
-        w_lo,
+        w,
         state,
         ksum,
         cq,
@@ -854,8 +841,7 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
     _query_state_grad_kernel[(nmb, nsplit, nh)](
         q,
         dout,
-        w_hi,
-        w_lo,
+        w,
         cq,
         den,
         tv,
@@ -892,8 +878,7 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
     _key_grad_kernel[(key_blocks, nh)](
         k,
         v,
-        w_hi,
-        w_lo,
+        w,
         bias,
         ck,
         dst,

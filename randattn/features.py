@@ -26,6 +26,7 @@ __all__ = [
     "draw_projection_qr_biased",
     "feature_projection",
     "relu_features",
+    "round_to_bfloat16",
     "softmax_logits",
     "scale_inputs",
 ]
@@ -153,7 +154,18 @@ def feature_projection(projection: torch.Tensor) -> torch.Tensor:
     ``x @ bf16(W d^{-1/4}).T`` to float64 rounding).
     """
     scale = projection.shape[-1] ** -0.25
-    return (projection.float() * scale).to(torch.bfloat16).double() / scale
+    return round_to_bfloat16(projection.float() * scale).double() / scale
+
+
+def round_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
+    """Finite float32 values rounded to the nearest bfloat16 number (ties to even), as float32.
+
+    Integer arithmetic on the bits, equal to ``x.to(torch.bfloat16).float()`` for finite values, so
+    that compilers keep the rounding (``torch.compile`` may drop a cast down and up again).
+    """
+    bits = x.contiguous().view(torch.int32)
+    bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & -65536
+    return bits.view(torch.float32)
 
 
 def softmax_logits(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:

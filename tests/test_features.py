@@ -7,7 +7,9 @@ from randattn.features import (
     default_num_features,
     draw_projection,
     draw_projection_qr_biased,
+    feature_projection,
     relu_features,
+    round_to_bfloat16,
     scale_inputs,
     softmax_logits,
 )
@@ -82,3 +84,25 @@ def test_error_keeps_falling_at_large_m():
         errs.append(torch.stack(e).mean().item())
     assert errs[0] > errs[1] > errs[2], errs
     assert errs[2] < errs[0] / 3, errs
+
+
+def test_round_to_bfloat16_is_round_to_nearest_even():
+    """The integer rounding of ``feature_projection`` equals the cast's, ties and carries included."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4096, generator=gen) * torch.logspace(-20, 20, 4096)
+    bits = x.view(torch.int32)
+    ties = ((bits & -65536) | 0x8000).view(torch.float32)  # exactly half-way: both neighbours' parity
+    carry = ((bits & -65536) | 0xFFFF).view(torch.float32)  # rounds up into the next binade sometimes
+    edges = torch.tensor([0.0, -0.0, 1.0, -1.0, 3.3895314e38, 1e-40, -1e-40])
+    for t in (x, ties, carry, edges):
+        assert torch.equal(round_to_bfloat16(t), t.to(torch.bfloat16).float())
+
+
+def test_feature_projection_is_the_rounded_scaled_projection():
+    w = draw_projection(40, 16, generator=torch.Generator().manual_seed(2))
+    f = feature_projection(w)
+    assert f.dtype == torch.float64 and f.shape == w.shape
+    scaled = f * 16**-0.25
+    torch.testing.assert_close(scaled, (w * 16**-0.25).to(torch.bfloat16).double(), rtol=1e-15, atol=0)
+    assert ((f - w.double()).abs() <= 2.0**-8 * w.double().abs()).all()
+    assert torch.equal(feature_projection(f.float()), f)  # rounding twice changes nothing

@@ -231,9 +231,10 @@ def launch_opts(name: str, sizes: dict | None = None) -> dict:
     """``num_warps`` and ``num_stages`` of kernel ``name`` (see :data:`LAUNCH`).
 
     ``sizes`` (the launch's block sizes, with ``fp32`` true for float32 operands) caps ``num_stages``
-    at 1 for float32 tiles of head dim 128, and for the ReLU kernel's at 128 (it loads a third part
-    of the projection): pipelined loads of those tiles need more shared memory than an H100 has
-    (measured there: 246,016 and 262,400 of 232,448 bytes for the query-gradient kernel). Tiles of
+    at 1 for float32 tiles of head dim 128, and for the ReLU kernel's at 128 (set when it loaded three
+    parts of the projection, which is now exact in bfloat16 and loaded once; not measured since):
+    pipelined loads of those tiles needed more shared memory than an H100 has (measured there:
+    246,016 and 262,400 of 232,448 bytes for the query-gradient kernel). Tiles of
     head dim 256 (bfloat16) run unpipelined with 8 warps (float32 accumulators of 64 x 256).
     """
     warps, stages = LAUNCH.get(name, LAUNCH["*"])

@@ -186,3 +186,14 @@ def check_against_reference(q, k, v, projection, dout, key_mask, kernel_fn, caus
             f"{name}: kernel error {err_t:.3e} > 2 x reference {err_r:.3e} (+ kink flips {kink:.1e})"
         )
     return report
+
+
+def small_windows(kernels, monkeypatch, m, dv, nh=2, state_bytes=4):
+    """Causal state windows of 2 chunks (interpreter) or 16 (GPU): a budget of 2 or 20 chunks of
+    ``nh`` heads' ``(m, d_v)`` states (``state_bytes`` an element), in multiples of 2 or 16 chunks;
+    ``kernels`` the causal Triton module."""
+    cuda = DEVICE == "cuda"
+    monkeypatch.setattr(kernels, "STABILISER_CHUNKS", 16 if cuda else 2)
+    monkeypatch.setattr(kernels, "STATE_WINDOW_BYTES", (20 if cuda else 2) * nh * m * dv * state_bytes)
+    monkeypatch.setattr(kernels, "STATE_WINDOW_PER_Q", 0)
+    monkeypatch.setattr(kernels, "STATE_WINDOW_KV", 0)

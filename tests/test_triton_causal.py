@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from _triton_checks import DEVICE, check_against_reference, make_inputs, run  # noqa: E402
+from _triton_checks import DEVICE, check_against_reference, make_inputs, run, small_windows  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -53,10 +53,7 @@ def test_carried_states_kept_recomputed_or_windowed_match(kernel_fn, mode, gen, 
     want = run("triton", *inputs, kernel_fn, True)
     monkeypatch.setattr(kernels, "KEEP_STATES_MAX_BYTES", 1 << 40 if mode == "kept" else 0)
     if "windows" in mode:  # windows of 2 chunks (CPU) or 16 (GPU): 3 and 2 windows, the last one short
-        monkeypatch.setattr(kernels, "STABILISER_CHUNKS", 16 if CUDA else 2)
-        monkeypatch.setattr(kernels, "STATE_WINDOW_BYTES", (20 if CUDA else 2) * 2 * 80 * 16 * 4)
-        monkeypatch.setattr(kernels, "STATE_WINDOW_PER_Q", 0)
-        monkeypatch.setattr(kernels, "STATE_WINDOW_KV", 0)
+        small_windows(kernels, monkeypatch, 80, 16)
     if mode == "wider-forward-windows":  # the forward's (given the bytes of k and v) twice as wide
         windows = kernels._windows
         monkeypatch.setattr(kernels, "_windows", lambda *a: windows(*a) * (2 if len(a) > 6 else 1))
@@ -131,10 +128,7 @@ def test_carried_states_are_the_sums_over_earlier_keys(kernel_fn, windows, gen, 
     length, d, dv, m = (2048 if CUDA else 300), 32, 16, 80
     q, k, v, projection, _, key_mask = make_inputs(1, 2, length, length, d, dv, m, torch.float32, gen, 1.5, "bool")
     if windows:  # windows of 2 chunks (CPU) or 16 (GPU), the last one short
-        monkeypatch.setattr(kernels, "STABILISER_CHUNKS", 16 if CUDA else 2)
-        monkeypatch.setattr(kernels, "STATE_WINDOW_BYTES", (20 if CUDA else 2) * 2 * m * dv * 4)
-        monkeypatch.setattr(kernels, "STATE_WINDOW_PER_Q", 0)
-        monkeypatch.setattr(kernels, "STATE_WINDOW_KV", 0)
+        small_windows(kernels, monkeypatch, m, dv)
     sz = launch_sizes(q, v, projection, kernel_fn)
     w = prepare_projection(projection, sz["d"], q.dtype)
     nt, chunk = -(-length // kernels.CHUNK), kernels.CHUNK
@@ -207,10 +201,7 @@ def test_bfloat16_forward_states_change_nothing(kernel_fn, windows, gen, monkeyp
     monkeypatch.setattr(PRECISION, "fwd_mixed", 1)
     length, d, dv, m = (2048 if CUDA else 300), 32, 16, 80
     if windows:  # windows of 2 chunks (CPU) or 16 (GPU), the last one short
-        monkeypatch.setattr(kernels, "STABILISER_CHUNKS", 16 if CUDA else 2)
-        monkeypatch.setattr(kernels, "STATE_WINDOW_BYTES", (20 if CUDA else 2) * 2 * m * dv * 2)
-        monkeypatch.setattr(kernels, "STATE_WINDOW_PER_Q", 0)
-        monkeypatch.setattr(kernels, "STATE_WINDOW_KV", 0)
+        small_windows(kernels, monkeypatch, m, dv, state_bytes=2)
     inputs = make_inputs(1, 2, length, length, d, dv, m, torch.bfloat16, gen, scale=1.5, mask="bool")
     q, k, v, projection, _, key_mask = inputs
     nt = -(-length // kernels.CHUNK)

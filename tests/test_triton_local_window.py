@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from _triton_checks import DEVICE, FLOOR, make_inputs, rel_err  # noqa: E402
+from _triton_checks import DEVICE, FLOOR, make_inputs, rel_err, small_windows  # noqa: E402
 
 from randattn import RandMultiHeadAttention  # noqa: E402
 from randattn.functional import KERNEL_MAX_WINDOW, rand_attention  # noqa: E402
@@ -85,10 +85,7 @@ def test_states_kept_recomputed_or_in_windows_match(mode, gen, monkeypatch):
     want = _run("triton", *inputs, 48)
     monkeypatch.setattr(kernels, "KEEP_STATES_MAX_BYTES", 1 << 40 if mode == "kept" else 0)
     if mode == "windows":
-        monkeypatch.setattr(kernels, "STABILISER_CHUNKS", 16 if CUDA else 2)
-        monkeypatch.setattr(kernels, "STATE_WINDOW_BYTES", (20 if CUDA else 2) * 2 * 80 * 16 * 4)
-        monkeypatch.setattr(kernels, "STATE_WINDOW_PER_Q", 0)
-        monkeypatch.setattr(kernels, "STATE_WINDOW_KV", 0)
+        small_windows(kernels, monkeypatch, 80, 16)
         nt = -(-length // kernels.CHUNK)
         assert kernels._windows(2, nt, 80, 16, False, kernels._bytes(inputs[0])) < nt
     got = _check(inputs, 48)

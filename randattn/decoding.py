@@ -598,11 +598,7 @@ def step(layer: RandMultiHeadAttention, x: torch.Tensor, state: Any) -> tuple[to
         raise ValueError(f"x must have last dimension embed_dim={layer.embed_dim}, got shape {tuple(x.shape)}")
     if not layer.batch_first:
         x = x.transpose(0, 1)
-    q, k, v = layer._in_projection(x, x, x)
-    q, k, v = (t.unflatten(-1, (layer.num_heads, layer.head_dim)).transpose(1, 2) for t in (q, k, v))
-    if layer.training and layer.dropout > 0.0:
-        keep = torch.rand(v.shape[:3] + (1,), device=v.device) >= layer.dropout
-        v = v * keep.to(v.dtype) / (1.0 - layer.dropout)
+    q, k, v = layer._self_attention_heads(x)
     projection = cast(torch.Tensor, layer.projection)
     if state.position == 0 and q.shape[2] > 1:
         # A prompt on an empty state: the parallel causal forward (the fused kernels on a GPU) gives the

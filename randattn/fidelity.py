@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .features import draw_projection, draw_projection_qr_biased
-from .functional import KERNEL_FNS, check_backend, exact_attention, rand_attention
+from .functional import check_backend, check_kernel_fn, exact_attention, rand_attention
 
 __all__ = [
     "DRAWS",
@@ -61,11 +61,6 @@ DRAWS = ("orthogonal", "iid", "qr")
 def _check_draw(draw: str) -> None:
     if draw not in DRAWS:
         raise ValueError(f"draw must be one of {DRAWS}, got {draw!r}")
-
-
-def _check_kernel_fn(kernel_fn: str) -> None:
-    if kernel_fn not in KERNEL_FNS:
-        raise ValueError(f"kernel_fn must be one of {KERNEL_FNS}, got {kernel_fn!r}")
 
 
 def draw_features(
@@ -307,7 +302,7 @@ def approximation_error(
     Returns:
         :class:`ErrorStats`.
     """
-    _check_kernel_fn(kernel_fn)
+    check_kernel_fn(kernel_fn)
     _check_draw(draw)
     seed_list = _seed_list(seeds)
     with torch.no_grad():
@@ -444,7 +439,7 @@ def layer_approximation_error(
         raise TypeError(
             f"layer must be an nn.MultiheadAttention or a RandMultiHeadAttention, got {type(layer).__name__}"
         )
-    _check_kernel_fn(rand_layer.kernel_fn)
+    check_kernel_fn(rand_layer.kernel_fn)
     check_backend(backend)
     rand_layer.backend = backend
     seed_list = _seed_list(seeds)

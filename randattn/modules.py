@@ -321,7 +321,7 @@ class RandMultiHeadAttention(nn.Module):
             k = torch.cat([k, self.bias_k.expand(n, 1, -1).to(k.dtype)], dim=1)
             v = torch.cat([v, self.bias_v.expand(n, 1, -1).to(v.dtype)], dim=1)
             key_bias = masks.pad_key_bias(key_bias)
-        q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self._split_heads(q, k, v)
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(k.shape[:2] + (1, k.shape[-1]))], dim=2)
             v = torch.cat([v, v.new_zeros(v.shape[:2] + (1, v.shape[-1]))], dim=2)
@@ -329,9 +329,7 @@ class RandMultiHeadAttention(nn.Module):
         if causal and k.shape[2] != length:
             raise ValueError("causal attention cannot be combined with add_bias_kv or add_zero_attn")
         projection = self.projection
-        if self.training and self.dropout > 0.0:
-            keep = torch.rand(v.shape[:3] + (1,), device=v.device) >= self.dropout
-            v = v * keep.to(v.dtype) / (1.0 - self.dropout)
+        v = self._value_dropout(v)
         out = rand_attention(
             q,
             k,
@@ -420,6 +418,24 @@ class RandMultiHeadAttention(nn.Module):
         from .decoding import step
 
         return step(self, x, state)
+
+    def _self_attention_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``q, k, v`` heads ``(N, H, L, E / H)`` of self-attention over ``x`` ``(N, L, E)``, the value
+        dropout of training mode applied (decoding and context parallelism)."""
+        q, k, v = self._split_heads(*self._in_projection(x, x, x))
+        return q, k, self._value_dropout(v)
+
+    def _split_heads(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(N, L, E) -> (N, H, L, E / H)`` for each tensor."""
+        return tuple(t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2) for t in tensors)
+
+    def _value_dropout(self, v: torch.Tensor) -> torch.Tensor:
+        """Training mode: each key's value row of ``v`` ``(N, H, S, d)`` dropped (per head) with
+        probability ``dropout``, the rest scaled by ``1 / (1 - dropout)``."""
+        if self.training and self.dropout > 0.0:
+            keep = torch.rand(v.shape[:3] + (1,), device=v.device) >= self.dropout
+            v = v * keep.to(v.dtype) / (1.0 - self.dropout)
+        return v
 
     def _in_projection(self, query, key, value):
         b_q = b_k = b_v = None

@@ -213,3 +213,16 @@ def test_layer_methods_decode_like_forward():
         rest.append(out)
     assert _rel_err(torch.cat([first, *rest], dim=1), expected) <= 1e-5
     assert state.position == 9
+
+
+def test_step_in_training_drops_values_as_forward_does():
+    """Value dropout in training: a whole-sequence step and the parallel forward, from one RNG seed,
+    drop the same keys (the output differs from evaluation mode, so the drop is real)."""
+    layer = _layer(dropout=0.5).train()
+    x = torch.randn(2, 24, 32)
+    torch.manual_seed(7)
+    expected, _ = layer(x, x, x, need_weights=False)
+    torch.manual_seed(7)
+    got, _ = _feed(layer, x, [24])
+    assert _rel_err(got, expected) <= 1e-5
+    assert _rel_err(got, layer.eval()(x, x, x, need_weights=False)[0]) > 0.05

@@ -254,11 +254,7 @@ def context_parallel_self_attention(
         )
     if not layer.batch_first:
         x = x.transpose(0, 1)
-    q, k, v = layer._in_projection(x, x, x)
-    q, k, v = (t.unflatten(-1, (layer.num_heads, layer.head_dim)).transpose(1, 2) for t in (q, k, v))
-    if layer.training and layer.dropout > 0.0:
-        keep = torch.rand(v.shape[:3] + (1,), device=v.device) >= layer.dropout
-        v = v * keep.to(v.dtype) / (1.0 - layer.dropout)
+    q, k, v = layer._self_attention_heads(x)
     out = context_parallel_attention(
         q,
         k,

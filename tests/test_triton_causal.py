@@ -158,13 +158,15 @@ def test_carried_states_are_the_sums_over_earlier_keys(kernel_fn, windows, gen, 
             p = (s[:, before] - cprev).exp() if kernel_fn == "softmax" else phi[:, before] * (-cprev).exp()
             want, want_z = p.transpose(1, 2) @ vv[:, before], p.sum(1)
             got, got_z = fwd.a[:, t - t0].double(), fwd.za[:, t - t0].double()
-            # float32 rounding of each term (its logit's error is float32's unit times the logit's
-            # terms' magnitudes), summed in float32: a bound per entry from the magnitudes of its
-            # terms; with cancellation an entry keeps that absolute error, so its own size is no bound
+            # a bound per entry from the magnitudes of its terms (with cancellation an entry keeps
+            # that absolute error, so its own size is no bound): each term's float32 rounding (its
+            # logit's error is float32's unit times the logit's terms' magnitudes) and the float32
+            # sums of a chunk's 64 products (tensor cores accumulate with truncation on a GPU)
             err = p * (mag[:, before] + cprev.abs() + 1) if kernel_fn == "softmax" else p + mag[:, before] * m**-0.5 * (-cprev).exp()
+            err = 2**-20 * err + 2**-17 * p
             size, size_z = err.transpose(1, 2) @ vv[:, before].abs(), err.sum(1)
-            assert ((got - want).abs() <= 2**-20 * size).all(), (got - want).abs().div(size).max()
-            assert ((got_z - want_z).abs() <= 2**-20 * size_z).all(), (got_z - want_z).abs().div(size_z).max()
+            assert ((got - want).abs() <= size).all(), (got - want).abs().div(size).max()
+            assert ((got_z - want_z).abs() <= size_z).all(), (got_z - want_z).abs().div(size_z).max()
         assert torch.equal(bwd.a[:, :steps], fwd.a[:, :steps]) and torch.equal(bwd.za[:, :steps], fwd.za[:, :steps])
     torch.testing.assert_close(fwd.c.double(), c, rtol=1e-6, atol=1e-4)  # (the floor, -1e30, in float32)
 

@@ -27,6 +27,7 @@ __all__ = [
     "feature_projection",
     "relu_features",
     "round_to_bfloat16",
+    "scaled_projection",
     "softmax_logits",
     "scale_inputs",
 ]
@@ -153,8 +154,16 @@ def feature_projection(projection: torch.Tensor) -> torch.Tensor:
     Shapes: ``(m, d) -> (m, d)`` float64 (so that ``scale_inputs(x) @ feature_projection(W).T`` is
     ``x @ bf16(W d^{-1/4}).T`` to float64 rounding).
     """
-    scale = projection.shape[-1] ** -0.25
-    return round_to_bfloat16(projection.float() * scale).double() / scale
+    return scaled_projection(projection).double() / projection.shape[-1] ** -0.25
+
+
+def scaled_projection(projection: torch.Tensor) -> torch.Tensor:
+    """``W' = bf16(W d^{-1/4})``: the projection scaled by ``d ** -0.25`` in float32 and rounded to the
+    nearest bfloat16 numbers (:func:`feature_projection` times ``d ** -0.25``; what the kernels read).
+
+    Shapes: ``(m, d) -> (m, d)`` float32.
+    """
+    return round_to_bfloat16(projection.float() * projection.shape[-1] ** -0.25)
 
 
 def round_to_bfloat16(x: torch.Tensor) -> torch.Tensor:

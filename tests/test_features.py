@@ -11,6 +11,7 @@ from randattn.features import (
     relu_features,
     round_to_bfloat16,
     scale_inputs,
+    scaled_projection,
     softmax_logits,
 )
 from randattn.functional import exact_attention, rand_attention
@@ -110,3 +111,4 @@ def test_feature_projection_is_the_rounded_scaled_projection():
     torch.testing.assert_close(scaled, (w * 16**-0.25).to(torch.bfloat16).double(), rtol=1e-15, atol=0)
     assert ((f - w.double()).abs() <= 2.0**-8 * w.double().abs()).all()
     assert torch.equal(feature_projection(f.float()), f)  # rounding twice changes nothing
+    assert torch.equal(scaled_projection(w).double(), scaled)  # what the kernels read: W d^{-1/4} in bf16

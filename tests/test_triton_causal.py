@@ -120,7 +120,7 @@ def test_carried_states_are_the_sums_over_earlier_keys(kernel_fn, windows, gen, 
     from the forward's stabilisers) gives them bit for bit."""
     from _triton_checks import _bias
 
-    from randattn.features import RELU_EPS, feature_projection
+    from randattn.features import RELU_EPS, scaled_projection
     from randattn.ops._triton_utils import launch_sizes, prepare_projection
     from randattn.ops.causal import triton as kernels
     from randattn.ops.feature_maps import STABILISER_FLOOR
@@ -130,15 +130,15 @@ def test_carried_states_are_the_sums_over_earlier_keys(kernel_fn, windows, gen, 
     if windows:  # windows of 2 chunks (CPU) or 16 (GPU), the last one short
         small_windows(kernels, monkeypatch, m, dv)
     sz = launch_sizes(q, v, projection, kernel_fn)
-    w = prepare_projection(projection, sz["d"], q.dtype)
+    w = prepare_projection(projection, q.dtype)
     nt, chunk = -(-length // kernels.CHUNK), kernels.CHUNK
     nw = kernels._windows(2, nt, m, dv, False, kernels._bytes(q))
     assert (nw < nt) == windows
     bias = _bias(key_mask)
     # float64 features of every key, without a stabiliser (softmax: logits s_k, kept exponentiated later)
     y, vv = k.double().flatten(0, 1), v.double().flatten(0, 1)
-    proj = y @ feature_projection(projection).T * d**-0.25
-    mag = y.abs() @ feature_projection(projection).abs().T * d**-0.25  # the logits' terms' magnitudes
+    wp = scaled_projection(projection).double()
+    proj, mag = y @ wp.T, y.abs() @ wp.abs().T  # the logits and their terms' magnitudes
     b = bias.double().repeat_interleave(2, 0)[:, :, None]
     if kernel_fn == "softmax":
         s = proj - 0.5 * d**-0.5 * (y * y).sum(-1, keepdim=True) + b
@@ -216,7 +216,7 @@ def test_bfloat16_forward_states_change_nothing(kernel_fn, windows, gen, monkeyp
     nw = kernels._windows(2, nt, m, dv, False, kernels._bytes(q), 0, 2)
     assert (nw < nt) == windows
     sz = launch_sizes(q, v, projection, kernel_fn)
-    w = prepare_projection(projection, sz["d"], q.dtype)
+    w = prepare_projection(projection, q.dtype)
     bias = _bias(key_mask)
     outputs = []
     for dtype in (torch.bfloat16, torch.float32):

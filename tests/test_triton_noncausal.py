@@ -176,22 +176,22 @@ def test_prepared_projection_is_reused_until_the_projection_changes():
     from randattn.ops._triton_utils import prepare_projection
 
     w = torch.randn(16, 8)
-    a = prepare_projection(w, 8, torch.bfloat16)
-    assert prepare_projection(w, 8, torch.bfloat16) is a
+    a = prepare_projection(w, torch.bfloat16)
+    assert prepare_projection(w, torch.bfloat16) is a
     assert a.shape == (16, 8) and a.dtype == torch.bfloat16
     torch.testing.assert_close(a.double(), feature_projection(w) * 8**-0.25, rtol=1e-15, atol=0)
     assert ((a.double() - w.double() * 8**-0.25).abs() <= 2.0**-8 * (w.double() * 8**-0.25).abs()).all()
-    assert torch.equal(prepare_projection(w, 8, torch.float32), a.float())
+    assert torch.equal(prepare_projection(w, torch.float32), a.float())
     w.mul_(-1)  # in place: the version counter moves
-    b = prepare_projection(w, 8, torch.bfloat16)
+    b = prepare_projection(w, torch.bfloat16)
     assert b is not a and torch.equal(b, -a)
-    assert prepare_projection(w.clone(), 8, torch.bfloat16) is not b
+    assert prepare_projection(w.clone(), torch.bfloat16) is not b
     # uncached (the custom ops under torch.compile): the same values, neither taken from nor kept in the cache
-    c = prepare_projection(w, 8, torch.bfloat16, cached=False)
+    c = prepare_projection(w, torch.bfloat16, cached=False)
     assert c is not b and torch.equal(c, b)
     v = torch.randn(16, 8)
-    d = prepare_projection(v, 8, torch.bfloat16, cached=False)
-    assert prepare_projection(v, 8, torch.bfloat16) is not d
+    d = prepare_projection(v, torch.bfloat16, cached=False)
+    assert prepare_projection(v, torch.bfloat16) is not d
 
 
 def test_head_dim_256_in_bfloat16_non_causal(gen):

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..features import RELU_EPS, SOFTMAX_QUERY_FLOOR, round_to_bfloat16
+from ..features import RELU_EPS, SOFTMAX_QUERY_FLOOR, scaled_projection
 from .feature_maps import STABILISER_FLOOR
 
 __all__ = [
@@ -261,14 +261,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-#: Prepared projections: ``id(tensor) -> (weakref to it, version, head_dim, dtype, (hi, lo))``.
+#: Prepared projections: ``id(tensor) -> (weakref to it, version, dtype, W')``.
 _PREPARED: dict[int, tuple] = {}
 _PREPARED_MAX = 64
 
 
-def prepare_projection(
-    projection: torch.Tensor, head_dim: int, dtype: torch.dtype, cached: bool = True
-) -> torch.Tensor:
+def prepare_projection(projection: torch.Tensor, dtype: torch.dtype, cached: bool = True) -> torch.Tensor:
     """The scaled projection ``W' = W d^{-1/4}`` the kernels read: rounded to bfloat16 (see
     :func:`randattn.features.feature_projection`), stored in the operand dtype (bfloat16, or float32
     for float32 inputs: exact either way).
@@ -284,19 +282,13 @@ def prepare_projection(
     except RuntimeError:  # inference tensors have no version counter
         version = None
     entry = _PREPARED.get(id(projection))
-    if (
-        version is not None
-        and entry is not None
-        and entry[0]() is projection
-        and entry[1:4] == (version, head_dim, dtype)
-    ):
-        return entry[4]
-    # the same expression as feature_projection: W d^{-1/4} in float32, rounded to bfloat16
-    result = round_to_bfloat16(projection.float() * (head_dim**-0.25)).to(dtype).contiguous()
+    if version is not None and entry is not None and entry[0]() is projection and entry[1:3] == (version, dtype):
+        return entry[3]
+    result = scaled_projection(projection).to(dtype).contiguous()
     if version is not None:
         if len(_PREPARED) >= _PREPARED_MAX:
             _PREPARED.pop(next(iter(_PREPARED)))
-        _PREPARED[id(projection)] = (weakref.ref(projection), version, head_dim, dtype, result)
+        _PREPARED[id(projection)] = (weakref.ref(projection), version, dtype, result)
     return result
 
 

@@ -361,7 +361,8 @@ def _state_kernel(
     for pid_w in range(0, STEPS, UNROLL):
         for u in tl.static_range(UNROLL):
             acc, zsum, decay = _state_step(
-                K, V, BIAS, CEND, DECAY, n, h, pid_nh, T0 + pid_w + u, T0 + STEPS, offs_d, offs_dv, m_ok, wt, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, L, D, DV, NT, half_inv_sqrt_d, RELU_SCALE, EPS,
+                K, V, BIAS, CEND, DECAY, n, h, pid_nh, T0 + pid_w + u, T0 + STEPS, offs_d, offs_dv, m_ok, wt,
+                sk_n, sk_h, sk_s, sv_n, sv_h, sv_s, L, D, DV, NT, half_inv_sqrt_d, RELU_SCALE, EPS,
                 HAS_BIAS, KERNEL, BLOCK_C, BLOCK_M, BLOCK_DV, STATE_PASSES, FP32_DOT,
             )  # fmt: skip
             base = pid_nh * NW + pid_w + u
@@ -1684,7 +1685,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias, cached=True, window=0):
     n, h, length, _ = q.shape
     nh, nt = n * h, cdiv(length, CHUNK)
     sz = launch_sizes(q, v, projection, kernel_fn)
-    w = prepare_projection(projection, sz["d"], q.dtype, cached)
+    w = prepare_projection(projection, q.dtype, cached)
     keep = _keeps_states(nh, length, sz["m"], sz["dv"])
     state_dtype = _forward_state_dtype(q.dtype, keep)
     nw = _windows(nh, nt, sz["m"], sz["dv"], keep, _bytes(q), _bytes(k) + _bytes(v), state_dtype.itemsize)
@@ -1782,7 +1783,7 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *save
     nh = n * h
     nt = cdiv(length, CHUNK)
     sz = launch_sizes(q, v, projection, kernel_fn)
-    w = prepare_projection(projection, sz["d"], q.dtype, cached)
+    w = prepare_projection(projection, q.dtype, cached)
     f32 = dict(device=q.device, dtype=torch.float32)
     dq, dk, dv = gradient_buffers(q, k, v, grads)
     if dq.stride() != dk.stride():

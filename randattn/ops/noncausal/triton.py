@@ -675,7 +675,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias, cached=True):
     n, h, length, _ = q.shape
     s_len = k.shape[2]
     c = launch_sizes(q, v, projection, kernel_fn)
-    w = prepare_projection(projection, c["d"], q.dtype, cached)
+    w = prepare_projection(projection, q.dtype, cached)
     nmb = cdiv(c["m"], c["BLOCK_M"])
     ks_rows, ks_opts = _tiles("key_state", c)
     qo_rows, qo_opts = _tiles("query_out", c)
@@ -792,7 +792,7 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
     s_len = k.shape[2]
     nh = n * h
     c = launch_sizes(q, v, projection, kernel_fn)
-    w = prepare_projection(projection, c["d"], q.dtype, cached)
+    w = prepare_projection(projection, q.dtype, cached)
     f32 = dict(device=q.device, dtype=torch.float32)
     common_consts = (c["half"], c["rscale"], c["eps"])
     dq, dk, dv = gradient_buffers(q, k, v, grads)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from randattn.features import RELU_EPS, SOFTMAX_QUERY_FLOOR, draw_projection, feature_projection
+from randattn.features import RELU_EPS, SOFTMAX_QUERY_FLOOR, draw_projection, feature_projection, scaled_projection
 from randattn.functional import rand_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,9 +74,9 @@ def _combine(phi_q, phi_k, v, causal):
 
 
 def _relu_logits(q, k, projection):
-    """Float64 ReLU logits ``q W'^T``, ``k W'^T`` with ``W' = W d^{-1/4}`` (``W`` as the features use
-    it: ``feature_projection``), and ``W'``."""
-    w = feature_projection(projection) * q.shape[-1] ** -0.25
+    """Float64 ReLU logits ``q W'^T``, ``k W'^T`` with ``W' = W d^{-1/4}`` as the features use it
+    (``scaled_projection``), and ``W'``."""
+    w = scaled_projection(projection).double()
     return q.double() @ w.T, k.double() @ w.T, w
 
 

@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 from _triton_checks import DEVICE, rel_err, relu_kink_bounds, run, run_fp64  # noqa: E402
 
-from randattn.features import feature_projection  # noqa: E402
+from randattn.features import scaled_projection  # noqa: E402
 
 
 def kink_inputs(gen, d=32, m=32, length=24, at_kink=8, delta=2.0**-22):
@@ -40,7 +40,7 @@ def kink_inputs(gen, d=32, m=32, length=24, at_kink=8, delta=2.0**-22):
     keys[:, 2 : 2 + at_kink] = delta * torch.eye(at_kink, dtype=torch.float64)
     k[0, 0, :at_kink] = keys.to(torch.bfloat16)
     projection = (wp * d**0.25).float()
-    torch.testing.assert_close(feature_projection(projection) * d**-0.25, wp, rtol=1e-15, atol=0)  # survives the rounding
+    assert torch.equal(scaled_projection(projection).double(), wp)  # survives the rounding
     logits = k[0, 0, :at_kink].double() @ wp.T
     return [t.to(DEVICE) for t in (q, k, v, projection, dout)], logits
 

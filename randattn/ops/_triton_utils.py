@@ -4,7 +4,8 @@ Precision scheme (fp32 accumulation everywhere):
 
 * float32 inputs: every ``tl.dot`` runs with ``PRECISION.fp32_dot`` (``"tf32x3"`` by default: three
   tf32 tensor-core products, within 1.5x the float32 reference's error on an H100 and 18x faster than
-  ``"ieee"``); plain tf32 is not accurate enough. float16 inputs run the float32 kernels.
+  ``"ieee"``); plain tf32 is not accurate enough. Products with the projection, which is exact in
+  tf32, take two (:func:`mm_w`). float16 inputs run the float32 kernels.
 * bfloat16 / float16 inputs: tensor-core operands are in the input dtype. An operand that is already
   exact in that dtype (the loaded ``q``, ``k``, ``v``, ``dout`` tiles, and the projection) is used as
   is; a float32 operand (features, states) is split into ``hi + lo`` parts of the input dtype, and the
@@ -231,18 +232,20 @@ def launch_opts(name: str, sizes: dict | None = None) -> dict:
     """``num_warps`` and ``num_stages`` of kernel ``name`` (see :data:`LAUNCH`).
 
     ``sizes`` (the launch's block sizes, with ``fp32`` true for float32 operands) caps ``num_stages``
-    at 1 for float32 tiles of head dim 128, and for the ReLU kernel's at 128 (set when it loaded three
-    parts of the projection, which is now exact in bfloat16 and loaded once; not measured since):
-    pipelined loads of those tiles needed more shared memory than an H100 has (measured there:
-    246,016 and 262,400 of 232,448 bytes for the query-gradient kernel). Tiles of
-    head dim 256 (bfloat16) run unpipelined with 8 warps (float32 accumulators of 64 x 256).
+    at 1 for float32 tiles of head dim 128: pipelined loads of those tiles needed more shared memory
+    than an H100 has (measured there: 246,016 and 262,400 of 232,448 bytes for the query-gradient
+    kernel). The ReLU kernel's non-causal kernels at head dim 128 run unpipelined too (H100, bfloat16,
+    L=65536: forward 2.90 ms against 2.98 pipelined); its causal state kernels (``state``,
+    ``rstate``) keep their stages (fwd+bwd 31.3 ms against 32.2 capped). Tiles of head dim 256
+    (bfloat16) run unpipelined with 8 warps (float32 accumulators of 64 x 256).
     """
     warps, stages = LAUNCH.get(name, LAUNCH["*"])
     if sizes is not None:
         widest = max(sizes["BLOCK_D"], sizes["BLOCK_DV"])
+        relu = sizes["KERNEL"] == KERNEL_CODES["relu"] and name not in ("state", "rstate")
         if widest >= 256:  # bfloat16 only (see randattn.functional.kernel_max_head_dim)
             warps, stages = 8, 1
-        elif widest >= 128 and (sizes["fp32"] or sizes["KERNEL"] == KERNEL_CODES["relu"]):
+        elif widest >= 128 and (sizes["fp32"] or relu):
             stages = 1
     return {"num_warps": warps, "num_stages": stages}
 
@@ -401,6 +404,31 @@ def mm_exact_b(a, b, acc, PASSES: tl.constexpr, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
+def tf32_round(a):
+    """A float32 tile rounded to tf32 (the top 10 bits of the significand), to nearest, ties away
+    from zero: the tensor cores would truncate it instead."""
+    return ((a.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def mm_w(a, w, acc, PASSES: tl.constexpr, FP32_DOT: tl.constexpr):
+    """``acc + a @ w`` with the projection ``w`` (a tile of ``W'`` or ``W'^T``), exact in bfloat16 and
+    hence in tf32. float32 ``a`` takes two tf32 products, ``lo @ w`` then ``hi @ w``, where ``hi`` is
+    ``a`` rounded to tf32 and ``lo`` the rest, rounded to tf32 (to 2^-22 of ``a``): ``tf32x3``'s third
+    product, ``hi @ w_lo``, is zero here. As in ``tf32x3``, the product is summed from zero and added
+    to ``acc`` with a float32 add: fed through the tensor cores' accumulation, the running sum ``acc``
+    doubled the error of the gradients through ``W'`` on an H100. bfloat16/float16 inputs as
+    :func:`mm_exact_b`."""
+    if w.dtype == tl.float32 and FP32_DOT == "tf32x3":
+        hi = tf32_round(a)
+        prod = tl.dot(tf32_round(a - hi), w, tl.zeros_like(acc), input_precision="tf32")
+        acc += tl.dot(hi, w, prod, input_precision="tf32")
+    else:
+        acc = mm_exact_b(a, w, acc, PASSES, FP32_DOT)
+    return acc
+
+
+@triton.jit
 def mm_mixed(a, b, acc, like, PASSES: tl.constexpr, FP32_DOT: tl.constexpr):
     """``acc + a @ b`` of two float32 tiles; ``like`` is any tile in the operand dtype."""
     if like.dtype == tl.float32:
@@ -428,8 +456,9 @@ def logits_tile(x, wt, FP32_DOT: tl.constexpr):
     """Feature logits ``x W'^T`` of a tile, float32-accurate in one product: ``x`` and ``W'`` (see
     :func:`prepare_projection`) are both exact in the operand dtype, so the tensor cores' products are
     exact and only the float32 sums round. (A float32 ``W'`` split in two or three bfloat16 parts took
-    two or three products; the ReLU kernel's third part kept the signs of logits near the kink.)"""
-    return mm_exact_a(x, wt, wt, tl.zeros((x.shape[0], wt.shape[1]), tl.float32), 1, FP32_DOT)
+    two or three products; the ReLU kernel's third part kept the signs of logits near the kink.)
+    float32 ``x``: two tf32 products (:func:`mm_w`)."""
+    return mm_w(x, wt, tl.zeros((x.shape[0], wt.shape[1]), tl.float32), 1, FP32_DOT)
 
 
 @triton.jit

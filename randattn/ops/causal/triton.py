@@ -78,6 +78,7 @@ from .._triton_utils import (
     mm_exact_a_f32,
     mm_exact_b,
     mm_mixed,
+    mm_w,
     next_pow2,
     prepare_projection,
     query_floor,
@@ -1362,7 +1363,7 @@ def _chunk_grad_kernel(
                 rsq += tl.sum(dsq, 1)
             else:
                 dsq = tl.where((projq > 0.0) & m_ok[None, :], dphiq * RELU_SCALE, 0.0)
-            dx = mm_exact_b(dsq, w, dx, GRADW_PASSES, FP32_DOT)
+            dx = mm_w(dsq, w, dx, GRADW_PASSES, FP32_DOT)
         else:
             # key side: dphit_k = dAE^T phi_q + e_k (v R_t^T + u_t); pp for the intra-chunk dv
             pp = mm_mixed(phiq_f, tl.trans(phik), pp, x, MIXED_PASSES, FP32_DOT)
@@ -1399,7 +1400,7 @@ def _chunk_grad_kernel(
                 rsk += tl.sum(dsk, 1)
             else:
                 dsk = tl.where((projk > 0.0) & m_ok[None, :], dphik * RELU_SCALE * tl.exp(b)[:, None], 0.0)
-            dy = mm_exact_b(dsk, w, dy, GRADW_PASSES, FP32_DOT)
+            dy = mm_w(dsk, w, dy, GRADW_PASSES, FP32_DOT)
     g_ptrs = n * sg_n + h * sg_h + offs_c[:, None] * sg_l + offs_d[None, :]
     g_mask = c_ok[:, None] & (offs_d[None, :] < D)
     if SIDE == 0:

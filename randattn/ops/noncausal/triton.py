@@ -52,6 +52,7 @@ from .._triton_utils import (
     mm_exact_a_f32,
     mm_exact_b,
     mm_mixed,
+    mm_w,
     next_pow2,
     prepare_projection,
     query_floor,
@@ -461,7 +462,7 @@ def _query_grad_kernel(
         else:
             ds = tl.where((proj > 0.0) & m_ok[None, :], dphi * RELU_SCALE, 0.0)
         w = load_w(W, offs_m, offs_d, D, M)
-        dx = mm_exact_b(ds, w, dx, GRADW_PASSES, FP32_DOT)
+        dx = mm_w(ds, w, dx, GRADW_PASSES, FP32_DOT)
     if KERNEL == 0:
         dx = dx - rs[:, None] * x.to(tl.float32) * (2.0 * half_inv_sqrt_d)
     tl.store(
@@ -643,7 +644,7 @@ def _key_grad_kernel(
         else:
             ds = tl.where((proj > 0.0) & m_ok[None, :], dphi * RELU_SCALE * tl.exp(b)[:, None], 0.0)
         w = load_w(W, offs_m, offs_d, D, M)
-        dy = mm_exact_b(ds, w, dy, GRADW_PASSES, FP32_DOT)
+        dy = mm_w(ds, w, dy, GRADW_PASSES, FP32_DOT)
     if KERNEL == 0:
         dy = dy - rs[:, None] * yf * (2.0 * half_inv_sqrt_d)
     tl.store(

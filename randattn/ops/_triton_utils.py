@@ -406,7 +406,7 @@ def mm_exact_b(a, b, acc, PASSES: tl.constexpr, FP32_DOT: tl.constexpr):
 @triton.jit
 def tf32_round(a):
     """A float32 tile rounded to tf32 (the top 10 bits of the significand), to nearest, ties away
-    from zero: the tensor cores would truncate it instead."""
+    from zero (a float32 operand left to the tensor cores doubled the logits' error on an H100)."""
     return ((a.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
 
 

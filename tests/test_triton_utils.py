@@ -1,0 +1,108 @@
+"""Shared Triton helpers: TF32 rounding, the two-pass products with the projection, launch options.
+
+On a machine without a GPU the helpers run in the Triton interpreter (``TRITON_INTERPRET=1``, set in
+``conftest.py``); on a GPU the products run on the tensor cores.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+tl = triton.language
+
+from _triton_checks import DEVICE  # noqa: E402
+
+from randattn.features import scaled_projection  # noqa: E402
+from randattn.ops._triton_utils import (  # noqa: E402
+    LAUNCH,
+    _launch_sizes,
+    launch_opts,
+    mm_w,
+    tf32_round,
+)
+
+
+@triton.jit
+def _round_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, tf32_round(tl.load(x_ptr + offs)))
+
+
+@triton.jit
+def _mm_w_kernel(a_ptr, w_ptr, acc_ptr, out_ptr, R: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                 FP32_DOT: tl.constexpr):
+    rows, ks, cols = tl.arange(0, R), tl.arange(0, K), tl.arange(0, C)
+    a = tl.load(a_ptr + rows[:, None] * K + ks[None, :])
+    w = tl.load(w_ptr + ks[:, None] * C + cols[None, :])
+    acc = tl.load(acc_ptr + rows[:, None] * C + cols[None, :])
+    tl.store(out_ptr + rows[:, None] * C + cols[None, :], mm_w(a, w, acc, 2, FP32_DOT))
+
+
+def _tf32_round_reference(x: torch.Tensor) -> torch.Tensor:
+    """Nearest TF32 value (10 stored significand bits), ties away from zero, from float64 arithmetic."""
+    xd = x.double()
+    mant, exp = torch.frexp(xd)  # x = mant 2^exp, 0.5 <= |mant| < 1: 11 significant bits kept
+    scaled = mant * 2.0**11
+    rounded = torch.copysign(torch.floor(scaled.abs() + 0.5), scaled)
+    return torch.ldexp(rounded, exp - 11).float()
+
+
+def test_tf32_round_is_nearest_with_ties_away(gen):
+    n = 1024
+    x = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-30, 30, (n,), generator=gen).float())
+    bits = x.view(torch.int32)
+    # exact ties (low 13 bits 0x1000), values just below a tie, and one-bit-above-truncation values
+    x[:64] = (bits[:64] & ~0x1FFF | 0x1000).view(torch.float32)
+    x[64:128] = (bits[64:128] & ~0x1FFF | 0x0FFF).view(torch.float32)
+    x[128:192] = (bits[128:192] & ~0x1FFF | 0x0001).view(torch.float32)
+    x[192:200] = torch.tensor([0.0, -0.0, 1.0, -1.0, 1.0 + 2**-11, -(1.0 + 2**-11), 3.0e38, -3.0e38])
+    out = torch.empty_like(x, device=DEVICE)
+    _round_kernel[(1,)](x.to(DEVICE), out, N=n)
+    out = out.cpu()
+    expected = _tf32_round_reference(x)
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+    assert not (out.view(torch.int32) & 0x1FFF).any()  # exactly representable in TF32
+    # the rounded value is within half a TF32 unit (2^-11 relative) of the input, with ties away from zero
+    assert ((out.double() - x.double()).abs() <= x.double().abs() * 2.0**-11).all()
+    assert (out[:64].abs() > x[:64].abs()).all() and (out[64:128].abs() < x[64:128].abs()).all()
+
+
+@pytest.mark.parametrize("fp32_dot", ["tf32x3", "ieee"])
+def test_mm_w_is_float32_accurate(fp32_dot, gen):
+    """``acc + a @ W'`` for float32 ``a`` and a projection tile (exact in bfloat16): float32-accurate
+    (a few units of 2^-24 of the terms' magnitudes), with the running sum added exactly once."""
+    rows, k, cols = 32, 64, 32
+    a = torch.randn(rows, k, generator=gen) * torch.exp2(torch.randint(-4, 5, (rows, 1), generator=gen).float())
+    w = scaled_projection(torch.randn(k, cols, generator=gen))
+    acc = torch.randn(rows, cols, generator=gen) * 100.0
+    out = torch.empty(rows, cols, device=DEVICE)
+    _mm_w_kernel[(1,)](a.to(DEVICE), w.contiguous().to(DEVICE), acc.to(DEVICE), out, R=rows, K=k, C=cols,
+                       FP32_DOT=fp32_dot)
+    expected = acc.double() + a.double() @ w.double()
+    bound = 2.0**-20 * (acc.double().abs() + a.double().abs() @ w.double().abs())
+    err = (out.cpu().double() - expected).abs()
+    assert (err <= bound).all(), (err / bound).max().item()
+    # the projection's products alone, without the running sum, reach the same accuracy
+    _mm_w_kernel[(1,)](a.to(DEVICE), w.contiguous().to(DEVICE), torch.zeros_like(acc).to(DEVICE), out, R=rows,
+                       K=k, C=cols, FP32_DOT=fp32_dot)
+    err = (out.cpu().double() - a.double() @ w.double()).abs()
+    assert (err <= 2.0**-20 * (a.double().abs() @ w.double().abs())).all()
+
+
+def test_launch_stage_caps_by_head_dim_and_kernel():
+    """float32 tiles of head dim 128 run unpipelined in every kernel; the ReLU kernel's bfloat16 tiles
+    of head dim 128 in the non-causal kernels only; head dim 256 unpipelined with 8 warps."""
+    def opts(name, d, fp32, kernel_fn):
+        return launch_opts(name, _launch_sizes(d, d, 256, fp32, kernel_fn))
+
+    for name in ("state", "rstate", "query_grad", "key_state"):
+        assert opts(name, 128, True, "softmax")["num_stages"] == 1
+        assert opts(name, 256, False, "relu") == {"num_warps": 8, "num_stages": 1}
+        assert opts(name, 64, False, "relu") == dict(zip(("num_warps", "num_stages"), LAUNCH.get(name, LAUNCH["*"])))
+    for name in ("query_grad", "key_state", "query_out"):
+        assert opts(name, 128, False, "relu")["num_stages"] == 1
+        assert opts(name, 128, False, "softmax")["num_stages"] == LAUNCH.get(name, LAUNCH["*"])[1]
+    for name in ("state", "rstate"):
+        assert opts(name, 128, False, "relu")["num_stages"] == LAUNCH[name][1] > 1

@@ -439,6 +439,7 @@ GPU_SHAPES = [
     (1, 2, 777, 777, 96, 96, 512),
     (1, 2, 777, 777, 112, 64, 200),
     (2, 2, 777, 777, 24, 40, 48),
+    (1, 2, 777, 777, 64, 64, 32),  # feature tiles narrower than the key tile were miscompiled (feature_block)
     (1, 2, 2048, 2048, 32, 16, 80),  # value tiles of 16 were miscompiled (see randattn.ops._triton_utils.MIN_TILE)
     (1, 2, 2048, 2048, 64, 16, 80),
     (1, 2, 2048, 2048, 128, 32, 80),

@@ -140,6 +140,7 @@ GPU_SHAPES = [
     (1, 2, 777, 600, 96, 96, 512),
     (1, 2, 600, 777, 112, 64, 200),
     (2, 2, 777, 600, 24, 40, 48),
+    (1, 2, 777, 600, 64, 64, 32),  # feature tiles narrower than the key tile (see feature_block)
     (1, 2, 2048, 1500, 32, 16, 80),  # value tiles of 16 were miscompiled (see randattn.ops._triton_utils.MIN_TILE)
     (1, 2, 2048, 1500, 64, 16, 80),
     (1, 2, 2048, 1500, 128, 32, 80),

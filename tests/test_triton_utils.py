@@ -106,3 +106,26 @@ def test_launch_stage_caps_by_head_dim_and_kernel():
         assert opts(name, 128, False, "softmax")["num_stages"] == LAUNCH.get(name, LAUNCH["*"])[1]
     for name in ("state", "rstate"):
         assert opts(name, 128, False, "relu")["num_stages"] == LAUNCH[name][1] > 1
+
+
+def test_gradient_products_take_two_passes_with_few_features():
+    """``dq``/``dk`` products with the projection round once only with many features (see
+    :data:`~randattn.ops._triton_utils.GRAD_W_ONE_PASS_MIN_FEATURES`); a setting of 2 or more stays."""
+    from randattn.ops._triton_utils import GRAD_W_ONE_PASS_MIN_FEATURES, Precision
+
+    one, two = Precision.parse("21231"), Precision.parse("21232")
+    assert [one.grad_w_passes(m) for m in (16, 64, GRAD_W_ONE_PASS_MIN_FEATURES - 1)] == [2, 2, 2]
+    assert [one.grad_w_passes(m) for m in (GRAD_W_ONE_PASS_MIN_FEATURES, 256, 512)] == [1, 1, 1]
+    assert [two.grad_w_passes(m) for m in (16, 256)] == [2, 2]
+
+
+def test_feature_tiles_are_at_least_as_wide_as_the_key_tile_up_to_64():
+    """Feature tiles narrower than the key tile were miscompiled on an H100 (see ``feature_block``)."""
+    from randattn.ops._triton_utils import BLOCK_FEATURES, feature_block, pow2_block
+
+    for m in (1, 16, 32, 33, 48, 64, 100, 256, 512):
+        for d in (8, 16, 32, 48, 64, 96, 128, 256):
+            block = feature_block(m, d)
+            assert block >= min(pow2_block(d), 64, BLOCK_FEATURES)
+            assert block & (block - 1) == 0 and block >= min(m, BLOCK_FEATURES)
+    assert feature_block(32, 64) == 64 and feature_block(16, 16) == 32 and feature_block(256, 128) == 64

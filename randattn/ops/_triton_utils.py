@@ -76,7 +76,8 @@ class Precision:
         state, mixed: the same in the backward kernels (which also recompute forward quantities).
         grad_w: products of the feature gradients with the projection (``dq``, ``dk``; these are
             differences of two nearly equal terms, so their error is amplified; the projection is
-            exact, so 2 is the float32-accurate count).
+            exact, so 2 is the float32-accurate count). Used as given above
+            :data:`GRAD_W_ONE_PASS_MIN_FEATURES` features only (:meth:`grad_w_passes`).
         fp32_dot: ``input_precision`` of float32 dots (``"ieee"`` or ``"tf32x3"``).
     """
 
@@ -92,6 +93,11 @@ class Precision:
         """From five digits ``fwd_state fwd_mixed state mixed grad_w``, e.g. ``"21232"``."""
         f_s, f_m, s, m, g = (int(c) for c in code)
         return cls(f_s, f_m, s, m, g, fp32_dot)
+
+    def grad_w_passes(self, num_features: int) -> int:
+        """``grad_w`` for a launch with ``num_features`` features: at least 2 below
+        :data:`GRAD_W_ONE_PASS_MIN_FEATURES`."""
+        return self.grad_w if num_features >= GRAD_W_ONE_PASS_MIN_FEATURES else max(self.grad_w, 2)
 
     def set(self, code: str) -> None:
         """Change this setting in place from five digits (see :meth:`parse`)."""
@@ -112,6 +118,11 @@ class Precision:
 #: backward 4-8% faster); everything else is split fully. In the interpreter every product is split
 #: fully (it rounds float32 to bfloat16 by truncation).
 GPU_PRECISION = "21231"
+#: Fewest features for which ``grad_w = 1`` is used (else 2): with one pass, the ``dk`` error's ratio
+#: to the reference's grows as the features get fewer (H100, bfloat16, causal, 12 draws each: worst
+#: 2.16 and median 1.69 at m = 16, d = 16; 1.69 / 1.50 at m = 48; 1.73 / 1.46 at m = 80; 1.55 / 1.47
+#: at m = 256), while two passes give 1.00 at every size. Few features make the product cheap anyway.
+GRAD_W_ONE_PASS_MIN_FEATURES = 129
 FULL_PRECISION = "23232"
 
 #: The precision used by the kernels (module-level so that benchmarks can compare settings).
@@ -194,9 +205,15 @@ def value_block(d: int, dv: int) -> int:
     return max(pow2_block(dv), min(pow2_block(d), 64))
 
 
-def feature_block(m: int) -> int:
-    """Features per block: the padded ``m``, capped at :data:`BLOCK_FEATURES`."""
-    return min(BLOCK_FEATURES, pow2_block(m))
+def feature_block(m: int, d: int) -> int:
+    """Features per block: :func:`pow2_block` of ``m``, raised to the key tile's side (``d``'s) up to 64,
+    capped at :data:`BLOCK_FEATURES`.
+
+    On an H100 (Triton 3.6) feature tiles narrower than the key tile went wrong like narrow value
+    tiles (:func:`value_block`): causal bfloat16 at d = 64, m = 32 (feature tiles of 32) gave ``dq``
+    off by a factor of 100 or more, and an illegal memory access with recomputed states (ReLU).
+    """
+    return min(BLOCK_FEATURES, max(pow2_block(m), min(pow2_block(d), 64)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -208,7 +225,7 @@ def _launch_sizes(d: int, dv: int, m: int, fp32: bool, kernel_fn: str) -> dict:
         fp32=fp32,
         BLOCK_D=pow2_block(d),
         BLOCK_DV=value_block(d, dv),
-        BLOCK_M=feature_block(m),
+        BLOCK_M=feature_block(m, d),
         KERNEL=KERNEL_CODES[kernel_fn],
         half=0.5 * d**-0.5,
         rscale=relu_scale(m),

@@ -1824,7 +1824,7 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *save
             **_tiles(sz, lag.window),
             STATE_PASSES=PRECISION.state,
             MIXED_PASSES=PRECISION.mixed,
-            GRADW_PASSES=PRECISION.grad_w,
+            GRADW_PASSES=PRECISION.grad_w_passes(sz["m"]),
             FP32_DOT=PRECISION.fp32_dot,
             SIDE=side,
             HAS_T=has_t,

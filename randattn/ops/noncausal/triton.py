@@ -830,7 +830,7 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
         BLOCK_M=c["BLOCK_M"],
         BLOCK_DV=c["BLOCK_DV"],
         STATE_PASSES=PRECISION.state,
-        GRADW_PASSES=PRECISION.grad_w,
+        GRADW_PASSES=PRECISION.grad_w_passes(c["m"]),
         FP32_DOT=PRECISION.fp32_dot,
         **qg_opts,
     )
@@ -913,7 +913,7 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
         BLOCK_DV=c["BLOCK_DV"],
         STATE_PASSES=PRECISION.state,
         MIXED_PASSES=PRECISION.mixed,
-        GRADW_PASSES=PRECISION.grad_w,
+        GRADW_PASSES=PRECISION.grad_w_passes(c["m"]),
         FP32_DOT=PRECISION.fp32_dot,
         **kg_opts,
     )

@@ -259,10 +259,10 @@ def launch_opts(name: str, sizes: dict | None = None) -> dict:
     warps, stages = LAUNCH.get(name, LAUNCH["*"])
     if sizes is not None:
         widest = max(sizes["BLOCK_D"], sizes["BLOCK_DV"])
-        relu = sizes["KERNEL"] == KERNEL_CODES["relu"] and name not in ("state", "rstate")
+        relu_capped = sizes["KERNEL"] == KERNEL_CODES["relu"] and name not in ("state", "rstate")
         if widest >= 256:  # bfloat16 only (see randattn.functional.kernel_max_head_dim)
             warps, stages = 8, 1
-        elif widest >= 128 and (sizes["fp32"] or relu):
+        elif widest >= 128 and (sizes["fp32"] or relu_capped):
             stages = 1
     return {"num_warps": warps, "num_stages": stages}
 

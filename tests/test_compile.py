@@ -114,8 +114,11 @@ def test_fake_implementations_give_shapes():
         k = torch.empty(2, 3, 40, 16, dtype=torch.bfloat16)
         v = torch.empty(2, 3, 40, 8, dtype=torch.bfloat16)
         w = torch.empty(32, 16)
-        out = torch.ops.randattn.noncausal_fwd(q, k, v, w, "softmax", None)[0]
-        assert out.shape == (2, 3, 50, 8) and out.dtype == torch.bfloat16
+        for keep in (False, True):  # the output kept for the backward: its int8 rest beside it
+            out, lo = torch.ops.randattn.noncausal_fwd(q, k, v, w, "softmax", None, keep)[:2]
+            assert out.shape == (2, 3, 50, 8) and out.dtype == torch.bfloat16
+            assert lo.dtype == torch.int8 and lo.shape == (out.shape if keep else (0,))
+            assert not keep or lo.stride() == out.stride()
         kc, vc = torch.empty(2, 3, 50, 16, dtype=torch.bfloat16), torch.empty(2, 3, 50, 8, dtype=torch.bfloat16)
         out = torch.ops.randattn.causal_fwd(q, kc, vc, w, "relu", None, 0)[0]
         assert out.shape == (2, 3, 50, 8) and out.dtype == torch.bfloat16
@@ -123,11 +126,11 @@ def test_fake_implementations_give_shapes():
         assert out.shape == (2, 3, 50, 8) and out.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("causal,window", [(False, 0), (True, 0), (True, 5)])
-def test_eager_path_equals_custom_ops(causal, window):
+@pytest.mark.parametrize("causal,window,keep", [(False, 0, False), (False, 0, True), (True, 0, False), (True, 5, False)])
+def test_eager_path_equals_custom_ops(causal, window, keep, monkeypatch):
     """Outside ``torch.compile`` the kernels are called through an ``autograd.Function`` (less host
     overhead); its output and gradients equal those of the custom ops, strides included (causal: also
-    with a local window)."""
+    with a local window; non-causal: also with the output kept for the backward)."""
     pytest.importorskip("triton")
     if DEVICE == "cpu":
         import os
@@ -136,8 +139,10 @@ def test_eager_path_equals_custom_ops(causal, window):
             pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     from randattn.features import draw_projection
     from randattn.ops.causal.triton import causal_attention
+    from randattn.ops.noncausal import triton as noncausal_kernels
     from randattn.ops.noncausal.triton import noncausal_attention
 
+    monkeypatch.setattr(noncausal_kernels, "T_FROM_OUTPUT_MIN_LENGTH", 0 if keep else 10**9)
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 2, 70, 16, generator=gen).to(DEVICE) for _ in range(3))
     dout = torch.randn(2, 2, 70, 16, generator=gen).to(DEVICE)
@@ -147,8 +152,8 @@ def test_eager_path_equals_custom_ops(causal, window):
     eager = causal_attention if causal else noncausal_attention
     op = torch.ops.randattn.causal_fwd if causal else torch.ops.randattn.noncausal_fwd
     results = []
-    extra = (window,) if causal else ()
-    for fn in (lambda *a: eager(*a, *extra), lambda *a: op(*a, *extra)[0]):
+    extra = (window,) if causal else (keep,)
+    for fn in (lambda *a: eager(*a, *extra[:int(causal)]), lambda *a: op(*a, *extra)[0]):
         qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
         out = fn(qq, kk, vv, w, "softmax", bias)
         results.append((out, *torch.autograd.grad(out, (qq, kk, vv), dout)))

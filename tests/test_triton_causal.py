@@ -110,6 +110,25 @@ def test_backward_holds_the_output_only_beside_kept_states(keep, gen, monkeypatc
     torch.testing.assert_close(dq, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_forward_without_gradients_keeps_nothing(dtype, gen, monkeypatch):
+    """Where kept states would hold the states and the output's lo half for the backward, a forward
+    that needs no gradients (inference) keeps neither and gives the same output (to the rounding of
+    the recomputed-states path)."""
+    from randattn.ops.causal import triton as kernels
+
+    monkeypatch.setattr(kernels, "KEEP_STATES_MAX_BYTES", 1 << 40)
+    q, k, v, projection, _, _ = make_inputs(1, 2, 130, 130, 16, 16, 32, dtype, gen)
+    out, (kept, out_lo, *_) = kernels.forward_saving(q, k, v, projection, "softmax", None, needs_grad=True)
+    assert kept is out and out_lo.numel() == out.numel()
+    plain, (kept, out_lo, *_) = kernels.forward_saving(q, k, v, projection, "softmax", None, needs_grad=False)
+    assert kept.numel() == 0 and out_lo.numel() == 0
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(plain, out, rtol=tol, atol=tol * out.abs().max().item())
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.causal_attention(q, k, v, projection, "softmax", None), plain, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("windows", [False, True])
 @pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
 def test_carried_states_are_the_sums_over_earlier_keys(kernel_fn, windows, gen, monkeypatch):

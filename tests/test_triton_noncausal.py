@@ -104,26 +104,96 @@ def test_non_contiguous_heads(gen):
         torch.testing.assert_close(x, y)
 
 
-def test_heads_merge_without_copy_and_output_not_saved(gen):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("keep", [False, True], ids=["first-pass", "kept-output"])
+def test_heads_merge_without_copy_and_output_kept_only_for_t(keep, dtype, gen, monkeypatch):
     """Output and input gradients are stored heads-last, so ``(N, L, H * d)`` is a view of them; the
-    backward keeps q, k, v and O(N H (m d_v + L)) floats, not the output."""
-    from randattn.ops.noncausal.triton import noncausal_attention
+    backward keeps q, k, v and O(N H (m d_v + L)) floats, and the output only from
+    ``T_FROM_OUTPUT_MIN_LENGTH`` queries (with its rest as int8 for bfloat16: half its bytes)."""
+    from randattn.ops.noncausal import triton as kernels
 
     n, h, length, s_len, d, dv, m = 2, 3, 40, 24, 16, 32, 32
-    q, k, v, projection, dout, _ = make_inputs(n, h, length, s_len, d, dv, m, torch.float32, gen)
+    monkeypatch.setattr(kernels, "T_FROM_OUTPUT_MIN_LENGTH", length if keep else length + 1)
+    q, k, v, projection, dout, _ = make_inputs(n, h, length, s_len, d, dv, m, dtype, gen)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = noncausal_attention(q, k, v, projection, "softmax", None)
+        out = kernels.noncausal_attention(q, k, v, projection, "softmax", None)
     assert out.shape == (n, h, length, dv) and out.transpose(1, 2).is_contiguous()
     ptrs = {t.untyped_storage().data_ptr() for t in saved}
-    assert out.untyped_storage().data_ptr() not in ptrs
-    extra = sum(t.numel() for t in saved if t.untyped_storage().data_ptr() not in
-                {x.untyped_storage().data_ptr() for x in (q, k, v, projection)})
-    assert extra <= n * h * (m * dv + m + 1 + 2 * length)
+    assert (out.untyped_storage().data_ptr() in ptrs) == keep
+    inputs = {x.untyped_storage().data_ptr() for x in (q, k, v, projection, out)}
+    extra = [t for t in saved if t.untyped_storage().data_ptr() not in inputs]
+    assert sum(t.numel() for t in extra if t.dtype != torch.int8) <= n * h * (m * dv + m + 1 + 2 * length)
+    rest = sum(t.numel() for t in extra if t.dtype == torch.int8)
+    assert rest == (out.numel() if keep and dtype == torch.bfloat16 else 0)
     dq, dk, dv_ = torch.autograd.grad(out, (q, k, v), dout)
     for g in (dq, dk, dv_):
         assert g.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+def test_t_from_the_kept_output_or_a_first_pass(kernel_fn, dtype, gen, monkeypatch):
+    """The backward's ``t`` from the kept output (bfloat16: its int8 rest too) or from a first pass
+    over the feature blocks: both pass the 2x rule, and their gradients agree to float32 rounding
+    (float32 kernels; bfloat16 to its rounding of the gradients)."""
+    from randattn.ops.noncausal import triton as kernels
+
+    inputs = make_inputs(2, 2, 70, 45, 16, 16, 32, dtype, gen, scale=1.5, mask="bool")
+    results = []
+    for threshold in (0, 10**9):
+        monkeypatch.setattr(kernels, "T_FROM_OUTPUT_MIN_LENGTH", threshold)
+        check_against_reference(*inputs, kernel_fn, causal=False)
+        results.append(run("triton", *inputs, kernel_fn, False))
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_forward_without_gradients_keeps_no_output(dtype, gen, monkeypatch):
+    """A forward that needs no gradients (inference) keeps no output for ``t`` at any length (a
+    bfloat16 one would cost a full-precision output product and its int8 rest), and gives the output
+    of a forward that keeps it (to bfloat16 rounding: one pass against three)."""
+    from randattn.ops.noncausal import triton as kernels
+
+    monkeypatch.setattr(kernels, "T_FROM_OUTPUT_MIN_LENGTH", 0)
+    q, k, v, projection, _, _ = make_inputs(1, 2, 70, 45, 16, 16, 32, dtype, gen)
+    out, (kept, lo, *_) = kernels.forward_saving(q, k, v, projection, "softmax", None, needs_grad=True)
+    assert kept is out and lo.numel() == (out.numel() if dtype == torch.bfloat16 else 0)
+    plain, (kept, lo, *_) = kernels.forward_saving(q, k, v, projection, "softmax", None, needs_grad=False)
+    assert kept.numel() == 0 and lo.numel() == 0
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(plain, out, rtol=tol, atol=tol * out.abs().max().item())
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.noncausal_attention(q, k, v, projection, "softmax", None), plain, rtol=0, atol=0)
+
+
+def test_kept_bfloat16_output_is_float32_accurate(gen, monkeypatch):
+    """The bfloat16 output and its int8 rest that the backward gets ``t`` from give the output to a few
+    units of 2^-16 of its rows' largest entry (the forward's product at full precision, also at the
+    GPU's pass counts, where an output that is only returned takes one pass: errors near 2^-7)."""
+    from _triton_checks import _bias, fp64_attention
+
+    from randattn.ops._triton_utils import GPU_PRECISION, PRECISION
+    from randattn.ops.noncausal import triton as kernels
+
+    monkeypatch.setattr(kernels, "T_FROM_OUTPUT_MIN_LENGTH", 0)
+    q, k, v, projection, _, mask = make_inputs(2, 2, 70, 45, 16, 16, 32, torch.bfloat16, gen, 1.5, "bool")
+    saved_setting = (PRECISION.fwd_state, PRECISION.fwd_mixed, PRECISION.state, PRECISION.mixed, PRECISION.grad_w)
+    PRECISION.set(GPU_PRECISION)
+    try:
+        out, (kept, lo, *_) = kernels.forward_saving(q, k, v, projection.float(), "softmax", _bias(mask))
+    finally:
+        PRECISION.set("".join(map(str, saved_setting)))
+    assert kept is out and lo.dtype == torch.int8 and lo.shape == out.shape
+    hi = out.double()
+    back = hi + lo.double() * torch.exp2(torch.frexp(hi)[1] - 8.0) / 254
+    exact = fp64_attention(q, k, v, projection, "softmax", _bias(mask), False)
+    scale = exact.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    err_hi, err = ((hi - exact).abs() / scale).max(), ((back - exact).abs() / scale).max()
+    assert err < 2.0**-12 and err < err_hi / 8  # one forward pass: about 2^-7
 
 
 # ---- GPU sizes ---------------------------------------------------------------------------------
@@ -156,6 +226,21 @@ def test_gpu_sizes(dtype, kernel_fn, shape, gen):
     inputs = make_inputs(n, h, length, s_len, d, dv, m, dtype, gen, scale=1.0, mask="bool")
     report = check_against_reference(*inputs, kernel_fn, causal=False)
     print("ERR", "noncausal", kernel_fn, dtype, shape, {k: f"{a:.2e}/{b:.2e}" for k, (a, b) in report.items()})
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gpu_sizes_t_from_the_kept_output(dtype, kernel_fn, shape, gen, monkeypatch):
+    """:func:`test_gpu_sizes` with the backward's ``t`` from the kept output at every length."""
+    from randattn.ops.noncausal import triton as kernels
+
+    monkeypatch.setattr(kernels, "T_FROM_OUTPUT_MIN_LENGTH", 0)
+    n, h, length, s_len, d, dv, m = shape
+    inputs = make_inputs(n, h, length, s_len, d, dv, m, dtype, gen, scale=1.0, mask="bool")
+    report = check_against_reference(*inputs, kernel_fn, causal=False)
+    print("ERR", "noncausal-kept", kernel_fn, dtype, shape, {k: f"{a:.2e}/{b:.2e}" for k, (a, b) in report.items()})
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")

@@ -18,8 +18,10 @@ from randattn.features import scaled_projection  # noqa: E402
 from randattn.ops._triton_utils import (  # noqa: E402
     LAUNCH,
     _launch_sizes,
+    joined_output,
     launch_opts,
     mm_w,
+    split_output,
     tf32_round,
 )
 
@@ -28,6 +30,16 @@ from randattn.ops._triton_utils import (  # noqa: E402
 def _round_kernel(x_ptr, out_ptr, N: tl.constexpr):
     offs = tl.arange(0, N)
     tl.store(out_ptr + offs, tf32_round(tl.load(x_ptr + offs)))
+
+
+@triton.jit
+def _split_output_kernel(x_ptr, hi_ptr, code_ptr, back_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    hi, code = split_output(tl.load(x_ptr + offs))
+    tl.store(hi_ptr + offs, hi)
+    tl.store(code_ptr + offs, code)
+    # as the backward reads them: the bfloat16 half from memory, the code as stored
+    tl.store(back_ptr + offs, joined_output(tl.load(hi_ptr + offs), tl.load(code_ptr + offs)))
 
 
 @triton.jit
@@ -129,3 +141,34 @@ def test_feature_tiles_are_at_least_as_wide_as_the_key_tile_up_to_64():
             assert block >= min(pow2_block(d), 64, BLOCK_FEATURES)
             assert block & (block - 1) == 0 and block >= min(m, BLOCK_FEATURES)
     assert feature_block(32, 64) == 64 and feature_block(16, 16) == 32 and feature_block(256, 128) == 64
+
+
+def test_output_split_into_bfloat16_and_an_int8_rest(gen):
+    """``split_output``: ``hi`` is the float32 value rounded to bfloat16 to nearest, ties to even (bit
+    for bit as torch's conversion), and ``joined_output(hi, code)`` gives the value back to within
+    1/508 of ``hi``'s last place, over magnitudes from 2^-100 to 2^120, ties and signs; zeros give
+    zeros, and tinier values are never worse than ``hi``."""
+    n = 1024
+    x = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-100, 120, (n,), generator=gen).float())
+    bits = x.view(torch.int32)
+    x[:64] = (bits[:64] & ~0xFFFF | 0x8000).view(torch.float32)  # ties: even neighbour
+    x[64:128] = (bits[64:128] & ~0xFFFF | 0x7FFF).view(torch.float32)  # just below a tie
+    x[128:136] = torch.tensor([0.0, -0.0, 1.0, -1.0, 2.0 - 2**-20, -(2.0 - 2**-20), 3.0e38, -1e-30])
+    tiny = torch.tensor([3.1e-37, -2.2e-38, 1e-40, 2.0**-110 * 1.3])
+    hi = torch.empty(n, device=DEVICE)
+    code = torch.empty(n, device=DEVICE, dtype=torch.int8)
+    back = torch.empty(n, device=DEVICE)
+    _split_output_kernel[(1,)](x.to(DEVICE), hi, code, back, N=n)
+    hi, code, back = hi.cpu(), code.cpu(), back.cpu()
+    assert torch.equal(hi.view(torch.int32), x.bfloat16().float().view(torch.int32))
+    ulp = torch.exp2(torch.frexp(hi.double())[1] - 8.0)  # hi's last place (8 significant bits)
+    err = (back.double() - x.double()).abs()
+    assert (err <= ulp / 508 * (1 + 1e-6)).all(), (err / ulp).max()
+    assert (code.abs() <= 127).all() and code[:136].ne(0).sum() > 0
+    assert code[128] == 0 and code[129] == 0 and back[128] == 0 and back[129] == 0
+    # the code carries the rest: without it the error would be up to half a last place
+    assert (back.double() - x.double()).abs().max() < (hi.double() - x.double()).abs().max() / 50
+    t_hi, t_code, t_back = torch.empty(4, device=DEVICE), torch.empty(4, device=DEVICE, dtype=torch.int8), torch.empty(4, device=DEVICE)
+    _split_output_kernel[(1,)](tiny.to(DEVICE), t_hi, t_code, t_back, N=4)
+    t_err, hi_err = (t_back.cpu().double() - tiny.double()).abs(), (t_hi.cpu().double() - tiny.double()).abs()
+    assert torch.isfinite(t_back).all() and (t_err <= hi_err).all()

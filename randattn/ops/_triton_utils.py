@@ -428,6 +428,41 @@ def tf32_round(a):
 
 
 @triton.jit
+def bf16_round(a):
+    """A float32 tile rounded to bfloat16, to nearest, ties to even (the GPU's conversion; the
+    interpreter's truncates), as float32."""
+    bits = a.to(tl.uint32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _lo_scale(hi):
+    """``254 / ulp(hi)`` for bfloat16 values ``hi`` (float32 tile): ``ulp(hi) = 2^(e - 134)`` for the
+    biased exponent ``e`` of ``hi``; below 2^-106 (zeros too) the unit stays that of 2^-106, so the
+    scale stays finite (the rest of such tiny values is then coarser)."""
+    e = ((hi.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32)
+    k = tl.minimum(tl.maximum(134 - e, -126), 120)
+    return ((k + 127).to(tl.uint32) << 23).to(tl.float32, bitcast=True) * 254.0
+
+
+@triton.jit
+def split_output(out):
+    """``out`` (float32 tile) as ``(hi, code)``: ``hi`` rounded to bfloat16 (float32 tile) and the
+    rest ``out - hi`` (at most half of ``hi``'s last place) as an int8 ``code`` in units of 1/254 of
+    that place: :func:`joined_output` gives ``out`` back to 2^-8 of ``hi``'s last place, about
+    2^-16 of ``out``."""
+    hi = bf16_round(out)
+    c = tl.minimum(tl.maximum((out - hi) * _lo_scale(hi), -127.0), 127.0)
+    return hi, tl.where(c >= 0.0, c + 0.5, c - 0.5).to(tl.int8)
+
+
+@triton.jit
+def joined_output(hi, code):
+    """The output of :func:`split_output` from its parts (``hi`` as float32)."""
+    return hi + code.to(tl.float32) / _lo_scale(hi)
+
+
+@triton.jit
 def mm_w(a, w, acc, PASSES: tl.constexpr, FP32_DOT: tl.constexpr):
     """``acc + a @ w`` with the projection ``w`` (a tile of ``W'`` or ``W'^T``), exact in bfloat16 and
     hence in tf32. float32 ``a`` takes two tf32 products, ``lo @ w`` then ``hi @ w``, where ``hi`` is

@@ -7,7 +7,8 @@ backward, which matters at short sequences where the GPU work is a fraction of t
 
 An op is a module of kernels with two functions (see :mod:`randattn.ops.noncausal.triton`):
 
-- ``forward_saving(q, k, v, projection, kernel_fn, key_bias) -> (out, saved)``;
+- ``forward_saving(q, k, v, projection, kernel_fn, key_bias, needs_grad) -> (out, saved)``, keeping
+  nothing for a backward when ``needs_grad`` is false (inference);
 - ``backward_from(dout, q, k, v, projection, kernel_fn, key_bias, saved, grads=None) -> (dq, dk, dv)``,
   writing into the three views ``grads`` when given.
 """
@@ -50,7 +51,8 @@ class KernelAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, op, q, k, v, projection, kernel_fn, key_bias):
-        out, saved = op.forward_saving(q, k, v, projection, kernel_fn, key_bias)
+        needs_grad = any(ctx.needs_input_grad[1:4])
+        out, saved = op.forward_saving(q, k, v, projection, kernel_fn, key_bias, needs_grad=needs_grad)
         ctx.op, ctx.kernel_fn = op, kernel_fn
         ctx.save_for_backward(q, k, v, projection, key_bias, *saved)
         return out
@@ -73,7 +75,8 @@ class PackedSelfAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op, qkv, num_heads, projection, kernel_fn, key_bias):
         q, k, v = packed_views(qkv, num_heads)
-        out, saved = op.forward_saving(q, k, v, projection, kernel_fn, key_bias)
+        needs_grad = ctx.needs_input_grad[1]
+        out, saved = op.forward_saving(q, k, v, projection, kernel_fn, key_bias, needs_grad=needs_grad)
         ctx.op, ctx.kernel_fn, ctx.num_heads = op, kernel_fn, num_heads
         ctx.save_for_backward(qkv, projection, key_bias, *saved)
         return out

@@ -1681,13 +1681,14 @@ def _split_output(out: torch.Tensor, out_lo: torch.Tensor, dtype: torch.dtype):
     return hi, (out - hi.float()).to(dtype)
 
 
-def _forward(q, k, v, projection, kernel_fn, key_bias, cached=True, window=0):
+def _forward(q, k, v, projection, kernel_fn, key_bias, cached=True, window=0, needs_grad=True):
+    """``needs_grad=False``: nothing is kept for a backward (no states, no lo half of the output)."""
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     n, h, length, _ = q.shape
     nh, nt = n * h, cdiv(length, CHUNK)
     sz = launch_sizes(q, v, projection, kernel_fn)
     w = prepare_projection(projection, q.dtype, cached)
-    keep = _keeps_states(nh, length, sz["m"], sz["dv"])
+    keep = needs_grad and _keeps_states(nh, length, sz["m"], sz["dv"])
     state_dtype = _forward_state_dtype(q.dtype, keep)
     nw = _windows(nh, nt, sz["m"], sz["dv"], keep, _bytes(q), _bytes(k) + _bytes(v), state_dtype.itemsize)
     states = _States(k, v, w, key_bias, sz, nw, state_dtype)
@@ -1992,10 +1993,11 @@ def _backward_rule(ctx, dout, *unused):
 _causal_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
-def forward_saving(q, k, v, projection, kernel_fn, key_bias, window=0):
+def forward_saving(q, k, v, projection, kernel_fn, key_bias, needs_grad=True, window=0):
     """The forward kernels: ``(out, saved)`` with what :func:`backward_from` needs (the output among
-    it only beside kept states, see :func:`_saved_output`); ``window``: the local window (0: none)."""
-    out, out_lo, *rest = _forward(q, k, v, projection, kernel_fn, key_bias, window=window)
+    it only beside kept states, see :func:`_saved_output`; nothing kept without ``needs_grad``);
+    ``window``: the local window (0: none)."""
+    out, out_lo, *rest = _forward(q, k, v, projection, kernel_fn, key_bias, window=window, needs_grad=needs_grad)
     return out, (_saved_output(out, out_lo), out_lo, *rest)
 
 

@@ -15,9 +15,10 @@ Forward (the ``(N, H, L, m)`` features never reach device memory):
 Outputs and input gradients are ``(N, H, L, d)`` views of ``(N, L, H, d)`` storage (:func:`heads_last`),
 so that the heads merge back into ``(N, L, E)`` for the projections without a copy.
 
-Backward (features recomputed, the output not kept): ``_query_grad_kernel`` (``dq`` and the
-per-row scalar ``t = dout . num / den^2``, with ``dout . num = sum_m phi_m (dout S^T)_m`` from a first
-pass over the feature blocks, float32-accurate), ``_query_state_grad_kernel`` (``dS = phi_q^T (dout / den)``,
+Backward (features recomputed): ``_query_grad_kernel`` (``dq`` and the per-row scalar
+``t = dout . num / den^2 = dout . out / den``, float32-accurate: from the output kept by the forward
+for long sequences, :func:`keeps_output`, else with ``dout . num = sum_m phi_m (dout S^T)_m`` from a
+first pass over the feature blocks), ``_query_state_grad_kernel`` (``dS = phi_q^T (dout / den)``,
 ``dz = -phi_q^T t``, one partial per query split) and ``_key_grad_kernel`` (``dk``, ``dv``; it sums the
 splits' partials itself for short sequences, else they are summed on the host first).
 The projection gets no gradient.
@@ -42,6 +43,7 @@ from .._triton_utils import (
     fixed_grid_size,
     gradient_buffers,
     heads_last,
+    joined_output,
     kernel_dtype,
     key_tiles,
     launch_opts,
@@ -60,6 +62,7 @@ from .._triton_utils import (
     query_state_grad_tile,
     row_tile,
     rows_contiguous,
+    split_output,
     store_dtype,
 )
 from ..eager import KernelAttention
@@ -106,6 +109,26 @@ def _tiles(name: str, c: dict) -> tuple[int, dict]:
 #: of a kernel launch of their own (each block re-reads all splits' partials: cheap for short
 #: sequences, whose speed is set by the host's launches, not by the GPU).
 MERGE_IN_KERNEL_MAX = 128
+
+#: Queries from which the backward's ``t = dout . out / den`` comes from the output kept by the
+#: autograd node (bfloat16 outputs with their rest as an int8 code, half the output's bytes more:
+#: :func:`~randattn.ops._triton_utils.split_output`) instead of a first pass of the query-gradient
+#: kernel over the feature blocks (the query features and ``dout S^T`` once more). Below it the node
+#: holds no output, so that a layer's output is freed once the layers after it are done with it
+#: (``RANDATTN_TRITON_T_FROM_OUTPUT``, queries).
+T_FROM_OUTPUT_MIN_LENGTH = int(os.environ.get("RANDATTN_TRITON_T_FROM_OUTPUT", "16384"))
+
+
+def keeps_output(length: int, dtype: torch.dtype, kernel_fn: str, needs_grad: bool) -> bool:
+    """Whether the forward keeps the output for the backward's ``t`` (kernel dtype ``dtype``).
+
+    bfloat16 outputs cost the forward a full-precision output product and the int8 rest (H100,
+    B=4, H=8, d=64, m=256, L=65536, op fwd / fwd+bwd ms: softmax 1.80 / 6.97 -> 2.21 / 6.72, ReLU
+    1.24 / 5.16 -> 1.64 / 5.46), so the bfloat16 ReLU kernel keeps none; float32 outputs cost
+    nothing more (float32 ReLU 6.93 / 21.10 -> 6.90 / 19.76)."""
+    if not needs_grad or length < T_FROM_OUTPUT_MIN_LENGTH:
+        return False
+    return not (dtype == torch.bfloat16 and kernel_fn == "relu")
 
 
 @direct_launch
@@ -262,6 +285,7 @@ def _query_out_kernel(
     KS,
     CK,
     OUT,
+    LO,
     CQ,
     DEN,
     NSPLIT,
@@ -289,9 +313,12 @@ def _query_out_kernel(
     FP32_DOT: tl.constexpr,
     MERGE: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    STORE_LO: tl.constexpr,
 ):
     """``MERGE``: merge the key splits' partials ``A, Z, MX`` here (as ``_merge_kernel`` does; the
-    first block of queries stores the merged ``ST, KS, CK`` for the backward), else read ``ST, KS``."""
+    first block of queries stores the merged ``ST, KS, CK`` for the backward), else read ``ST, KS``.
+    ``STORE_LO``: the output is stored rounded to bfloat16 and the rest goes to ``LO`` as an int8
+    code (:func:`split_output`), so that the backward gets ``t`` from the output."""
     pid_l = tl.program_id(0)
     pid_nh = tl.program_id(1)
     n = pid_nh // H
@@ -348,11 +375,11 @@ def _query_out_kernel(
         den += EPS * zsum
     out = num / tl.where(den == 0.0, 1.0, den)[:, None]
     omask = l_ok[:, None] & (offs_dv[None, :] < DV)
-    tl.store(
-        OUT + n * so_n + h * so_h + offs_l[:, None] * so_l + offs_dv[None, :],
-        out.to(OUT.dtype.element_ty),
-        mask=omask,
-    )
+    o_ptrs = n * so_n + h * so_h + offs_l[:, None] * so_l + offs_dv[None, :]
+    if STORE_LO:
+        out, code = split_output(out)
+        tl.store(LO + o_ptrs, code, mask=omask)
+    tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=omask)
     if KERNEL != 0:
         cq = tl.zeros((BLOCK_L,), tl.float32)
     tl.store(CQ + pid_nh * L + offs_l, cq, mask=l_ok)
@@ -396,6 +423,8 @@ def _query_grad_kernel(
     KS,
     CQ,
     DEN,
+    OUT,
+    LO,
     DQ,
     TV,
     sq_n,
@@ -404,6 +433,9 @@ def _query_grad_kernel(
     sd_n,
     sd_h,
     sd_l,
+    so_n,
+    so_h,
+    so_l,
     sg_n,
     sg_h,
     sg_l,
@@ -423,6 +455,8 @@ def _query_grad_kernel(
     STATE_PASSES: tl.constexpr,
     GRADW_PASSES: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    T_FROM_OUT: tl.constexpr,
+    HAS_LO: tl.constexpr,
 ):
     pid_l = tl.program_id(0)
     pid_nh = tl.program_id(1)
@@ -436,16 +470,25 @@ def _query_grad_kernel(
         Q, DO, CQ, DEN, n, h, pid_nh, offs_l, l_ok, offs_d, offs_dv, L, D, DV,
         sq_n, sq_h, sq_l, sd_n, sd_h, sd_l, half_inv_sqrt_d,
     )  # fmt: skip
-    # t_i = dout_i . num_i / den_i^2 with dout_i . num_i = sum_m phi_im g_im, g = dout S^T: a first pass
-    # over the feature blocks (float32 accurate; nothing of the forward's output is kept for it)
-    u = tl.zeros((BLOCK_L,), tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        offs_m, m_ok, phi, proj, g = _query_feature_block(
-            x, sq, cq, do, W, ST, pid_nh, m0, offs_d, offs_dv, D, DV, M,
-            KERNEL, BLOCK_M, STATE_PASSES, FP32_DOT, RELU_SCALE, EPS,
-        )  # fmt: skip
-        u += tl.sum(query_floor(phi, m_ok, KERNEL, EPS) * g, 1)
-    t = u * inv_den * inv_den
+    # t_i = dout_i . num_i / den_i^2 = dout_i . out_i / den_i, float32-accurate: from the kept output
+    # (T_FROM_OUT; bfloat16 outputs with their int8 rest, HAS_LO), else from a first pass over the
+    # feature blocks, dout_i . num_i = sum_m phi_im g_im with g = dout S^T
+    if T_FROM_OUT:
+        o_offs = n * so_n + h * so_h + offs_l[:, None] * so_l + offs_dv[None, :]
+        o_ok = l_ok[:, None] & (offs_dv[None, :] < DV)
+        out = tl.load(OUT + o_offs, mask=o_ok, other=0.0).to(tl.float32)
+        if HAS_LO:
+            out = joined_output(out, tl.load(LO + o_offs, mask=o_ok, other=0))
+        t = tl.sum(do.to(tl.float32) * out, 1) * inv_den
+    else:
+        u = tl.zeros((BLOCK_L,), tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            offs_m, m_ok, phi, proj, g = _query_feature_block(
+                x, sq, cq, do, W, ST, pid_nh, m0, offs_d, offs_dv, D, DV, M,
+                KERNEL, BLOCK_M, STATE_PASSES, FP32_DOT, RELU_SCALE, EPS,
+            )  # fmt: skip
+            u += tl.sum(query_floor(phi, m_ok, KERNEL, EPS) * g, 1)
+        t = u * inv_den * inv_den
     # dphi = g / den - z t ; ds = dphi * dphi/ds ; dx = ds W'
     dx = tl.zeros((BLOCK_L, BLOCK_D), tl.float32)
     rs = tl.zeros((BLOCK_L,), tl.float32)
@@ -671,7 +714,9 @@ def _split(rows: int, blocks_per_row_group: int, device: torch.device, block: in
     return cdiv(rows, per), per
 
 
-def _forward(q, k, v, projection, kernel_fn, key_bias, cached=True):
+def _forward(q, k, v, projection, kernel_fn, key_bias, keep_output, cached=True):
+    """``(out, lo, state, ksum, ck, cq, den)``; ``keep_output`` (see :func:`keeps_output`): the output
+    is float32-accurate with ``lo``, the int8 rest of a bfloat16 output (else ``lo`` is empty)."""
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     n, h, length, _ = q.shape
     s_len = k.shape[2]
@@ -743,6 +788,12 @@ def _forward(q, k, v, projection, kernel_fn, key_bias, cached=True):
             BLOCK_P=next_pow2(nsplit * nmb),
         )
     out = heads_last(n, h, length, c["dv"], device=q.device, dtype=store_dtype(q.dtype))
+    store_lo = keep_output and q.dtype == torch.bfloat16
+    lo = (
+        heads_last(n, h, length, c["dv"], device=q.device, dtype=torch.int8)
+        if store_lo
+        else torch.empty(0, device=q.device, dtype=torch.int8)
+    )
     cq = torch.empty(nh, length, **f32)
     den = torch.empty(nh, length, **f32)
     _query_out_kernel[(query_blocks, nh)](
@@ -755,6 +806,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias, cached=True):
         ksum,
         ck,
         out,
+        lo if store_lo else out,
         cq,
         den,
         nsplit,
@@ -778,17 +830,25 @@ def _forward(q, k, v, projection, kernel_fn, key_bias, cached=True):
         BLOCK_D=c["BLOCK_D"],
         BLOCK_M=c["BLOCK_M"],
         BLOCK_DV=c["BLOCK_DV"],
-        MIXED_PASSES=PRECISION.fwd_mixed,
+        MIXED_PASSES=PRECISION.mixed if store_lo else PRECISION.fwd_mixed,  # t needs a float32-accurate output
         FP32_DOT=PRECISION.fp32_dot,
         MERGE=merge_in_query,
         BLOCK_P=next_pow2(nsplit * nmb),
+        STORE_LO=store_lo,
         **qo_opts,
     )
-    return out.to(q.dtype), state, ksum, ck, cq, den
+    return out.to(q.dtype), lo, state, ksum, ck, cq, den
 
 
-def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, cq, den, grads=None, cached=True):
+def _backward(
+    dout, q, k, v, out, lo, projection, kernel_fn, key_bias, state, ksum, ck, cq, den, grads=None, cached=True
+):
+    """``(dq, dk, dv)``; ``out`` (with ``lo``, when not empty) the kept output, or empty (see
+    :func:`keeps_output`)."""
     q, k, v, dout = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v), rows_contiguous(dout)
+    t_from_out = out.numel() > 0
+    if not t_from_out:
+        out = dout
     n, h, length, _ = q.shape
     s_len = k.shape[2]
     nh = n * h
@@ -807,6 +867,8 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
         ksum,
         cq,
         den,
+        out,
+        lo if lo.numel() else out,
         dq,
         tv,
         q.stride(0),
@@ -815,6 +877,9 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
         dout.stride(0),
         dout.stride(1),
         dout.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
         dq.stride(0),
         dq.stride(1),
         dq.stride(2),
@@ -832,6 +897,8 @@ def _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, c
         STATE_PASSES=PRECISION.state,
         GRADW_PASSES=PRECISION.grad_w_passes(c["m"]),
         FP32_DOT=PRECISION.fp32_dot,
+        T_FROM_OUT=t_from_out,
+        HAS_LO=lo.numel() > 0,
         **qg_opts,
     )
     nmb = cdiv(c["m"], c["BLOCK_M"])
@@ -932,17 +999,22 @@ def _noncausal_fwd(
     projection: torch.Tensor,
     kernel_fn: str,
     key_bias: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, projection, kernel_fn, key_bias, cached=False)
+    keep_output: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, projection, kernel_fn, key_bias, keep_output, cached=False)
 
 
 @_noncausal_fwd.register_fake
-def _(q, k, v, projection, kernel_fn, key_bias):
+def _(q, k, v, projection, kernel_fn, key_bias, keep_output):
     n, h, length, _ = q.shape
     m, dv = projection.shape[0], v.shape[-1]
     f32 = dict(device=q.device, dtype=torch.float32)
+    store_lo = keep_output and q.dtype == torch.bfloat16
     return (
         heads_last(n, h, length, dv, device=q.device, dtype=q.dtype),
+        heads_last(n, h, length, dv, device=q.device, dtype=torch.int8)
+        if store_lo
+        else torch.empty(0, device=q.device, dtype=torch.int8),
         torch.empty(n * h, m, dv, **f32),
         torch.empty(n * h, m, **f32),
         torch.empty(n * h, **f32),
@@ -957,6 +1029,8 @@ def _noncausal_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    out: torch.Tensor,
+    lo: torch.Tensor,
     projection: torch.Tensor,
     kernel_fn: str,
     key_bias: torch.Tensor | None,
@@ -966,11 +1040,11 @@ def _noncausal_bwd(
     cq: torch.Tensor,
     den: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, cq, den, cached=False)
+    return _backward(dout, q, k, v, out, lo, projection, kernel_fn, key_bias, state, ksum, ck, cq, den, cached=False)
 
 
 @_noncausal_bwd.register_fake
-def _(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, cq, den):
+def _(dout, q, k, v, out, lo, projection, kernel_fn, key_bias, state, ksum, ck, cq, den):
     n, h, length, d = q.shape
     s_len, dv = v.shape[2], v.shape[3]
     return (
@@ -980,34 +1054,43 @@ def _(dout, q, k, v, projection, kernel_fn, key_bias, state, ksum, ck, cq, den):
     )
 
 
+def _saved_output(out: torch.Tensor, lo: torch.Tensor, keep_output: bool) -> torch.Tensor:
+    """What the backward keeps of the output: all of it where ``t`` comes from it
+    (:func:`keeps_output`), else nothing (the empty ``lo`` stands in)."""
+    return out if keep_output else lo
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, projection, kernel_fn, key_bias = inputs
+    q, k, v, projection, kernel_fn, key_bias, keep_output = inputs
+    out, lo, *rest = output
     ctx.kernel_fn = kernel_fn
-    # the output itself is not needed: the backward recomputes what it needs from the states
-    ctx.save_for_backward(q, k, v, projection, key_bias, *output[1:])
-    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(q, k, v, projection, key_bias, _saved_output(out, lo, keep_output), lo, *rest)
+    ctx.mark_non_differentiable(lo, *rest)
 
 
 def _backward_rule(ctx, dout, *unused):
-    q, k, v, projection, key_bias, state, ksum, ck, cq, den = ctx.saved_tensors
+    q, k, v, projection, key_bias, *saved = ctx.saved_tensors
     dq, dk, dv = torch.ops.randattn.noncausal_bwd(
-        dout, q, k, v, projection, ctx.kernel_fn, key_bias, state, ksum, ck, cq, den
+        dout, q, k, v, *saved[:2], projection, ctx.kernel_fn, key_bias, *saved[2:]
     )
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 _noncausal_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
-def forward_saving(q, k, v, projection, kernel_fn, key_bias):
-    """The forward kernels: ``(out, saved)`` with what :func:`backward_from` needs (not the output)."""
-    out, *saved = _forward(q, k, v, projection, kernel_fn, key_bias)
-    return out, tuple(saved)
+def forward_saving(q, k, v, projection, kernel_fn, key_bias, needs_grad=True):
+    """The forward kernels: ``(out, saved)`` with what :func:`backward_from` needs (the output among
+    it only where ``t`` comes from it, :func:`keeps_output`)."""
+    keep = keeps_output(q.shape[2], q.dtype, kernel_fn, needs_grad)
+    out, lo, *rest = _forward(q, k, v, projection, kernel_fn, key_bias, keep)
+    return out, (_saved_output(out, lo, keep), lo, *rest)
 
 
 def backward_from(dout, q, k, v, projection, kernel_fn, key_bias, saved, grads=None):
     """The backward kernels: ``(dq, dk, dv)``, written into ``grads`` (three views) when given."""
-    return _backward(dout, q, k, v, projection, kernel_fn, key_bias, *saved, grads=grads)
+    out, lo, *rest = saved
+    return _backward(dout, q, k, v, out, lo, projection, kernel_fn, key_bias, *rest, grads=grads)
 
 
 def noncausal_attention(
@@ -1036,7 +1119,8 @@ def noncausal_attention(
     dtype = kernel_dtype(q.dtype)
     args = (q.to(dtype), k.to(dtype), v.to(dtype), projection.float(), kernel_fn, key_bias)
     if torch.compiler.is_compiling():
-        out = torch.ops.randattn.noncausal_fwd(*args)[0]
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        out = torch.ops.randattn.noncausal_fwd(*args, keeps_output(q.shape[2], dtype, kernel_fn, needs_grad))[0]
     else:
         out = KernelAttention.apply(sys.modules[__name__], *args)
     return out.to(q.dtype)

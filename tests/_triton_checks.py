@@ -188,6 +188,21 @@ def check_against_reference(q, k, v, projection, dout, key_mask, kernel_fn, caus
     return report
 
 
+def check_forward_without_gradients(kernels, q, k, v, projection, lo_numel):
+    """``kernels`` (a Triton op module) keeps the output (and ``lo_numel`` elements of a rest) for a
+    backward only when gradients are needed: without, nothing is kept and the output is the same to
+    the input dtype's rounding, and a call under ``torch.no_grad`` gives it bit for bit."""
+    out, (kept, lo, *_) = kernels.forward_saving(q, k, v, projection, "softmax", None, needs_grad=True)
+    assert kept is out and lo.numel() == lo_numel
+    plain, (kept, lo, *_) = kernels.forward_saving(q, k, v, projection, "softmax", None, needs_grad=False)
+    assert kept.numel() == 0 and lo.numel() == 0
+    tol = 1e-5 if q.dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(plain, out, rtol=tol, atol=tol * out.abs().max().item())
+    attention = kernels.causal_attention if hasattr(kernels, "causal_attention") else kernels.noncausal_attention
+    with torch.no_grad():
+        torch.testing.assert_close(attention(q, k, v, projection, "softmax", None), plain, rtol=0, atol=0)
+
+
 def small_windows(kernels, monkeypatch, m, dv, nh=2, state_bytes=4):
     """Causal state windows of 2 chunks (interpreter) or 16 (GPU): a budget of 2 or 20 chunks of
     ``nh`` heads' ``(m, d_v)`` states (``state_bytes`` an element), in multiples of 2 or 16 chunks;

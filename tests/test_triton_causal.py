@@ -11,7 +11,14 @@ import torch
 
 pytest.importorskip("triton")
 
-from _triton_checks import DEVICE, check_against_reference, make_inputs, run, small_windows  # noqa: E402
+from _triton_checks import (  # noqa: E402
+    DEVICE,
+    check_against_reference,
+    check_forward_without_gradients,
+    make_inputs,
+    run,
+    small_windows,
+)
 
 CUDA = torch.cuda.is_available()
 
@@ -119,14 +126,7 @@ def test_forward_without_gradients_keeps_nothing(dtype, gen, monkeypatch):
 
     monkeypatch.setattr(kernels, "KEEP_STATES_MAX_BYTES", 1 << 40)
     q, k, v, projection, _, _ = make_inputs(1, 2, 130, 130, 16, 16, 32, dtype, gen)
-    out, (kept, out_lo, *_) = kernels.forward_saving(q, k, v, projection, "softmax", None, needs_grad=True)
-    assert kept is out and out_lo.numel() == out.numel()
-    plain, (kept, out_lo, *_) = kernels.forward_saving(q, k, v, projection, "softmax", None, needs_grad=False)
-    assert kept.numel() == 0 and out_lo.numel() == 0
-    tol = 1e-5 if dtype == torch.float32 else 8e-3
-    torch.testing.assert_close(plain, out, rtol=tol, atol=tol * out.abs().max().item())
-    with torch.no_grad():
-        torch.testing.assert_close(kernels.causal_attention(q, k, v, projection, "softmax", None), plain, rtol=0, atol=0)
+    check_forward_without_gradients(kernels, q, k, v, projection, q.numel())
 
 
 @pytest.mark.parametrize("windows", [False, True])

@@ -11,7 +11,13 @@ import torch
 
 pytest.importorskip("triton")
 
-from _triton_checks import DEVICE, check_against_reference, make_inputs, run  # noqa: E402
+from _triton_checks import (  # noqa: E402
+    DEVICE,
+    check_against_reference,
+    check_forward_without_gradients,
+    make_inputs,
+    run,
+)
 
 CUDA = torch.cuda.is_available()
 
@@ -160,14 +166,7 @@ def test_forward_without_gradients_keeps_no_output(dtype, gen, monkeypatch):
 
     monkeypatch.setattr(kernels, "T_FROM_OUTPUT_MIN_LENGTH", 0)
     q, k, v, projection, _, _ = make_inputs(1, 2, 70, 45, 16, 16, 32, dtype, gen)
-    out, (kept, lo, *_) = kernels.forward_saving(q, k, v, projection, "softmax", None, needs_grad=True)
-    assert kept is out and lo.numel() == (out.numel() if dtype == torch.bfloat16 else 0)
-    plain, (kept, lo, *_) = kernels.forward_saving(q, k, v, projection, "softmax", None, needs_grad=False)
-    assert kept.numel() == 0 and lo.numel() == 0
-    tol = 1e-6 if dtype == torch.float32 else 8e-3
-    torch.testing.assert_close(plain, out, rtol=tol, atol=tol * out.abs().max().item())
-    with torch.no_grad():
-        torch.testing.assert_close(kernels.noncausal_attention(q, k, v, projection, "softmax", None), plain, rtol=0, atol=0)
+    check_forward_without_gradients(kernels, q, k, v, projection, q.numel() if dtype == torch.bfloat16 else 0)
 
 
 def test_kept_bfloat16_output_is_float32_accurate(gen, monkeypatch):

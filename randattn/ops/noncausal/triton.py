@@ -716,7 +716,7 @@ def _split(rows: int, blocks_per_row_group: int, device: torch.device, block: in
 
 def _forward(q, k, v, projection, kernel_fn, key_bias, keep_output, cached=True):
     """``(out, lo, state, ksum, ck, cq, den)``; ``keep_output`` (see :func:`keeps_output`): the output
-    is float32-accurate with ``lo``, the int8 rest of a bfloat16 output (else ``lo`` is empty)."""
+    is float32-accurate with ``lo``, the int8 rest of a bfloat16 output (else ``lo`` is ``None``)."""
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     n, h, length, _ = q.shape
     s_len = k.shape[2]
@@ -789,11 +789,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias, keep_output, cached=True)
         )
     out = heads_last(n, h, length, c["dv"], device=q.device, dtype=store_dtype(q.dtype))
     store_lo = keep_output and q.dtype == torch.bfloat16
-    lo = (
-        heads_last(n, h, length, c["dv"], device=q.device, dtype=torch.int8)
-        if store_lo
-        else torch.empty(0, device=q.device, dtype=torch.int8)
-    )
+    lo = heads_last(n, h, length, c["dv"], device=q.device, dtype=torch.int8) if store_lo else None
     cq = torch.empty(nh, length, **f32)
     den = torch.empty(nh, length, **f32)
     _query_out_kernel[(query_blocks, nh)](
@@ -806,7 +802,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias, keep_output, cached=True)
         ksum,
         ck,
         out,
-        lo if store_lo else out,
+        out if lo is None else lo,
         cq,
         den,
         nsplit,
@@ -843,11 +839,11 @@ def _forward(q, k, v, projection, kernel_fn, key_bias, keep_output, cached=True)
 def _backward(
     dout, q, k, v, out, lo, projection, kernel_fn, key_bias, state, ksum, ck, cq, den, grads=None, cached=True
 ):
-    """``(dq, dk, dv)``; ``out`` (with ``lo``, when not empty) the kept output, or empty (see
+    """``(dq, dk, dv)``; ``out`` (with ``lo``, when given) the kept output, or ``None`` (see
     :func:`keeps_output`)."""
     q, k, v, dout = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v), rows_contiguous(dout)
-    t_from_out = out.numel() > 0
-    if not t_from_out:
+    t_from_out = out is not None
+    if out is None:
         out = dout  # a stand-in for the kernel's output pointers, never read
     n, h, length, _ = q.shape
     s_len = k.shape[2]
@@ -868,7 +864,7 @@ def _backward(
         cq,
         den,
         out,
-        lo if lo.numel() else out,
+        out if lo is None else lo,
         dq,
         tv,
         q.stride(0),
@@ -898,7 +894,7 @@ def _backward(
         GRADW_PASSES=PRECISION.grad_w_passes(c["m"]),
         FP32_DOT=PRECISION.fp32_dot,
         T_FROM_OUT=t_from_out,
-        HAS_LO=lo.numel() > 0,
+        HAS_LO=lo is not None,
         **qg_opts,
     )
     nmb = cdiv(c["m"], c["BLOCK_M"])
@@ -1001,7 +997,10 @@ def _noncausal_fwd(
     key_bias: torch.Tensor | None,
     keep_output: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, projection, kernel_fn, key_bias, keep_output, cached=False)
+    out, lo, *rest = _forward(q, k, v, projection, kernel_fn, key_bias, keep_output, cached=False)
+    if lo is None:  # a custom op returns tensors: an empty one stands for no rest
+        lo = torch.empty(0, device=q.device, dtype=torch.int8)
+    return out, lo, *rest
 
 
 @_noncausal_fwd.register_fake
@@ -1029,8 +1028,8 @@ def _noncausal_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    out: torch.Tensor,
-    lo: torch.Tensor,
+    out: torch.Tensor | None,
+    lo: torch.Tensor | None,
     projection: torch.Tensor,
     kernel_fn: str,
     key_bias: torch.Tensor | None,
@@ -1054,17 +1053,14 @@ def _(dout, q, k, v, out, lo, projection, kernel_fn, key_bias, state, ksum, ck, 
     )
 
 
-def _saved_output(out: torch.Tensor, lo: torch.Tensor, keep_output: bool) -> torch.Tensor:
-    """What the backward keeps of the output: all of it where ``t`` comes from it
-    (:func:`keeps_output`), else nothing (the empty ``lo`` stands in)."""
-    return out if keep_output else lo
-
-
 def _setup_context(ctx, inputs, output):
     q, k, v, projection, kernel_fn, key_bias, keep_output = inputs
     out, lo, *rest = output
     ctx.kernel_fn = kernel_fn
-    ctx.save_for_backward(q, k, v, projection, key_bias, _saved_output(out, lo, keep_output), lo, *rest)
+    # the output only where t comes from it (keeps_output), its rest only where it has one
+    ctx.save_for_backward(
+        q, k, v, projection, key_bias, out if keep_output else None, lo if lo.numel() else None, *rest
+    )
     ctx.mark_non_differentiable(lo, *rest)
 
 
@@ -1084,7 +1080,7 @@ def forward_saving(q, k, v, projection, kernel_fn, key_bias, needs_grad=True):
     it only where ``t`` comes from it, :func:`keeps_output`)."""
     keep = keeps_output(q.shape[2], q.dtype, kernel_fn, needs_grad)
     out, lo, *rest = _forward(q, k, v, projection, kernel_fn, key_bias, keep)
-    return out, (_saved_output(out, lo, keep), lo, *rest)
+    return out, (out if keep else None, lo, *rest)
 
 
 def backward_from(dout, q, k, v, projection, kernel_fn, key_bias, saved, grads=None):

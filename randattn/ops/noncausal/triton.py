@@ -76,8 +76,9 @@ ROWS = {"key_state": 64, "query_out": 64, "query_grad": 64, "query_state_grad": 
 #: Rows per program, ``num_warps`` and ``num_stages`` per kernel, by ``(float32 operands, widest head
 #: tile)`` (float32 operands also run float16 inputs): the fastest of 8-10 settings per kernel on an
 #: H100 at B=4, H=8, L=65536, m=256, fwd+bwd kernel time: bfloat16 d=64 9.51 -> 8.03 ms, d=128
-#: 24.0 -> 17.1 ms; float32 d=64 37.1 -> 27.3 ms (``scripts/KERNEL_NOTES.md``). Other kernels and
-#: tiles: :data:`ROWS` with :data:`~randattn.ops._triton_utils.LAUNCH`.
+#: 24.0 -> 17.1 ms; float32 d=64 37.1 -> 27.3 ms; re-swept later, float32 key states in 64-row
+#: tiles of 4 warps: op fwd+bwd 21.84-21.89 -> 21.13-21.29 ms (``scripts/KERNEL_NOTES.md``). Other
+#: kernels and tiles: :data:`ROWS` with :data:`~randattn.ops._triton_utils.LAUNCH`.
 TILES = {
     (False, 64): {
         "key_state": (64, 4, 3),
@@ -86,7 +87,7 @@ TILES = {
         "query_state_grad": (64, 4, 3),
     },
     (False, 128): {"query_out": (128, 8, 1), "query_grad": (128, 8, 1), "key_grad": (128, 8, 1)},
-    (True, 64): {name: (128, 8, 1) for name in ROWS},
+    (True, 64): {**{name: (128, 8, 1) for name in ROWS}, "key_state": (64, 4, 1)},
 }
 #: ``RANDATTN_TRITON_ROWS="name=rows;..."`` (tuning runs) sets the rows of every tile kind; with it or
 #: ``RANDATTN_TRITON_LAUNCH`` set, :data:`TILES` is not used.

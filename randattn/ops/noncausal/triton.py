@@ -707,9 +707,19 @@ def _key_grad_kernel(
 # launchers
 
 
-def _split(rows: int, blocks_per_row_group: int, device: torch.device, block: int) -> tuple[int, int]:
-    """Number of splits of ``rows`` (a multiple of ``block`` each) that fills the device."""
-    want = max(1, -(-2 * fixed_grid_size(device) // max(1, blocks_per_row_group)))
+#: Programs per multiprocessor that the key-state and query-state-gradient kernels' splits aim at,
+#: by float32 operands. Their programs run long, so a last wave that fills the device only in part
+#: costs its whole length: the float32 key-state kernel (two programs of 4 warps per multiprocessor)
+#: made 1.45 waves at 2; at 3 (two waves nearly full), op fwd+bwd on an H100 at B=4, H=8, d=64,
+#: m=256: float32 65536 21.14-21.26 -> 19.99-20.09 ms, 16384 5.46-5.52 -> 5.15-5.17 ms; bfloat16
+#: (three programs per multiprocessor, one wave at 2) was 7-8% slower at 3.
+SPLIT_PROGRAMS_PER_SM = {False: 2, True: 3}
+
+
+def _split(rows: int, blocks_per_row_group: int, device: torch.device, block: int, per_sm: int = 2) -> tuple[int, int]:
+    """Number of splits of ``rows`` (a multiple of ``block`` each) that gives about ``per_sm``
+    programs per multiprocessor, and the rows per split."""
+    want = max(1, -(-per_sm * fixed_grid_size(device) // max(1, blocks_per_row_group)))
     nsplit = max(1, min(want, cdiv(rows, block)))
     per = cdiv(cdiv(rows, nsplit), block) * block
     return cdiv(rows, per), per
@@ -726,7 +736,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias, keep_output, cached=True)
     nmb = cdiv(c["m"], c["BLOCK_M"])
     ks_rows, ks_opts = _tiles("key_state", c)
     qo_rows, qo_opts = _tiles("query_out", c)
-    nsplit, per = _split(s_len, nmb * n * h, q.device, ks_rows)
+    nsplit, per = _split(s_len, nmb * n * h, q.device, ks_rows, SPLIT_PROGRAMS_PER_SM[c["fp32"]])
     nh = n * h
     f32 = dict(device=q.device, dtype=torch.float32)
     a = torch.empty(nh, nsplit, c["m"], c["dv"], **f32)
@@ -900,7 +910,7 @@ def _backward(
     )
     nmb = cdiv(c["m"], c["BLOCK_M"])
     sg_rows, sg_opts = _tiles("query_state_grad", c)
-    nsplit, per = _split(length, nmb * nh, q.device, sg_rows)
+    nsplit, per = _split(length, nmb * nh, q.device, sg_rows, SPLIT_PROGRAMS_PER_SM[c["fp32"]])
     dst = torch.empty(nh, nsplit, c["m"], c["dv"], **f32)
     dks = torch.empty(nh, nsplit, c["m"], **f32)
     _query_state_grad_kernel[(nmb, nsplit, nh)](

@@ -70,7 +70,7 @@ def test_split_partials_merged_either_way(kernel_fn, merge_in_kernel, gen, monke
 
     inputs = make_inputs(2, 2, 150, 200, 16, 16, 32, torch.float32, gen, scale=1.5, mask="bool")
     rows, _ = kernels._tiles("key_state", launch_sizes(inputs[0], inputs[2], inputs[3], kernel_fn))
-    nsplit, _ = kernels._split(200, 2 * 2, inputs[0].device, rows)
+    nsplit, _ = kernels._split(200, 2 * 2, inputs[0].device, rows, kernels.SPLIT_PROGRAMS_PER_SM[True])
     assert nsplit > 1  # several splits to merge
     monkeypatch.setattr(kernels, "MERGE_IN_KERNEL_MAX", 10**9 if merge_in_kernel else 0)
     check_against_reference(*inputs, kernel_fn, causal=False)

@@ -716,7 +716,7 @@ def _key_grad_kernel(
 SPLIT_PROGRAMS_PER_SM = {False: 2, True: 3}
 
 
-def _split(rows: int, blocks_per_row_group: int, device: torch.device, block: int, per_sm: int = 2) -> tuple[int, int]:
+def _split(rows: int, blocks_per_row_group: int, device: torch.device, block: int, per_sm: int) -> tuple[int, int]:
     """Number of splits of ``rows`` (a multiple of ``block`` each) that gives about ``per_sm``
     programs per multiprocessor, and the rows per split."""
     want = max(1, -(-per_sm * fixed_grid_size(device) // max(1, blocks_per_row_group)))

@@ -40,6 +40,7 @@ __all__ = [
     "launch_opts",
     "launch_sizes",
     "prepare_projection",
+    "kernel_projection",
     "interpreting",
     "fixed_grid_size",
     "cdiv",
@@ -94,9 +95,12 @@ class Precision:
         f_s, f_m, s, m, g = (int(c) for c in code)
         return cls(f_s, f_m, s, m, g, fp32_dot)
 
-    def grad_w_passes(self, num_features: int) -> int:
+    def grad_w_passes(self, num_features: int, fp32: bool = False) -> int:
         """``grad_w`` for a launch with ``num_features`` features: at least 2 below
-        :data:`GRAD_W_ONE_PASS_MIN_FEATURES`."""
+        :data:`GRAD_W_ONE_PASS_MIN_FEATURES`; 3 for float32 operands (the bfloat16 parts of a float32
+        operand times a bfloat16 ``W'``, :func:`mm_w`)."""
+        if fp32:
+            return 3
         return self.grad_w if num_features >= GRAD_W_ONE_PASS_MIN_FEATURES else max(self.grad_w, 2)
 
     def set(self, code: str) -> None:
@@ -281,8 +285,8 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-#: Prepared projections: ``id(tensor) -> (weakref to it, version, dtype, W')``.
-_PREPARED: dict[int, tuple] = {}
+#: Prepared projections: ``(id(tensor), dtype) -> (weakref to it, version, W')``.
+_PREPARED: dict[tuple[int, torch.dtype], tuple] = {}
 _PREPARED_MAX = 64
 
 
@@ -301,15 +305,35 @@ def prepare_projection(projection: torch.Tensor, dtype: torch.dtype, cached: boo
         version = projection._version if cached else None
     except RuntimeError:  # inference tensors have no version counter
         version = None
-    entry = _PREPARED.get(id(projection))
-    if version is not None and entry is not None and entry[0]() is projection and entry[1:3] == (version, dtype):
-        return entry[3]
+    key = (id(projection), dtype)
+    entry = _PREPARED.get(key)
+    if version is not None and entry is not None and entry[0]() is projection and entry[1] == version:
+        return entry[2]
     result = scaled_projection(projection).to(dtype).contiguous()
     if version is not None:
         if len(_PREPARED) >= _PREPARED_MAX:
             _PREPARED.pop(next(iter(_PREPARED)))
-        _PREPARED[id(projection)] = (weakref.ref(projection), version, dtype, result)
+        _PREPARED[key] = (weakref.ref(projection), version, result)
     return result
+
+
+#: Ops whose float32 kernels split the float32 operand of their products with ``W'`` into three
+#: bfloat16 parts (``W'`` read in bfloat16) instead of two tf32 parts (``W'`` read in float32); see
+#: :func:`mm_w`. All kernels of an op read ``W'`` alike, so that the features of a row are the same
+#: in each. H100, float32, op fwd+bwd ms, tf32 / bfloat16 parts: non-causal 16384 5.22-5.25 /
+#: 5.07-5.09, 65536 20.13-20.19 / 19.63-19.67 (float16 inputs 22.87-22.92 / 22.21-22.25); causal
+#: 16384 19.07-19.10 / 19.94-19.95 (its forward 4.15 / 6.07 ms), so the causal op keeps tf32.
+#: ``RANDATTN_TRITON_BF16_W="noncausal,causal"`` sets them (comparisons).
+BF16_W_OPS = frozenset(os.environ.get("RANDATTN_TRITON_BF16_W", "noncausal").split(","))
+
+
+def kernel_projection(projection: torch.Tensor, dtype: torch.dtype, op: str, cached: bool = True) -> torch.Tensor:
+    """:func:`prepare_projection` for the kernels of ``op`` (``"noncausal"`` or ``"causal"``) with
+    operand dtype ``dtype``: float32 kernels of an op in :data:`BF16_W_OPS` read ``W'`` in bfloat16
+    (exact either way) when float32 dots are ``tf32x3``."""
+    if dtype == torch.float32 and op in BF16_W_OPS and PRECISION.fp32_dot == "tf32x3":
+        dtype = torch.bfloat16
+    return prepare_projection(projection, dtype, cached)
 
 
 def heads_last(n: int, h: int, length: int, dim: int, *, device, dtype) -> torch.Tensor:
@@ -465,13 +489,28 @@ def joined_output(hi, code):
 @triton.jit
 def mm_w(a, w, acc, PASSES: tl.constexpr, FP32_DOT: tl.constexpr):
     """``acc + a @ w`` with the projection ``w`` (a tile of ``W'`` or ``W'^T``), exact in bfloat16 and
-    hence in tf32. float32 ``a`` takes two tf32 products, ``lo @ w`` then ``hi @ w``, where ``hi`` is
-    ``a`` rounded to tf32 and ``lo`` the rest, rounded to tf32 (to 2^-22 of ``a``): ``tf32x3``'s third
-    product, ``hi @ w_lo``, is zero here. As in ``tf32x3``, the product is summed from zero and added
-    to ``acc`` with a float32 add: fed through the tensor cores' accumulation, the running sum ``acc``
-    doubled the error of the gradients through ``W'`` on an H100. bfloat16/float16 inputs as
-    :func:`mm_exact_b`."""
-    if w.dtype == tl.float32 and FP32_DOT == "tf32x3":
+    hence in tf32.
+
+    * float32 ``a`` and ``w`` (float32 kernels, ``tf32x3``): two tf32 products, ``lo @ w`` then
+      ``hi @ w``, where ``hi`` is ``a`` rounded to tf32 and ``lo`` the rest, rounded to tf32 (to 2^-22
+      of ``a``): ``tf32x3``'s third product, ``hi @ w_lo``, is zero here.
+    * float32 ``a``, bfloat16 ``w`` and ``PASSES >= 3`` (float32 kernels given a bfloat16 ``W'``,
+      :func:`kernel_projection`): ``a = hi + mid + lo`` in three bfloat16 parts (all of ``a``'s 24
+      bits) and three exact bfloat16 products, smallest first: the tensor cores' bfloat16 rate is
+      twice their tf32 rate (H100: op fwd+bwd 3% faster than two tf32 products, errors no larger).
+
+    Both are summed from zero and added to ``acc`` with a float32 add, as ``tf32x3`` does: fed through
+    the tensor cores' accumulation, the running sum ``acc`` doubled the error of the gradients
+    through ``W'`` on an H100. Otherwise (bfloat16/float16 inputs) as :func:`mm_exact_b`."""
+    if a.dtype == tl.float32 and w.dtype == tl.bfloat16 and PASSES >= 3:
+        hi = a.to(tl.bfloat16)
+        rest = a - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+        prod = dot_lowp(lo, w, tl.zeros_like(acc))
+        prod = dot_lowp(mid, w, prod)
+        acc += dot_lowp(hi, w, prod)
+    elif w.dtype == tl.float32 and FP32_DOT == "tf32x3":
         hi = tf32_round(a)
         prod = tl.dot(tf32_round(a - hi), w, tl.zeros_like(acc), input_precision="tf32")
         acc += tl.dot(hi, w, prod, input_precision="tf32")
@@ -509,8 +548,13 @@ def logits_tile(x, wt, FP32_DOT: tl.constexpr):
     :func:`prepare_projection`) are both exact in the operand dtype, so the tensor cores' products are
     exact and only the float32 sums round. (A float32 ``W'`` split in two or three bfloat16 parts took
     two or three products; the ReLU kernel's third part kept the signs of logits near the kink.)
-    float32 ``x``: two tf32 products (:func:`mm_w`)."""
-    return mm_w(x, wt, tl.zeros((x.shape[0], wt.shape[1]), tl.float32), 1, FP32_DOT)
+    float32 ``x``: two tf32 products, or three bfloat16 ones with a bfloat16 ``W'`` (:func:`mm_w`)."""
+    zero = tl.zeros((x.shape[0], wt.shape[1]), tl.float32)
+    if x.dtype == tl.float32:
+        proj = mm_w(x, wt, zero, 3, FP32_DOT)
+    else:
+        proj = mm_w(x, wt, zero, 1, FP32_DOT)
+    return proj
 
 
 @triton.jit

@@ -67,6 +67,7 @@ from .._triton_utils import (
     gradient_buffers,
     heads_last,
     kernel_dtype,
+    kernel_projection,
     key_bias,
     key_tiles,
     launch_opts,
@@ -80,7 +81,6 @@ from .._triton_utils import (
     mm_mixed,
     mm_w,
     next_pow2,
-    prepare_projection,
     query_floor,
     query_rows,
     query_state_grad_tile,
@@ -1687,7 +1687,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias, cached=True, window=0, ne
     n, h, length, _ = q.shape
     nh, nt = n * h, cdiv(length, CHUNK)
     sz = launch_sizes(q, v, projection, kernel_fn)
-    w = prepare_projection(projection, q.dtype, cached)
+    w = kernel_projection(projection, q.dtype, "causal", cached)
     keep = needs_grad and _keeps_states(nh, length, sz["m"], sz["dv"])
     state_dtype = _forward_state_dtype(q.dtype, keep)
     nw = _windows(nh, nt, sz["m"], sz["dv"], keep, _bytes(q), _bytes(k) + _bytes(v), state_dtype.itemsize)
@@ -1785,7 +1785,7 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *save
     nh = n * h
     nt = cdiv(length, CHUNK)
     sz = launch_sizes(q, v, projection, kernel_fn)
-    w = prepare_projection(projection, q.dtype, cached)
+    w = kernel_projection(projection, q.dtype, "causal", cached)
     f32 = dict(device=q.device, dtype=torch.float32)
     dq, dk, dv = gradient_buffers(q, k, v, grads)
     if dq.stride() != dk.stride():
@@ -1825,7 +1825,7 @@ def _backward(dout, q, k, v, out, out_lo, projection, kernel_fn, key_bias, *save
             **_tiles(sz, lag.window),
             STATE_PASSES=PRECISION.state,
             MIXED_PASSES=PRECISION.mixed,
-            GRADW_PASSES=PRECISION.grad_w_passes(sz["m"]),
+            GRADW_PASSES=PRECISION.grad_w_passes(sz["m"], sz["fp32"]),
             FP32_DOT=PRECISION.fp32_dot,
             SIDE=side,
             HAS_T=has_t,

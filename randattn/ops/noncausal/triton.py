@@ -45,6 +45,7 @@ from .._triton_utils import (
     heads_last,
     joined_output,
     kernel_dtype,
+    kernel_projection,
     key_tiles,
     launch_opts,
     launch_sizes,
@@ -56,7 +57,6 @@ from .._triton_utils import (
     mm_mixed,
     mm_w,
     next_pow2,
-    prepare_projection,
     query_floor,
     query_rows,
     query_state_grad_tile,
@@ -76,9 +76,11 @@ ROWS = {"key_state": 64, "query_out": 64, "query_grad": 64, "query_state_grad": 
 #: Rows per program, ``num_warps`` and ``num_stages`` per kernel, by ``(float32 operands, widest head
 #: tile)`` (float32 operands also run float16 inputs): the fastest of 8-10 settings per kernel on an
 #: H100 at B=4, H=8, L=65536, m=256, fwd+bwd kernel time: bfloat16 d=64 9.51 -> 8.03 ms, d=128
-#: 24.0 -> 17.1 ms; float32 d=64 37.1 -> 27.3 ms; re-swept later, float32 key states in 64-row
-#: tiles of 4 warps: op fwd+bwd 21.84-21.89 -> 21.13-21.29 ms (``scripts/KERNEL_NOTES.md``). Other
-#: kernels and tiles: :data:`ROWS` with :data:`~randattn.ops._triton_utils.LAUNCH`.
+#: 24.0 -> 17.1 ms. float32 re-swept once its products with ``W'`` took bfloat16 parts (fewer
+#: registers; per-kernel profiles of 15 tiles, and of the split kernels' tiles x split counts): op
+#: fwd+bwd 19.64-19.67 -> 16.64-16.68 ms at 65536, 5.00-5.01 -> 4.32 ms at 16384; the split kernels
+#: run best in programs of 2 warps and 32 rows (``scripts/KERNEL_NOTES.md``). Other kernels and tiles:
+#: :data:`ROWS` with :data:`~randattn.ops._triton_utils.LAUNCH`.
 TILES = {
     (False, 64): {
         "key_state": (64, 4, 3),
@@ -87,7 +89,13 @@ TILES = {
         "query_state_grad": (64, 4, 3),
     },
     (False, 128): {"query_out": (128, 8, 1), "query_grad": (128, 8, 1), "key_grad": (128, 8, 1)},
-    (True, 64): {**{name: (128, 8, 1) for name in ROWS}, "key_state": (64, 4, 1)},
+    (True, 64): {
+        "key_state": (32, 2, 2),
+        "query_out": (128, 8, 2),
+        "query_grad": (64, 4, 1),
+        "query_state_grad": (32, 2, 1),
+        "key_grad": (128, 8, 1),
+    },
 }
 #: ``RANDATTN_TRITON_ROWS="name=rows;..."`` (tuning runs) sets the rows of every tile kind; with it or
 #: ``RANDATTN_TRITON_LAUNCH`` set, :data:`TILES` is not used.
@@ -732,7 +740,7 @@ def _forward(q, k, v, projection, kernel_fn, key_bias, keep_output, cached=True)
     n, h, length, _ = q.shape
     s_len = k.shape[2]
     c = launch_sizes(q, v, projection, kernel_fn)
-    w = prepare_projection(projection, q.dtype, cached)
+    w = kernel_projection(projection, q.dtype, "noncausal", cached)
     nmb = cdiv(c["m"], c["BLOCK_M"])
     ks_rows, ks_opts = _tiles("key_state", c)
     qo_rows, qo_opts = _tiles("query_out", c)
@@ -860,7 +868,7 @@ def _backward(
     s_len = k.shape[2]
     nh = n * h
     c = launch_sizes(q, v, projection, kernel_fn)
-    w = prepare_projection(projection, q.dtype, cached)
+    w = kernel_projection(projection, q.dtype, "noncausal", cached)
     f32 = dict(device=q.device, dtype=torch.float32)
     common_consts = (c["half"], c["rscale"], c["eps"])
     dq, dk, dv = gradient_buffers(q, k, v, grads)
@@ -902,7 +910,7 @@ def _backward(
         BLOCK_M=c["BLOCK_M"],
         BLOCK_DV=c["BLOCK_DV"],
         STATE_PASSES=PRECISION.state,
-        GRADW_PASSES=PRECISION.grad_w_passes(c["m"]),
+        GRADW_PASSES=PRECISION.grad_w_passes(c["m"], c["fp32"]),
         FP32_DOT=PRECISION.fp32_dot,
         T_FROM_OUT=t_from_out,
         HAS_LO=lo is not None,
@@ -987,7 +995,7 @@ def _backward(
         BLOCK_DV=c["BLOCK_DV"],
         STATE_PASSES=PRECISION.state,
         MIXED_PASSES=PRECISION.mixed,
-        GRADW_PASSES=PRECISION.grad_w_passes(c["m"]),
+        GRADW_PASSES=PRECISION.grad_w_passes(c["m"], c["fp32"]),
         FP32_DOT=PRECISION.fp32_dot,
         **kg_opts,
     )

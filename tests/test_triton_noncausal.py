@@ -16,6 +16,7 @@ from _triton_checks import (  # noqa: E402
     check_against_reference,
     check_forward_without_gradients,
     make_inputs,
+    rel_err,
     run,
 )
 
@@ -277,6 +278,42 @@ def test_prepared_projection_is_reused_until_the_projection_changes():
     v = torch.randn(16, 8)
     d = prepare_projection(v, torch.bfloat16, cached=False)
     assert prepare_projection(v, torch.bfloat16) is not d
+
+
+def test_prepared_projection_is_kept_per_dtype():
+    """One projection prepared in two dtypes (the non-causal float32 kernels read ``W'`` in bfloat16,
+    the causal ones in float32): each dtype has its own cached tensor, with the same (exact) values."""
+    from randattn.ops._triton_utils import kernel_projection, prepare_projection
+
+    w = torch.randn(16, 8)
+    a = prepare_projection(w, torch.bfloat16)
+    b = prepare_projection(w, torch.float32)
+    assert a.dtype == torch.bfloat16 and b.dtype == torch.float32 and torch.equal(a.float(), b)
+    assert prepare_projection(w, torch.bfloat16) is a and prepare_projection(w, torch.float32) is b
+    assert kernel_projection(w, torch.float32, "noncausal") is a
+    assert kernel_projection(w, torch.float32, "causal") is b
+    assert kernel_projection(w, torch.bfloat16, "causal") is a
+
+
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+def test_float32_products_with_the_projection_in_bfloat16_parts(kernel_fn, gen, monkeypatch):
+    """The non-causal float32 kernels take their products with ``W'`` in three bfloat16 parts (``W'``
+    read in bfloat16); with ``W'`` read in float32 they take two tf32 parts. Both pass the 2x rule
+    and agree to float32 rounding; the prepared ``W'`` has the dtype that selects the product."""
+    from randattn.ops import _triton_utils as utils
+
+    inputs = make_inputs(2, 2, 70, 90, 32, 32, 48, torch.float32, gen, scale=1.5, mask="bool")
+    assert utils.kernel_projection(inputs[3], torch.float32, "noncausal").dtype == torch.bfloat16
+    parts = check_against_reference(*inputs, kernel_fn, causal=False)
+    three = run("triton", *inputs, kernel_fn, False)
+    monkeypatch.setattr(utils, "BF16_W_OPS", frozenset())
+    assert utils.kernel_projection(inputs[3], torch.float32, "noncausal").dtype == torch.float32
+    check_against_reference(*inputs, kernel_fn, causal=False)
+    two = run("triton", *inputs, kernel_fn, False)
+    for name, x, y in zip(("out", "dq", "dk", "dv"), three, two):
+        tol = 4 * max(parts[name][1], 1e-6)  # a few times the float32 reference's own error
+        assert rel_err(x, y) <= tol, name
+
 
 
 def test_head_dim_256_in_bfloat16_non_causal(gen):

@@ -44,12 +44,12 @@ def _split_output_kernel(x_ptr, hi_ptr, code_ptr, back_ptr, N: tl.constexpr):
 
 @triton.jit
 def _mm_w_kernel(a_ptr, w_ptr, acc_ptr, out_ptr, R: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
-                 FP32_DOT: tl.constexpr):
+                 FP32_DOT: tl.constexpr, PASSES: tl.constexpr = 2):
     rows, ks, cols = tl.arange(0, R), tl.arange(0, K), tl.arange(0, C)
     a = tl.load(a_ptr + rows[:, None] * K + ks[None, :])
     w = tl.load(w_ptr + ks[:, None] * C + cols[None, :])
     acc = tl.load(acc_ptr + rows[:, None] * C + cols[None, :])
-    tl.store(out_ptr + rows[:, None] * C + cols[None, :], mm_w(a, w, acc, 2, FP32_DOT))
+    tl.store(out_ptr + rows[:, None] * C + cols[None, :], mm_w(a, w, acc, PASSES, FP32_DOT))
 
 
 def _tf32_round_reference(x: torch.Tensor) -> torch.Tensor:
@@ -81,26 +81,38 @@ def test_tf32_round_is_nearest_with_ties_away(gen):
     assert (out[:64].abs() > x[:64].abs()).all() and (out[64:128].abs() < x[64:128].abs()).all()
 
 
-@pytest.mark.parametrize("fp32_dot", ["tf32x3", "ieee"])
-def test_mm_w_is_float32_accurate(fp32_dot, gen):
+@pytest.mark.parametrize(
+    "fp32_dot, w_dtype, passes",
+    [("tf32x3", torch.float32, 2), ("ieee", torch.float32, 2), ("tf32x3", torch.bfloat16, 3)],
+    ids=["tf32-parts", "ieee", "bfloat16-parts"],
+)
+def test_mm_w_is_float32_accurate(fp32_dot, w_dtype, passes, gen):
     """``acc + a @ W'`` for float32 ``a`` and a projection tile (exact in bfloat16): float32-accurate
-    (a few units of 2^-24 of the terms' magnitudes), with the running sum added exactly once."""
+    (a few units of 2^-24 of the terms' magnitudes), with the running sum added exactly once; a
+    bfloat16 ``W'`` takes ``a`` in three bfloat16 parts (the float32 kernels of the non-causal op)."""
     rows, k, cols = 32, 64, 32
     a = torch.randn(rows, k, generator=gen) * torch.exp2(torch.randint(-4, 5, (rows, 1), generator=gen).float())
     w = scaled_projection(torch.randn(k, cols, generator=gen))
     acc = torch.randn(rows, cols, generator=gen) * 100.0
     out = torch.empty(rows, cols, device=DEVICE)
-    _mm_w_kernel[(1,)](a.to(DEVICE), w.contiguous().to(DEVICE), acc.to(DEVICE), out, R=rows, K=k, C=cols,
-                       FP32_DOT=fp32_dot)
+    w_in = w.to(w_dtype).contiguous().to(DEVICE)
+    assert torch.equal(w_in.cpu().double(), w.double())  # exact in bfloat16
+    _mm_w_kernel[(1,)](a.to(DEVICE), w_in, acc.to(DEVICE), out, R=rows, K=k, C=cols, FP32_DOT=fp32_dot,
+                       PASSES=passes)
     expected = acc.double() + a.double() @ w.double()
     bound = 2.0**-20 * (acc.double().abs() + a.double().abs() @ w.double().abs())
     err = (out.cpu().double() - expected).abs()
     assert (err <= bound).all(), (err / bound).max().item()
     # the projection's products alone, without the running sum, reach the same accuracy
-    _mm_w_kernel[(1,)](a.to(DEVICE), w.contiguous().to(DEVICE), torch.zeros_like(acc).to(DEVICE), out, R=rows,
-                       K=k, C=cols, FP32_DOT=fp32_dot)
+    _mm_w_kernel[(1,)](a.to(DEVICE), w_in, torch.zeros_like(acc).to(DEVICE), out, R=rows, K=k, C=cols,
+                       FP32_DOT=fp32_dot, PASSES=passes)
     err = (out.cpu().double() - a.double() @ w.double()).abs()
-    assert (err <= 2.0**-20 * (a.double().abs() @ w.double().abs())).all()
+    bound = 2.0**-20 * (a.double().abs() @ w.double().abs())
+    assert (err <= bound).all()
+    if w_dtype == torch.bfloat16:  # two bfloat16 parts (16 bits of a) are not float32-accurate
+        _mm_w_kernel[(1,)](a.to(DEVICE), w_in, torch.zeros_like(acc).to(DEVICE), out, R=rows, K=k, C=cols,
+                           FP32_DOT=fp32_dot, PASSES=2)
+        assert ((out.cpu().double() - a.double() @ w.double()).abs() > bound).any()
 
 
 def test_launch_stage_caps_by_head_dim_and_kernel():

@@ -5,7 +5,8 @@ Precision scheme (fp32 accumulation everywhere):
 * float32 inputs: every ``tl.dot`` runs with ``PRECISION.fp32_dot`` (``"tf32x3"`` by default: three
   tf32 tensor-core products, within 1.5x the float32 reference's error on an H100 and 18x faster than
   ``"ieee"``); plain tf32 is not accurate enough. Products with the projection, which is exact in
-  tf32, take two (:func:`mm_w`). float16 inputs run the float32 kernels.
+  bfloat16, take three bfloat16 parts of the float32 operand (non-causal op) or two tf32 parts
+  (causal op; :func:`mm_w`, :data:`BF16_W_OPS`). float16 inputs run the float32 kernels.
 * bfloat16 / float16 inputs: tensor-core operands are in the input dtype. An operand that is already
   exact in that dtype (the loaded ``q``, ``k``, ``v``, ``dout`` tiles, and the projection) is used as
   is; a float32 operand (features, states) is split into ``hi + lo`` parts of the input dtype, and the

@@ -720,7 +720,10 @@ def _key_grad_kernel(
 #: costs its whole length: the float32 key-state kernel (two programs of 4 warps per multiprocessor)
 #: made 1.45 waves at 2; at 3 (two waves nearly full), op fwd+bwd on an H100 at B=4, H=8, d=64,
 #: m=256: float32 65536 21.14-21.26 -> 19.99-20.09 ms, 16384 5.46-5.52 -> 5.15-5.17 ms; bfloat16
-#: (three programs per multiprocessor, one wave at 2) was 7-8% slower at 3.
+#: (three programs per multiprocessor, one wave at 2) was 7-8% slower at 3. With the float32 tiles
+#: of 32 rows and 2 warps (:data:`TILES`) 3 stays the best from 16384 rows (2, 4, 6 and 8 measured
+#: per kernel); 6 is faster at 4096 (op fwd+bwd 1.33-1.34 against 1.41-1.42 ms), where the whole op
+#: takes a tenth of the 65536 time.
 SPLIT_PROGRAMS_PER_SM = {False: 2, True: 3}
 
 

@@ -321,9 +321,10 @@ def prepare_projection(projection: torch.Tensor, dtype: torch.dtype, cached: boo
 #: Ops whose float32 kernels split the float32 operand of their products with ``W'`` into three
 #: bfloat16 parts (``W'`` read in bfloat16) instead of two tf32 parts (``W'`` read in float32); see
 #: :func:`mm_w`. All kernels of an op read ``W'`` alike, so that the features of a row are the same
-#: in each. H100, float32, op fwd+bwd ms, tf32 / bfloat16 parts: non-causal 16384 5.22-5.25 /
-#: 5.07-5.09, 65536 20.13-20.19 / 19.63-19.67 (float16 inputs 22.87-22.92 / 22.21-22.25); causal
-#: 16384 19.07-19.10 / 19.94-19.95 (its forward 4.15 / 6.07 ms), so the causal op keeps tf32.
+#: in each. H100, float32, op fwd+bwd ms, tf32 / bfloat16 parts: non-causal 16384 5.16-5.25 /
+#: 5.00-5.08, 65536 19.93-20.19 / 19.51-19.67 (float16 inputs 22.58-22.92 / 22.15-22.25); causal
+#: 16384 18.97 / 18.53, but its forward 4.10-4.13 / 5.66-5.72 ms (the output kernel 4.65 / 6.36), so
+#: the causal op keeps tf32 parts.
 #: ``RANDATTN_TRITON_BF16_W="noncausal,causal"`` sets them (comparisons).
 BF16_W_OPS = frozenset(os.environ.get("RANDATTN_TRITON_BF16_W", "noncausal").split(","))
 
